@@ -1,0 +1,1044 @@
+"""The guard: one call lifecycle (scope, estimate, thresholds, reserve, commit).
+
+Every adapter drives calls through ``Guard.begin``/``abegin`` and the returned
+``Ticket``. The decision logic is written once, as generators that yield ledger
+operations (``_Op``); a sync and an async driver run them, so the sync and
+async paths cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+import warnings
+from collections import deque
+from collections.abc import Generator, Iterable, Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast, final
+
+from allowance import plugins
+from allowance._budget import MICROS_PER_USD, Budget, format_amount, parse_limit
+from allowance._errors import (
+    BudgetExceeded,
+    BudgetThresholdWarning,
+    ConfigurationError,
+    LedgerError,
+    LedgerUnavailableError,
+    PricingError,
+    Violation,
+)
+from allowance._events import call_safely, webhooks
+from allowance._ledger import DEFAULT_LEDGER_URL, open_ledger
+from allowance._policy import Fail, OnLimit, Policy, shorthand_thresholds
+from allowance._pricing import prices
+from allowance._scope import current_budgets, current_scope, new_id, validate_scope
+from allowance.typing import CallRecord, Estimate, Event, KeyState, ReserveItem, Usage
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
+    from allowance._budget import Threshold
+    from allowance.typing import Ledger, Outcome, ReserveResult, Unit
+
+__all__ = ["BudgetStatus", "Guard", "Ticket"]
+
+logger = logging.getLogger("allowance")
+
+T = TypeVar("T")
+_BUFFER_LIMIT = 10_000
+_LEDGER_SCHEMES = (
+    "memory://",
+    "sqlite://",
+    "redis://",
+    "rediss://",
+    "redis+sentinel://",
+)
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class BudgetStatus:
+    """Where one budget stands for one scope, now.
+
+    Amounts are in the budget's unit: micro-dollars for ``"usd"``, tokens for
+    ``"tokens"``.
+    """
+
+    budget: str
+    key: str
+    unit: Unit
+    limit: int
+    spent: int
+    reserved: int
+    window_ends: float | None
+
+    __module__ = "allowance"
+
+    @property
+    def remaining(self) -> int:
+        """What is left before the limit, counting reservations in flight."""
+        return max(0, self.limit - self.spent - self.reserved)
+
+    @property
+    def ratio(self) -> float:
+        """Committed plus reserved spend as a share of the limit."""
+        return (self.spent + self.reserved) / self.limit if self.limit else 1.0
+
+    def describe(self) -> str:
+        """Return a one-line summary for people."""
+        return (
+            f"{self.budget} [{self.key}]: spent {format_amount(self.spent, self.unit)}"
+            f", reserved {format_amount(self.reserved, self.unit)}"
+            f", limit {format_amount(self.limit, self.unit)}"
+        )
+
+
+@dataclass(slots=True)
+class _Line:
+    """One ledger key a call draws on, with the budgets that count it."""
+
+    key: str
+    unit: Unit
+    budgets: list[Budget]
+    limit: int
+    gate: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Op:
+    name: Literal["reserve", "commit", "release", "claim", "record"]
+    args: tuple[Any, ...] = ()
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+
+_FAILED = object()
+
+
+@final
+class Ticket:
+    """One admitted (or stopped, or let-through) call, until it is settled.
+
+    Adapters read ``model`` (the model to call: the fallback when degraded) and
+    ``stopped`` (return a synthetic response instead of calling), then settle
+    with exactly one of ``commit``, ``commit_partial``, ``keep`` or ``release``
+    (or their ``a``-prefixed twins). Settling twice does nothing.
+    """
+
+    __module__ = "allowance"
+    __slots__ = (
+        "_guard",
+        "_lines",
+        "_reserved",
+        "adapters",
+        "call_id",
+        "estimate",
+        "estimate_micros",
+        "model",
+        "requested_model",
+        "scope",
+        "settled",
+        "started",
+        "stopped",
+        "violations",
+    )
+
+    def __init__(
+        self,
+        guard: Guard,
+        *,
+        call_id: str,
+        scope: Mapping[str, str],
+        estimate: Estimate,
+        model: str,
+        lines: Sequence[_Line],
+        reserved: Mapping[str, int] | None,
+        estimate_micros: int | None,
+        adapters: tuple[str, ...],
+        violations: tuple[Violation, ...] = (),
+        stopped: bool = False,
+        requested_model: str | None = None,
+    ) -> None:
+        """Create a ticket; only ``Guard.begin`` does."""
+        self._guard = guard
+        self.call_id = call_id
+        self.scope = scope
+        self.estimate = estimate
+        self.requested_model = requested_model or estimate.model
+        self.model = model
+        self._lines = lines
+        self._reserved = reserved
+        self.estimate_micros = estimate_micros
+        self.adapters = adapters
+        self.violations = violations
+        self.stopped = stopped
+        self.settled = False
+        self.started = time.time()
+
+    @property
+    def degraded(self) -> bool:
+        """True when the guard swapped the model for a cheaper one."""
+        return self.model != self.requested_model
+
+    @property
+    def reserved(self) -> Mapping[str, int]:
+        """What this call holds on each ledger key (empty when nothing is held)."""
+        return MappingProxyType(dict(self._reserved or {}))
+
+    # -- settling ---------------------------------------------------------------
+
+    def commit(self, usage: Usage, *, response_model: str | None = None) -> None:
+        """Charge the actual ``usage`` and return the rest of the reservation."""
+        self._guard._drive(self._commit_plan(usage, response_model, partial=False))
+
+    async def acommit(self, usage: Usage, *, response_model: str | None = None) -> None:
+        """Async twin of ``commit``."""
+        await self._guard._adrive(
+            self._commit_plan(usage, response_model, partial=False)
+        )
+
+    def commit_partial(
+        self, usage: Usage, *, response_model: str | None = None
+    ) -> None:
+        """Charge what a stream cut short produced (``usage`` as counted so far)."""
+        self._guard._drive(self._commit_plan(usage, response_model, partial=True))
+
+    async def acommit_partial(
+        self, usage: Usage, *, response_model: str | None = None
+    ) -> None:
+        """Async twin of ``commit_partial``."""
+        await self._guard._adrive(
+            self._commit_plan(usage, response_model, partial=True)
+        )
+
+    def keep(self, *, outcome: Outcome = "unmetered") -> None:
+        """Charge the whole reservation: the usage is unknown (no usage, a timeout)."""
+        self._guard._drive(self._keep_plan(outcome))
+
+    async def akeep(self, *, outcome: Outcome = "unmetered") -> None:
+        """Async twin of ``keep``."""
+        await self._guard._adrive(self._keep_plan(outcome))
+
+    def release(self, *, outcome: Outcome = "error") -> None:
+        """Charge nothing: the call failed before the provider did any work."""
+        self._guard._drive(self._release_plan(outcome))
+
+    async def arelease(self, *, outcome: Outcome = "error") -> None:
+        """Async twin of ``release``."""
+        await self._guard._adrive(self._release_plan(outcome))
+
+    # -- plans --------------------------------------------------------------------
+
+    def _outcome(self, partial: bool) -> Outcome:  # noqa: FBT001
+        if partial:
+            return "partial"
+        if self.violations:
+            return "warned"
+        return "degraded" if self.degraded else "ok"
+
+    def _record(
+        self,
+        usage: Usage,
+        cost: int | None,
+        outcome: Outcome,
+        model: str | None = None,
+    ) -> CallRecord:
+        return CallRecord(
+            call_id=self.call_id,
+            ts=self.started,
+            scope=dict(self.scope),
+            provider=self.estimate.provider,
+            model=model or self.model,
+            requested_model=self.requested_model,
+            usage=usage,
+            cost_micros=cost,
+            adapters=self.adapters,
+            outcome=outcome,
+            estimate_tokens=self.estimate.total_tokens,
+            estimate_micros=self.estimate_micros,
+            latency_ms=(time.time() - self.started) * 1000.0,
+        )
+
+    def _commit_plan(
+        self, usage: Usage, response_model: str | None, *, partial: bool
+    ) -> Generator[_Op, Any, None]:
+        if self.settled:
+            return
+        self.settled = True
+        guard = self._guard
+        provider = self.estimate.provider
+        cost = guard._cost(provider, response_model, self.model, usage)
+        amounts: dict[str, int] = {}
+        for line in self._lines:
+            if line.unit == "tokens":
+                amounts[line.key] = usage.total_tokens
+            elif cost is None:  # pragma: no cover - a USD line was priced at begin
+                raise PricingError(self.model, provider)
+            else:
+                amounts[line.key] = cost
+        record = self._record(usage, cost, self._outcome(partial), response_model)
+        if usage.total_tokens > self.estimate.total_tokens:
+            guard.estimate_misses += 1
+            guard._emit(
+                "estimate_missed",
+                self.scope,
+                {
+                    "model": self.model,
+                    "estimated_tokens": self.estimate.total_tokens,
+                    "actual_tokens": usage.total_tokens,
+                },
+            )
+        yield from guard._settle(
+            _Op("commit", (self.call_id, amounts), {"record": record})
+        )
+        guard._emit("committed", self.scope, {"record": record})
+
+    def _keep_plan(self, outcome: Outcome) -> Generator[_Op, Any, None]:
+        if self.settled:
+            return
+        self.settled = True
+        guard = self._guard
+        amounts = dict(self._reserved or {})
+        if not amounts and self._lines:
+            # Let through with nothing held (on_limit="warn", fail-open): charge the
+            # worst case that was estimated.
+            worst = self._worst_amounts()
+            amounts = {line.key: worst[line.unit] for line in self._lines}
+        record = self._record(
+            Usage(self.estimate.input_tokens, self.estimate.output_tokens),
+            self.estimate_micros,
+            outcome,
+        )
+        yield from guard._settle(
+            _Op("commit", (self.call_id, amounts), {"record": record})
+        )
+
+    def _worst_amounts(self) -> dict[Unit, int]:
+        return {"tokens": self.estimate.total_tokens, "usd": self.estimate_micros or 0}
+
+    def _release_plan(self, outcome: Outcome) -> Generator[_Op, Any, None]:
+        if self.settled:
+            return
+        self.settled = True
+        record = self._record(Usage(), 0, outcome)
+        yield from self._guard._settle(
+            _Op("release", (self.call_id,), {"record": record})
+        )
+        self._guard._emit("released", self.scope, {"record": record})
+
+
+class Guard:
+    """Enforces a policy on calls, against one ledger.
+
+    Args:
+        policy: The budgets and rules. Or, as a shorthand, give ``budget`` (and
+            ``per``, ``window``, ``fallback``, ``threshold``, ``on_limit``,
+            ``fail``) and a policy is built from them.
+        ledger: A ledger URL (``"memory://"``, ``"sqlite:///path.db"``) or
+            ``Ledger`` object. Default ``sqlite:///allowance.db`` in the working
+            directory, opened on the first call.
+        budget: Shorthand: ``"$2.00"``, an int of tokens, ``"50k tokens"``, a
+            ``Budget`` or a list of them.
+        per: Shorthand: the dimension of ``budget`` (default ``"session"``).
+        window: Shorthand: the window of ``budget``.
+        fallback: Shorthand: the cheaper model to degrade to.
+        threshold: Shorthand: degrade at this ratio (warn, without a fallback).
+        on_limit: Shorthand: ``"raise"``, ``"stop"`` or ``"warn"``.
+        fail: Shorthand: ``"closed"`` or ``"open"``.
+        scope: Dimensions every call through this guard carries, winning over
+            the ambient ``allowance.scope`` (``wrap`` binds ``session`` here).
+        defaults: Dimensions used when the ambient scope lacks them; default
+            ``{"session": <a new id>}``, so a ``per="session"`` budget applies to
+            this guard's calls unless ``allowance.scope(session=...)`` says
+            which session.
+        clock: Time source (tests).
+
+    Raises:
+        ConfigurationError: Any argument is malformed, or both ``policy`` and
+            shorthand arguments are given.
+
+    Example:
+        >>> guard = Guard(budget="$5", per="tenant", ledger="memory://")
+    """
+
+    __module__ = "allowance"
+
+    def __init__(
+        self,
+        policy: Policy | None = None,
+        *,
+        ledger: str | Ledger | None = None,
+        budget: int | str | Budget | Iterable[Budget] | None = None,
+        per: str = "session",
+        window: Literal["hour", "day", "week", "month"] | None = None,
+        fallback: str | Mapping[str, str] | None = None,
+        threshold: float | None = None,
+        on_limit: OnLimit = "raise",
+        fail: Fail = "closed",
+        scope: Mapping[str, str | int] | None = None,
+        defaults: Mapping[str, str | int] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """Build the guard; see the class docstring. The ledger opens lazily."""
+        shorthand = (
+            budget is not None
+            or fallback is not None
+            or threshold is not None
+            or on_limit != "raise"
+            or fail != "closed"
+        )
+        if policy is not None:
+            if shorthand:
+                raise ConfigurationError(
+                    "policy",
+                    policy,
+                    "either policy=Policy(...) or the shorthand arguments "
+                    "(budget, fallback, threshold, on_limit, fail), not both",
+                )
+            if not isinstance(policy, Policy):
+                raise ConfigurationError("policy", policy, "an allowance.Policy")
+        else:
+            policy = Policy(
+                _budgets_from(budget, per, window, threshold, fallback),
+                on_limit=on_limit,
+                fallback=fallback,
+                fail=fail,
+            )
+        self.policy = policy
+        if (
+            ledger is not None
+            and not isinstance(ledger, str)
+            and not hasattr(ledger, "reserve")
+        ):
+            raise ConfigurationError(
+                "ledger", ledger, "a ledger URL or a Ledger object"
+            )
+        self._ledger_spec: str | Ledger = (
+            ledger if ledger is not None else DEFAULT_LEDGER_URL
+        )
+        if isinstance(self._ledger_spec, str) and not self._ledger_spec.startswith(
+            _LEDGER_SCHEMES
+        ):
+            # Opened lazily, but a typo fails here, where it was written.
+            raise ConfigurationError(
+                "ledger",
+                self._ledger_spec,
+                "memory://, sqlite:///<path> or redis://host:port/db",
+            )
+        self._ledger: Ledger | None = None
+        self._ledger_lock = threading.Lock()
+        self.bound_scope: Mapping[str, str] = MappingProxyType(
+            validate_scope(scope or {})
+        )
+        self.default_scope: Mapping[str, str] = MappingProxyType(
+            validate_scope({"session": new_id()} if defaults is None else defaults)
+        )
+        self._clock = clock
+        self._fired: set[str] = set()
+        self._pending: deque[tuple[str, Mapping[str, int], CallRecord]] = deque()
+        self.estimate_misses = 0
+        self.ledger_failures = 0
+
+    def __repr__(self) -> str:
+        """Show the policy and the ledger."""
+        spec = (
+            self._ledger_spec
+            if isinstance(self._ledger_spec, str)
+            else self._ledger_spec.url
+        )
+        return f"Guard({self.policy!r}, ledger={spec!r})"
+
+    # -- the ledger ---------------------------------------------------------------
+
+    @property
+    def ledger(self) -> Ledger:
+        """The ledger, opened on first use."""
+        ledger = self._ledger
+        if ledger is None:
+            with self._ledger_lock:
+                if self._ledger is None:
+                    self._ledger = open_ledger(self._ledger_spec)
+                ledger = self._ledger
+        return ledger
+
+    def close(self) -> None:
+        """Write pending charges and close the ledger if this guard opened it."""
+        self._flush_pending()
+        if self._ledger is not None and isinstance(self._ledger_spec, str):
+            self._ledger.close()
+            self._ledger = None
+
+    # -- scope and budgets ----------------------------------------------------------
+
+    def current_scope(self) -> Mapping[str, str]:
+        """Return the scope a call made here would be attributed to."""
+        ambient = current_scope()
+        if not self.default_scope and not self.bound_scope:
+            return ambient
+        return {**self.default_scope, **ambient, **self.bound_scope}
+
+    def _lines(
+        self, scope: Mapping[str, str], now: float
+    ) -> tuple[list[_Line], list[Budget]]:
+        applicable = [b for b in self.policy.budgets if b.per in scope]
+        applicable.extend(b for b in current_budgets() if b.per in scope)
+        lines: dict[str, _Line] = {}
+        for b in applicable:
+            key = b.key(scope, now)
+            limit = b.limit
+            gate: int | None = None
+            for t in b.thresholds:
+                if t.action == "block":
+                    limit = min(limit, math.floor(t.at * b.limit))
+                elif t.action == "degrade" and gate is None:
+                    gate = math.ceil(t.at * b.limit) - 1
+            line = lines.get(key)
+            if line is None:
+                lines[key] = _Line(key, b.unit, [b], limit, gate)
+            else:
+                line.budgets.append(b)
+                line.limit = min(line.limit, limit)
+                if gate is not None:
+                    line.gate = gate if line.gate is None else min(line.gate, gate)
+        return list(lines.values()), applicable
+
+    # -- the call lifecycle -----------------------------------------------------------
+
+    def begin(
+        self,
+        estimate: Estimate,
+        *,
+        adapters: tuple[str, ...] = (),
+        reestimate: Callable[[str], Estimate] | None = None,
+    ) -> Ticket:
+        """Admit a call before it is sent: reserve its worst case on every budget.
+
+        Args:
+            estimate: The call's worst case (``ProviderCodec.estimate``).
+            adapters: Names of the adapters that saw the call, outermost first.
+            reestimate: Returns the worst case of the same request on another
+                model; needed to degrade. Without it the guard never degrades.
+
+        Returns:
+            A ``Ticket``: call ``ticket.model`` (maybe the fallback) unless
+            ``ticket.stopped``, then settle it.
+
+        Raises:
+            BudgetExceeded: The call fits no budget and ``on_limit="raise"``.
+            PricingError: A USD budget applies and the model has no price.
+            LedgerUnavailableError: The ledger failed and ``fail="closed"``.
+        """
+        return self._drive(self._begin_plan(estimate, adapters, reestimate))
+
+    async def abegin(
+        self,
+        estimate: Estimate,
+        *,
+        adapters: tuple[str, ...] = (),
+        reestimate: Callable[[str], Estimate] | None = None,
+    ) -> Ticket:
+        """Async twin of ``begin``; never blocks the event loop on the ledger."""
+        return await self._adrive(self._begin_plan(estimate, adapters, reestimate))
+
+    def _begin_plan(  # noqa: C901
+        self,
+        estimate: Estimate,
+        adapters: tuple[str, ...],
+        reestimate: Callable[[str], Estimate] | None,
+    ) -> Generator[_Op, Any, Ticket]:
+        if self._pending:
+            yield from self._flush_plan()
+        now = self._clock()
+        scope = self.current_scope()
+        lines, applicable = self._lines(scope, now)
+        call_id = new_id()
+        needs_usd = any(line.unit == "usd" for line in lines)
+        worst_micros = self._worst(estimate, required=needs_usd)
+        if not lines:
+            return Ticket(
+                self,
+                call_id=call_id,
+                scope=scope,
+                estimate=estimate,
+                model=estimate.model,
+                lines=(),
+                reserved=None,
+                estimate_micros=worst_micros,
+                adapters=adapters,
+            )
+        candidates: list[tuple[str, Estimate, int | None]] = [
+            (estimate.model, estimate, worst_micros)
+        ]
+        if reestimate is not None:
+            target = self._fallback_target(estimate, applicable)
+            if target is not None:
+                fb_estimate = reestimate(target)
+                candidates.append(
+                    (target, fb_estimate, self._worst(fb_estimate, required=needs_usd))
+                )
+        plans: list[list[ReserveItem]] = []
+        for index, (_, est, micros) in enumerate(candidates):
+            gated = index == 0 and len(candidates) > 1
+            plans.append(
+                [
+                    ReserveItem(
+                        line.key,
+                        est.total_tokens if line.unit == "tokens" else (micros or 0),
+                        line.limit,
+                        line.gate if gated else None,
+                    )
+                    for line in lines
+                ]
+            )
+        result = yield _Op(
+            "reserve",
+            (plans,),
+            {"reservation_id": call_id, "lease_seconds": self.policy.lease_seconds},
+        )
+        if result is _FAILED:  # fail-open: let through, charge at commit
+            return Ticket(
+                self,
+                call_id=call_id,
+                scope=scope,
+                estimate=estimate,
+                model=estimate.model,
+                lines=lines,
+                reserved=None,
+                estimate_micros=worst_micros,
+                adapters=adapters,
+            )
+        result = cast("ReserveResult", result)
+        if result.plan is None:
+            violations = tuple(
+                _violation(line, item, result.before.get(line.key, KeyState()))
+                for line, item in zip(lines, plans[0], strict=True)
+                if result.before.get(line.key, KeyState()).used + item.amount
+                > line.limit
+                or item.gate is not None
+            )
+            if not violations:  # the fallback did not fit either; report the primary
+                violations = tuple(
+                    _violation(line, item, result.before.get(line.key, KeyState()))
+                    for line, item in zip(lines, plans[0], strict=True)
+                )
+            yield from self._refuse_plan(
+                estimate=estimate,
+                scope=scope,
+                violations=violations,
+                worst_micros=worst_micros,
+                adapters=adapters,
+                call_id=call_id,
+            )
+            on_limit = self.policy.on_limit
+            if on_limit == "raise":
+                raise BudgetExceeded(violations, model=estimate.model)
+            return Ticket(
+                self,
+                call_id=call_id,
+                scope=scope,
+                estimate=estimate,
+                model=estimate.model,
+                lines=lines if on_limit == "warn" else (),
+                reserved=None,
+                estimate_micros=worst_micros,
+                adapters=adapters,
+                violations=violations,
+                stopped=on_limit == "stop",
+            )
+        model, chosen, micros = candidates[result.plan]
+        reserved = {item.key: item.amount for item in plans[result.plan]}
+        if result.plan > 0:
+            self._emit(
+                "degraded",
+                scope,
+                {"requested_model": estimate.model, "model": model, "call_id": call_id},
+            )
+        yield from self._threshold_plan(lines, result.before, scope, model)
+        return Ticket(
+            self,
+            call_id=call_id,
+            scope=scope,
+            estimate=chosen,
+            requested_model=estimate.model,
+            model=model,
+            lines=lines,
+            reserved=reserved,
+            estimate_micros=micros,
+            adapters=adapters,
+        )
+
+    def _fallback_target(
+        self, estimate: Estimate, applicable: list[Budget]
+    ) -> str | None:
+        override = next(
+            (
+                t.to
+                for b in applicable
+                for t in b.thresholds
+                if t.action == "degrade" and t.to is not None
+            ),
+            None,
+        )
+        return self.policy.fallback_for(estimate.model, estimate.provider, override)
+
+    def _worst(self, estimate: Estimate, *, required: bool) -> int | None:
+        try:
+            return prices.worst_case_micros(
+                estimate.provider,
+                estimate.model,
+                estimate.input_tokens,
+                estimate.output_tokens,
+            )
+        except PricingError:
+            if required:
+                raise
+            return None
+
+    def _cost(
+        self, provider: str, response_model: str | None, model: str, usage: Usage
+    ) -> int | None:
+        if response_model and response_model != model:
+            try:
+                return prices.cost_micros(provider, response_model, usage)
+            except PricingError:
+                pass
+        try:
+            return prices.cost_micros(provider, model, usage)
+        except PricingError:
+            return None
+
+    def _refuse_plan(
+        self,
+        *,
+        estimate: Estimate,
+        scope: Mapping[str, str],
+        violations: tuple[Violation, ...],
+        worst_micros: int | None,
+        adapters: tuple[str, ...],
+        call_id: str,
+    ) -> Generator[_Op, Any, None]:
+        on_limit = self.policy.on_limit
+        message = BudgetExceeded(violations, model=estimate.model).args[0]
+        if on_limit == "warn":
+            logger.warning(
+                "allowance: over budget, let through (on_limit='warn'): %s", message
+            )
+            warnings.warn(message, BudgetThresholdWarning, stacklevel=4)
+            self._emit(
+                "over_limit", scope, {"message": message, "model": estimate.model}
+            )
+            return
+        outcome: Outcome = "blocked" if on_limit == "raise" else "stopped"
+        record = CallRecord(
+            call_id=call_id,
+            ts=time.time(),
+            scope=dict(scope),
+            provider=estimate.provider,
+            model=estimate.model,
+            requested_model=estimate.model,
+            usage=Usage(),
+            cost_micros=0,
+            adapters=adapters,
+            outcome=outcome,
+            estimate_tokens=estimate.total_tokens,
+            estimate_micros=worst_micros,
+        )
+        logger.info("allowance: %s", message)
+        yield from self._settle(_Op("record", (record,)))
+        self._emit(
+            "blocked",
+            scope,
+            {"message": message, "model": estimate.model, "outcome": outcome},
+            budget=violations[0].budget if violations else None,
+        )
+
+    def _threshold_plan(
+        self,
+        lines: list[_Line],
+        before: Mapping[str, KeyState],
+        scope: Mapping[str, str],
+        model: str,
+    ) -> Generator[_Op, Any, None]:
+        # Like degrade gates: committed + in-flight spend before this call.
+        for line in lines:
+            used = before.get(line.key, KeyState()).used
+            for b in line.budgets:
+                for t in b.thresholds:
+                    if t.action not in {"warn", "webhook"} or used < t.at * b.limit:
+                        continue
+                    marker = f"{line.key}#{t.action}@{t.at}"
+                    if marker in self._fired:
+                        continue
+                    claimed = yield _Op("claim", (marker,))
+                    self._remember(marker)
+                    if claimed is True:
+                        self._fire(
+                            threshold=t,
+                            budget=b,
+                            line=line,
+                            used=used,
+                            scope=scope,
+                            model=model,
+                        )
+
+    def _remember(self, marker: str) -> None:
+        if len(self._fired) > 100_000:  # noqa: PLR2004 - bound the memory of old windows
+            self._fired.clear()
+        self._fired.add(marker)
+
+    def _fire(
+        self,
+        *,
+        threshold: Threshold,
+        budget: Budget,
+        line: _Line,
+        used: int,
+        scope: Mapping[str, str],
+        model: str,
+    ) -> None:
+        event = Event(
+            kind="threshold",
+            budget=budget.label,
+            scope=dict(scope),
+            data={
+                "action": threshold.action,
+                "at": threshold.at,
+                "key": line.key,
+                "unit": budget.unit,
+                "used": used,
+                "limit": budget.limit,
+                "model": model,
+            },
+        )
+        logger.warning(
+            "allowance: budget %r (%s) crossed %d%%: %s of %s",
+            budget.label,
+            line.key,
+            round(threshold.at * 100),
+            format_amount(used, budget.unit),
+            format_amount(budget.limit, budget.unit),
+        )
+        if threshold.callback is not None:
+            call_safely(threshold.callback, event, what="threshold callback")
+        if threshold.action == "webhook" and threshold.to:
+            webhooks.send(threshold.to, event)
+        plugins.emit(event)
+
+    def _emit(
+        self,
+        kind: str,
+        scope: Mapping[str, str],
+        data: Mapping[str, Any],
+        *,
+        budget: str | None = None,
+    ) -> None:
+        if plugins.has_observers():
+            plugins.emit(Event(kind=kind, budget=budget, scope=dict(scope), data=data))
+
+    # -- settling and failure handling ------------------------------------------------
+
+    def _settle(self, op: _Op) -> Generator[_Op, Any, None]:
+        """Yield a commit/release/record; on ledger failure keep it for later."""
+        result = yield op
+        if result is _FAILED and op.name == "commit":
+            call_id, amounts = op.args
+            self._buffer(call_id, amounts, op.kwargs["record"])
+
+    def _buffer(
+        self, call_id: str, amounts: Mapping[str, int], record: CallRecord
+    ) -> None:
+        if len(self._pending) >= _BUFFER_LIMIT:
+            msg = (
+                f"ledger {self._describe_ledger()} has failed for "
+                f"{_BUFFER_LIMIT} charges "
+                "in a row; refusing to hold more in memory"
+            )
+            raise LedgerUnavailableError(msg, fail_open=self.policy.fail == "open")
+        self._pending.append((call_id, amounts, record))
+
+    def _flush_plan(self) -> Generator[_Op, Any, None]:
+        while self._pending:
+            call_id, amounts, record = self._pending[0]
+            result = yield _Op("commit", (call_id, amounts), {"record": record})
+            if result is _FAILED:
+                return
+            self._pending.popleft()
+            logger.warning("allowance: wrote a charge held in memory (%s)", call_id)
+
+    def _flush_pending(self) -> None:
+        if self._pending:
+            try:
+                self._drive(self._flush_plan())
+            except LedgerError:  # pragma: no cover - best effort at close
+                logger.exception(
+                    "allowance: %d charges could not be written", len(self._pending)
+                )
+
+    def _describe_ledger(self) -> str:
+        spec = self._ledger_spec
+        return repr(spec if isinstance(spec, str) else spec.url)
+
+    def _on_ledger_error(self, op: _Op, err: LedgerError) -> object:
+        self.ledger_failures += 1
+        settling = op.name in {"commit", "release", "record"}
+        if op.name == "claim":
+            logger.warning(
+                "allowance: ledger failed to record a threshold marker: %s", err
+            )
+            return True
+        if self.policy.fail == "open" or settling:
+            logger.error(
+                "allowance: ledger %s failed on %s (%s); %s",
+                self._describe_ledger(),
+                op.name,
+                err,
+                "the charge is held in memory and retried"
+                if op.name == "commit"
+                else "call let through (fail='open')"
+                if op.name == "reserve"
+                else "ignored",
+            )
+            self._emit("ledger_failure", {}, {"op": op.name, "error": str(err)})
+            return _FAILED
+        if isinstance(err, LedgerUnavailableError):
+            raise err
+        msg = f"ledger {self._describe_ledger()} failed on {op.name}: {err}"
+        raise LedgerUnavailableError(msg) from err
+
+    def _run(self, op: _Op) -> object:
+        try:
+            return getattr(self.ledger, op.name)(*op.args, **op.kwargs)
+        except LedgerError as err:
+            return self._on_ledger_error(op, err)
+
+    async def _arun(self, op: _Op) -> object:
+        try:
+            return await getattr(self.ledger, "a" + op.name)(*op.args, **op.kwargs)
+        except LedgerError as err:
+            return self._on_ledger_error(op, err)
+
+    def _drive(self, plan: Generator[_Op, Any, T]) -> T:
+        try:
+            op = next(plan)
+            while True:
+                op = plan.send(self._run(op))
+        except StopIteration as stop:
+            return cast("T", stop.value)
+
+    async def _adrive(self, plan: Generator[_Op, Any, T]) -> T:
+        try:
+            op = next(plan)
+            while True:
+                op = plan.send(await self._arun(op))
+        except StopIteration as stop:
+            return cast("T", stop.value)
+
+    # -- reading -----------------------------------------------------------------
+
+    def status(
+        self, scope: Mapping[str, str | int] | None = None
+    ) -> list[BudgetStatus]:
+        """Return where each budget that applies to ``scope`` stands now.
+
+        Args:
+            scope: Dimensions to look at; default the scope a call made here
+                would have (ambient scope plus this guard's bound scope).
+        """
+        resolved = (
+            {**self.current_scope(), **validate_scope(scope)}
+            if scope
+            else self.current_scope()
+        )
+        now = self._clock()
+        lines, applicable = self._lines(resolved, now)
+        states = self.ledger.state([line.key for line in lines])
+        by_key = {line.key: line for line in lines}
+        out: list[BudgetStatus] = []
+        for b in applicable:
+            key = b.key(resolved, now)
+            st = states.get(key, KeyState())
+            out.append(
+                BudgetStatus(
+                    budget=b.label,
+                    key=key,
+                    unit=b.unit,
+                    limit=by_key[key].limit if b.thresholds else b.limit,
+                    spent=st.spent,
+                    reserved=st.reserved,
+                    window_ends=b.window_end(now),
+                )
+            )
+        return out
+
+    def spent(self, scope: Mapping[str, str | int] | None = None) -> Decimal | int:
+        """Committed spend of the first budget: USD as ``Decimal``, tokens ``int``."""
+        status = self._first_status(scope)
+        return _amount(status.spent, status.unit)
+
+    def remaining(self, scope: Mapping[str, str | int] | None = None) -> Decimal | int:
+        """What the first budget has left: USD as ``Decimal``, tokens as ``int``."""
+        status = self._first_status(scope)
+        return _amount(status.remaining, status.unit)
+
+    def _first_status(self, scope: Mapping[str, str | int] | None) -> BudgetStatus:
+        statuses = self.status(scope)
+        if not statuses:
+            resolved = dict(self.current_scope())
+            raise ConfigurationError(
+                "scope",
+                resolved,
+                "a scope naming the dimension of one of the guard's budgets "
+                f"({', '.join(sorted({b.per for b in self.policy.budgets})) or '-'})",
+            )
+        return statuses[0]
+
+
+def _amount(amount: int, unit: Unit) -> Decimal | int:
+    return Decimal(amount) / MICROS_PER_USD if unit == "usd" else amount
+
+
+def _violation(line: _Line, item: ReserveItem, state: KeyState) -> Violation:
+    b = line.budgets[0]
+    return Violation(
+        budget=b.label,
+        dimension=b.per,
+        key=line.key,
+        used=state.used,
+        requested=item.amount,
+        limit=line.limit,
+        unit=line.unit,
+    )
+
+
+def _budgets_from(
+    budget: int | str | Budget | Iterable[Budget] | None,
+    per: str,
+    window: Literal["hour", "day", "week", "month"] | None,
+    threshold: float | None,
+    fallback: str | Mapping[str, str] | None,
+) -> list[Budget]:
+    thresholds = shorthand_thresholds(threshold, fallback)
+    if budget is None:
+        if threshold is not None:
+            raise ConfigurationError(
+                "threshold", threshold, "a budget to take the ratio of (budget=...)"
+            )
+        return []
+    if isinstance(budget, Budget):
+        return [budget]
+    if isinstance(budget, int | str) and not isinstance(budget, bool):
+        parse_limit(budget)
+        return [Budget(budget, per=per, window=window, thresholds=thresholds)]
+    if isinstance(budget, Iterable):
+        items: list[object] = list(budget)
+        budgets = [b for b in items if isinstance(b, Budget)]
+        if len(budgets) == len(items):
+            return budgets
+    raise ConfigurationError(
+        "budget",
+        budget,
+        '"$<amount>", an int, "<n>k tokens", a Budget or a list of Budgets',
+    )

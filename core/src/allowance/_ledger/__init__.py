@@ -1,0 +1,184 @@
+"""Ledger backends and ``open_ledger``, which picks one from a URL.
+
+| URL | backend |
+|---|---|
+| ``memory://`` | a fresh in-process ledger (``MemoryLedger``) |
+| ``memory://NAME`` | the in-process ledger called NAME, shared within the process |
+| ``sqlite:///relative/path.db``, ``sqlite:////absolute/path.db`` | ``SQLiteLedger`` |
+| ``redis://host:port/db`` | the Redis ledger, when available |
+
+``sqlite`` URLs follow SQLAlchemy: three slashes then the path, so an absolute
+path gives four. They accept ``?busy_timeout=SECONDS``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Final
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+from allowance._errors import ConfigurationError
+from allowance._ledger._memory import MemoryLedger
+from allowance._ledger._sqlite import SQLiteLedger
+from allowance.typing import Ledger
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+__all__ = [
+    "DEFAULT_LEDGER_URL",
+    "MemoryLedger",
+    "SQLiteLedger",
+    "open_ledger",
+]
+
+DEFAULT_LEDGER_URL: Final = "sqlite:///allowance.db"
+"""Where spend is kept unless told otherwise: ``allowance.db`` in the working
+directory, shared by every process started there."""
+
+_EXPECTED: Final = "memory://, sqlite:///<path> or redis://host:port/db"
+_MAX_BUSY_TIMEOUT: Final = 86_400.0
+
+_named: dict[str, MemoryLedger] = {}
+_named_lock = threading.Lock()
+
+
+def open_ledger(url_or_ledger: str | Ledger, **options: Any) -> Ledger:
+    """Return the ledger a URL names; a ledger object is returned as is.
+
+    Args:
+        url_or_ledger: A ledger URL (see the module docstring) or an object
+            implementing ``allowance.typing.Ledger``.
+        **options: Backend options, overriding the URL's query: ``clock`` (a
+            callable returning Unix time, for tests) for every backend, and
+            ``busy_timeout`` (seconds) for SQLite.
+
+    Returns:
+        The ledger.
+
+    Raises:
+        ConfigurationError: The URL is malformed, its scheme unknown, its
+            backend unavailable, or an option is not one the backend takes.
+        LedgerUnavailableError: The backend cannot be opened (an unwritable
+            directory, a file that is not a SQLite database, ...).
+
+    Example:
+        >>> ledger = open_ledger("memory://")
+        >>> ledger.claim("first-run")
+        True
+    """
+    if not isinstance(url_or_ledger, str):
+        if isinstance(url_or_ledger, Ledger):
+            if options:
+                what, expected = "ledger options", "none (they only apply to a URL)"
+                raise ConfigurationError(what, sorted(options), expected)
+            return url_or_ledger
+        raise _bad_url(url_or_ledger, _EXPECTED)
+    url = url_or_ledger.strip()
+    scheme, separator, _ = url.partition("://")
+    opener = _OPENERS.get(scheme.lower()) if separator else None
+    if opener is None:
+        raise _bad_url(url_or_ledger, _EXPECTED)
+    return opener(url, options)
+
+
+def _open_memory(url: str, options: dict[str, Any]) -> Ledger:
+    parts = urlsplit(url)
+    if parts.path or parts.query or parts.fragment or "@" in parts.netloc:
+        expected = "memory:// or memory://NAME (a name, no path or query)"
+        raise _bad_url(url, expected)
+    clock = _pop_clock(options)
+    _no_more(options, url, "clock")
+    name = parts.netloc
+    if not name:
+        return MemoryLedger(clock, url="memory://")
+    with _named_lock:
+        ledger = _named.get(name)
+        if ledger is None:
+            ledger = _named[name] = MemoryLedger(clock, url=f"memory://{name}")
+        return ledger
+
+
+def _open_sqlite(url: str, options: dict[str, Any]) -> Ledger:
+    expected = "sqlite:///<relative path> or sqlite:////<absolute path>"
+    rest = url.partition("://")[2]
+    if not rest.startswith("/"):
+        # "sqlite://host/x.db": SQLite has no host.
+        raise _bad_url(url, expected)
+    rest, _, fragment = rest[1:].partition("#")
+    raw_path, _, query = rest.partition("?")
+    path = unquote(raw_path)
+    if fragment or not path or path.endswith("/") or path == ":memory:":
+        if path == ":memory:":
+            expected = "a file path (use memory:// for an in-process ledger)"
+        raise _bad_url(url, expected)
+    busy_timeout = 5.0
+    only = "sqlite:///<path>?busy_timeout=<seconds> (no other query)"
+    try:
+        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
+    except ValueError as err:
+        raise _bad_url(url, only) from err
+    for name, value in pairs:
+        if name != "busy_timeout":
+            raise _bad_url(url, only)
+        try:
+            busy_timeout = float(value)
+        except ValueError:
+            busy_timeout = math.nan
+        if not 0 <= busy_timeout <= _MAX_BUSY_TIMEOUT:  # also rejects nan
+            raise _bad_url(url, "busy_timeout=<seconds>, a number >= 0")
+    busy_timeout = options.pop("busy_timeout", busy_timeout)
+    clock = _pop_clock(options)
+    _no_more(options, url, "busy_timeout, clock")
+    return SQLiteLedger(path, busy_timeout=busy_timeout, clock=clock, url=url)
+
+
+def _open_redis(url: str, options: dict[str, Any]) -> Ledger:
+    # The hook for the Redis backend: a module ``allowance._ledger._redis``
+    # exposing ``open_redis_ledger(url, **options) -> Ledger``.
+    try:
+        module = importlib.import_module("allowance._ledger._redis")
+    except ModuleNotFoundError as err:
+        if err.name == "allowance._ledger._redis":
+            expected = (
+                "memory:// or sqlite:///<path> (the Redis ledger is not"
+                " available in this version of allowance)"
+            )
+        else:
+            expected = (
+                f"memory:// or sqlite:///<path> (the Redis ledger needs the"
+                f" {err.name!r} package, which is not installed)"
+            )
+        raise _bad_url(url, expected) from err
+    ledger: Ledger = module.open_redis_ledger(url, **options)
+    return ledger
+
+
+_OPENERS: Final[dict[str, Callable[[str, dict[str, Any]], Ledger]]] = {
+    "memory": _open_memory,
+    "sqlite": _open_sqlite,
+    "redis": _open_redis,
+    "rediss": _open_redis,
+}
+
+
+def _pop_clock(options: dict[str, Any]) -> Callable[[], float]:
+    clock = options.pop("clock", time.time)
+    if not callable(clock):
+        what, expected = "clock", "a callable returning Unix time"
+        raise ConfigurationError(what, clock, expected)
+    return clock  # type: ignore[no-any-return]
+
+
+def _no_more(options: dict[str, Any], url: str, accepted: str) -> None:
+    if options:
+        what = "ledger option"
+        expected = f"one of the options {url.partition(':')[0]} takes: {accepted}"
+        raise ConfigurationError(what, min(options), expected)
+
+
+def _bad_url(url: object, expected: str) -> ConfigurationError:
+    return ConfigurationError("ledger", url, expected)

@@ -1,0 +1,373 @@
+"""The in-process ledger behind ``memory://``: dicts under one lock.
+
+It keeps exactly the semantics of the SQLite ledger (the property tests run
+both side by side), which makes it the reference for reading them: every
+public method takes the lock, does a few dict operations and returns. The lock
+is held for microseconds, so the async twins call the sync methods directly
+instead of hopping to a thread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import threading
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Final
+
+from allowance._errors import UsageError
+from allowance._ledger._admission import (
+    check_amounts,
+    check_lease,
+    check_plans,
+    choose_plan,
+    fold_amounts,
+    plan_keys,
+)
+from allowance.typing import KeyState, ReserveResult
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Mapping, Sequence
+
+    from allowance.typing import CallRecord, ReserveItem
+
+__all__ = ["MemoryLedger"]
+
+HELD: Final = "held"
+COMMITTED: Final = "committed"
+RELEASED: Final = "released"
+EXPIRED: Final = "expired"
+
+PURGE_AFTER_SECONDS: Final = 86_400.0
+"""Settled reservations are forgotten after a day (a later commit charges again)."""
+
+_ZERO = KeyState()
+
+
+class _Reservation:
+    __slots__ = ("expires_at", "items", "settled_at", "status")
+
+    def __init__(
+        self,
+        expires_at: float,
+        status: str,
+        items: dict[str, int],
+        settled_at: float | None = None,
+    ) -> None:
+        self.expires_at = expires_at
+        self.status = status
+        self.items = items
+        self.settled_at = settled_at
+
+
+class MemoryLedger:
+    """A ledger kept in this process's memory, safe across threads and tasks.
+
+    Nothing survives the process. Use it for tests and one-shot scripts; use
+    ``sqlite:///<path>`` when several processes share a budget.
+
+    Args:
+        clock: Returns the current Unix time; leases are measured with it.
+        url: The URL the ledger was opened with (``memory://`` or
+            ``memory://NAME``), kept for messages and reports.
+
+    Example:
+        >>> ledger = MemoryLedger()
+        >>> ledger.state(["tenant:acme"])["tenant:acme"].used
+        0
+    """
+
+    def __init__(
+        self, clock: Callable[[], float] = time.time, *, url: str = "memory://"
+    ) -> None:
+        """Create an empty ledger."""
+        self.url = url
+        self._clock = clock
+        self._lock = threading.Lock()
+        # key -> [spent, reserved]
+        self._counters: dict[str, list[int]] = {}
+        self._reservations: dict[str, _Reservation] = {}
+        self._expiry: list[tuple[float, str]] = []  # heap over held reservations
+        self._held = 0
+        self._settled: deque[tuple[float, str]] = deque()
+        self._markers: dict[str, float] = {}
+        self._calls: list[CallRecord] = []
+
+    def __repr__(self) -> str:
+        """Show the URL."""
+        return f"MemoryLedger(url={self.url!r})"
+
+    # -- writes ---------------------------------------------------------------
+
+    def reserve(
+        self,
+        plans: Sequence[Sequence[ReserveItem]],
+        *,
+        reservation_id: str,
+        lease_seconds: float,
+    ) -> ReserveResult:
+        """Hold the first plan that fits, all-or-nothing; see ``Ledger``.
+
+        Raises:
+            ConfigurationError: An amount is negative or the lease is not a
+                positive number of seconds.
+            UsageError: The plan fits but ``reservation_id`` is already known
+                to the ledger (expired leases are still reaped).
+        """
+        check_plans(plans)
+        check_lease(lease_seconds)
+        with self._lock:
+            now = self._clock()
+            self._reap(now)
+            counters = self._counters
+            before: dict[str, KeyState] = {}
+            for key in plan_keys(plans):
+                row = counters.get(key)
+                before[key] = _ZERO if row is None else KeyState(row[0], row[1])
+            index = choose_plan(plans, before)
+            if index is None:
+                return ReserveResult(None, before)
+            if reservation_id in self._reservations:
+                msg = (
+                    f"reservation_id={reservation_id!r} is already known to the"
+                    f" ledger {self.url}: every reservation needs a fresh id"
+                )
+                raise UsageError(msg, value=reservation_id, expected="a fresh id")
+            holds = fold_amounts(plans[index])
+            for key, amount in holds.items():
+                row = counters.get(key)
+                if row is None:
+                    counters[key] = [0, amount]
+                else:
+                    row[1] += amount
+            expires_at = now + lease_seconds
+            self._reservations[reservation_id] = _Reservation(expires_at, HELD, holds)
+            heapq.heappush(self._expiry, (expires_at, reservation_id))
+            self._held += 1
+            return ReserveResult(index, before)
+
+    def commit(
+        self,
+        reservation_id: str,
+        amounts: Mapping[str, int],
+        *,
+        record: CallRecord | None = None,
+    ) -> None:
+        """Charge ``amounts`` and drop the hold; idempotent; see ``Ledger``.
+
+        Raises:
+            ConfigurationError: An amount is negative or not an int.
+        """
+        check_amounts(amounts)
+        with self._lock:
+            now = self._clock()
+            reservation = self._reservations.get(reservation_id)
+            if reservation is None:
+                # Unknown (another process's, or purged): charge, never drop it.
+                self._reservations[reservation_id] = _Reservation(
+                    now, COMMITTED, {}, now
+                )
+                self._settled.append((now, reservation_id))
+                held: dict[str, int] = {}
+            elif reservation.status in (HELD, EXPIRED):
+                held = self._settle(reservation, COMMITTED, now, reservation_id)
+            else:
+                return
+            counters = self._counters
+            for key in held.keys() | amounts.keys():
+                row = counters.get(key)
+                if row is None:
+                    counters[key] = [amounts.get(key, 0), 0]
+                else:
+                    row[0] += amounts.get(key, 0)
+                    row[1] = max(row[1] - held.get(key, 0), 0)
+            if record is not None:
+                self._calls.append(_copy(record))
+
+    def release(self, reservation_id: str, *, record: CallRecord | None = None) -> None:
+        """Drop the hold, charging nothing; idempotent; see ``Ledger``.
+
+        Releasing an id the ledger does not know changes nothing and logs
+        nothing (use ``record`` for calls that were never reserved).
+        """
+        with self._lock:
+            reservation = self._reservations.get(reservation_id)
+            if reservation is None or reservation.status not in (HELD, EXPIRED):
+                return
+            now = self._clock()
+            held = self._settle(reservation, RELEASED, now, reservation_id)
+            counters = self._counters
+            for key, amount in held.items():
+                row = counters.get(key)
+                if row is not None:
+                    row[1] = max(row[1] - amount, 0)
+            if record is not None:
+                self._calls.append(_copy(record))
+
+    def claim(self, marker: str) -> bool:
+        """Set a once-only marker; True when this call set it."""
+        with self._lock:
+            if marker in self._markers:
+                return False
+            self._markers[marker] = self._clock()
+            return True
+
+    def record(self, record: CallRecord) -> None:
+        """Append a call to the log without touching any counter."""
+        with self._lock:
+            self._calls.append(_copy(record))
+
+    def reset(self, prefix: str = "") -> None:
+        """Delete counters, holds and markers whose key starts with ``prefix``.
+
+        A reservation still held keeps its holds on other keys; a later commit
+        charges whatever it is given, reset keys included.
+        """
+        with self._lock:
+            for key in [k for k in self._counters if k.startswith(prefix)]:
+                del self._counters[key]
+            for reservation in self._reservations.values():
+                if reservation.status == HELD and reservation.items:
+                    reservation.items = {
+                        k: v
+                        for k, v in reservation.items.items()
+                        if not k.startswith(prefix)
+                    }
+            for marker in [m for m in self._markers if m.startswith(prefix)]:
+                del self._markers[marker]
+
+    # -- reads ----------------------------------------------------------------
+
+    def state(self, keys: Iterable[str]) -> dict[str, KeyState]:
+        """Return the state of each key (zeros for keys never used)."""
+        with self._lock:
+            counters = self._counters
+            result: dict[str, KeyState] = {}
+            for key in keys:
+                row = counters.get(key)
+                result[key] = _ZERO if row is None else KeyState(row[0], row[1])
+            return result
+
+    def keys(self, prefix: str = "") -> dict[str, KeyState]:
+        """Return every counter whose key starts with ``prefix``, sorted by key."""
+        with self._lock:
+            return {
+                key: KeyState(row[0], row[1])
+                for key, row in sorted(self._counters.items())
+                if key.startswith(prefix)
+            }
+
+    def calls(
+        self, *, since: float | None = None, until: float | None = None
+    ) -> list[CallRecord]:
+        """Return logged calls with ``since <= ts < until``, oldest first."""
+        with self._lock:
+            selected = [
+                call
+                for call in self._calls
+                if (since is None or call.ts >= since)
+                and (until is None or call.ts < until)
+            ]
+        selected.sort(key=lambda call: call.ts)
+        return selected
+
+    def close(self) -> None:
+        """Do nothing: the ledger holds no connection or file (data is kept)."""
+
+    # -- async twins: the lock is held for microseconds, so no thread hop -----
+
+    async def areserve(
+        self,
+        plans: Sequence[Sequence[ReserveItem]],
+        *,
+        reservation_id: str,
+        lease_seconds: float,
+    ) -> ReserveResult:
+        """Async twin of ``reserve``."""
+        return self.reserve(
+            plans, reservation_id=reservation_id, lease_seconds=lease_seconds
+        )
+
+    async def acommit(
+        self,
+        reservation_id: str,
+        amounts: Mapping[str, int],
+        *,
+        record: CallRecord | None = None,
+    ) -> None:
+        """Async twin of ``commit``."""
+        self.commit(reservation_id, amounts, record=record)
+
+    async def arelease(
+        self, reservation_id: str, *, record: CallRecord | None = None
+    ) -> None:
+        """Async twin of ``release``."""
+        self.release(reservation_id, record=record)
+
+    async def astate(self, keys: Iterable[str]) -> dict[str, KeyState]:
+        """Async twin of ``state``."""
+        return self.state(keys)
+
+    async def aclaim(self, marker: str) -> bool:
+        """Async twin of ``claim``."""
+        return self.claim(marker)
+
+    async def arecord(self, record: CallRecord) -> None:
+        """Async twin of ``record``."""
+        self.record(record)
+
+    async def aclose(self) -> None:
+        """Async twin of ``close``."""
+
+    # -- internals (called with the lock held) --------------------------------
+
+    def _settle(
+        self, reservation: _Reservation, status: str, now: float, reservation_id: str
+    ) -> dict[str, int]:
+        """Mark a held or expired reservation settled; return what it still held."""
+        held = reservation.items if reservation.status == HELD else {}
+        if reservation.status == HELD:
+            self._held -= 1
+        reservation.status = status
+        reservation.settled_at = now
+        reservation.items = {}
+        self._settled.append((now, reservation_id))
+        return held
+
+    def _reap(self, now: float) -> None:
+        """Expire held reservations whose lease ended; forget old settled ones."""
+        expiry = self._expiry
+        reservations = self._reservations
+        counters = self._counters
+        while expiry and expiry[0][0] <= now:
+            _, reservation_id = heapq.heappop(expiry)
+            reservation = reservations.get(reservation_id)
+            if reservation is None or reservation.status != HELD:
+                continue  # settled before its lease ended
+            for key, amount in self._settle(
+                reservation, EXPIRED, now, reservation_id
+            ).items():
+                row = counters.get(key)
+                if row is not None:
+                    row[1] = max(row[1] - amount, 0)
+        if len(expiry) > 2 * self._held + 1024:
+            # Settled reservations leave stale heap entries behind; rebuild.
+            self._expiry = [
+                (r.expires_at, rid)
+                for rid, r in reservations.items()
+                if r.status == HELD
+            ]
+            heapq.heapify(self._expiry)
+        settled = self._settled
+        horizon = now - PURGE_AFTER_SECONDS
+        while settled and settled[0][0] < horizon:
+            _, reservation_id = settled.popleft()
+            reservation = reservations.get(reservation_id)
+            if reservation is not None and reservation.status != HELD:
+                del reservations[reservation_id]
+
+
+def _copy(record: CallRecord) -> CallRecord:
+    """Detach the record from the caller's mutable scope mapping."""
+    return dataclasses.replace(record, scope=dict(record.scope))

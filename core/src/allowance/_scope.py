@@ -1,0 +1,290 @@
+"""Scopes (who is spending) and per-invocation budgets, kept in context variables.
+
+A scope is a mapping of dimension -> identifier. ``scope(...)`` nests and merges
+(inner values win), and, being a ``contextvars`` value, follows asyncio tasks
+and threads started with a copied context (``asyncio.to_thread``,
+``loop.run_in_executor`` via ``contextvars.copy_context().run``).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import inspect
+import os
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast
+
+from allowance._budget import Budget, Threshold, is_name
+from allowance._errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+    from types import TracebackType
+
+__all__ = [
+    "MAX_SCOPE_VALUE_LENGTH",
+    "budget",
+    "current_adapters",
+    "current_budgets",
+    "current_scope",
+    "new_id",
+    "scope",
+    "seen_by",
+]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+MAX_SCOPE_VALUE_LENGTH = 256
+"""Scope values longer than this are refused (they end up in every ledger key)."""
+
+_EMPTY: Mapping[str, str] = MappingProxyType({})
+_scope: contextvars.ContextVar[Mapping[str, str]] = contextvars.ContextVar(
+    "allowance_scope", default=_EMPTY
+)
+_budgets: contextvars.ContextVar[tuple[Budget, ...]] = contextvars.ContextVar(
+    "allowance_budgets", default=()
+)
+_adapters: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar(
+    "allowance_adapters", default=()
+)
+_prefix = os.urandom(4).hex()
+_counter = iter(range(1, 2**63))
+
+
+def new_id() -> str:
+    """Return a process-unique, cross-process-distinct id (cheap; not a secret)."""
+    return f"{_prefix}{os.getpid():x}-{next(_counter):x}"
+
+
+def current_scope() -> Mapping[str, str]:
+    """Return the scope in force here (read-only)."""
+    return _scope.get()
+
+
+def current_adapters() -> tuple[str, ...]:
+    """Return the names of the framework adapters the current call passed through."""
+    return _adapters.get()
+
+
+class seen_by:  # noqa: N801 - used like a function
+    """Mark calls made inside as seen by a framework adapter (for the call log).
+
+    Framework adapters enter it around a model call, with the scope they know
+    (agent role, run id, ...); the SDK layer beneath then charges the call once,
+    attributed to that scope and tagged with every adapter that saw it.
+    """
+
+    __module__ = "allowance"
+    __slots__ = ("_name", "_scope", "_tokens")
+
+    def __init__(self, name: str, **dimensions: str | int) -> None:
+        """Remember the adapter name and the dimensions to add."""
+        self._name = name
+        self._scope = validate_scope(dimensions)
+        self._tokens: list[tuple[contextvars.Token[tuple[str, ...]], Any]] = []
+
+    def __enter__(self) -> None:
+        """Push the adapter name (and scope) for calls made inside."""
+        scope_token = (
+            _scope.set(MappingProxyType({**_scope.get(), **self._scope}))
+            if self._scope
+            else None
+        )
+        self._tokens.append(
+            (_adapters.set((*_adapters.get(), self._name)), scope_token)
+        )
+
+    def __exit__(self, *exc: object) -> None:
+        """Pop what ``__enter__`` pushed."""
+        token, scope_token = self._tokens.pop()
+        _adapters.reset(token)
+        if scope_token is not None:
+            _scope.reset(scope_token)
+
+
+def current_budgets() -> tuple[Budget, ...]:
+    """Return the per-invocation budgets (``@allowance.budget``) in force here."""
+    return _budgets.get()
+
+
+def _check_value(dimension: str, value: object) -> str:
+    if not is_name(dimension):
+        raise ConfigurationError(
+            "scope dimension",
+            dimension,
+            "a name: a letter or _, then up to 63 letters, digits, _ . -",
+        )
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise ConfigurationError(f"scope {dimension}", value, "a str or int identifier")
+    text = str(value)
+    if not text:
+        raise ConfigurationError(f"scope {dimension}", value, "a non-empty identifier")
+    if len(text) > MAX_SCOPE_VALUE_LENGTH:
+        raise ConfigurationError(
+            f"scope {dimension}",
+            value,
+            f"at most {MAX_SCOPE_VALUE_LENGTH} characters (got {len(text)}); "
+            "pass an id, not a document",
+        )
+    return text
+
+
+def validate_scope(values: Mapping[str, object]) -> dict[str, str]:
+    """Check and normalise scope values (ints become strings).
+
+    Raises:
+        ConfigurationError: A dimension name is not an identifier, or a value is
+            not a non-empty str/int of at most 256 characters.
+    """
+    return {dim: _check_value(dim, val) for dim, val in values.items()}
+
+
+class scope:  # noqa: N801 - used like a function, as contextlib's helpers are
+    """Attribute calls to a scope; a context manager and a decorator.
+
+    Args:
+        **dimensions: Dimension -> identifier (str or int), e.g.
+            ``tenant="acme", run="r-17"``. Merged into the enclosing scope;
+            inner values win.
+
+    Raises:
+        ConfigurationError: A dimension or value is malformed.
+
+    Example:
+        >>> with scope(tenant="acme"):
+        ...     with scope(run="r-17"):
+        ...         dict(current_scope())
+        {'tenant': 'acme', 'run': 'r-17'}
+    """
+
+    __module__ = "allowance"
+    __slots__ = ("_tokens", "_values")
+
+    def __init__(self, **dimensions: str | int) -> None:
+        """Validate the dimensions; nothing is entered until ``with`` or a call."""
+        self._values = validate_scope(dimensions)
+        self._tokens: list[contextvars.Token[Mapping[str, str]]] = []
+
+    def __enter__(self) -> Mapping[str, str]:
+        """Merge the dimensions into the current scope and return the result."""
+        merged = MappingProxyType({**_scope.get(), **self._values})
+        self._tokens.append(_scope.set(merged))
+        return merged
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Restore the enclosing scope."""
+        _scope.reset(self._tokens.pop())
+
+    def __call__(self, func: Callable[P, R]) -> Callable[P, R]:
+        """Decorate ``func`` (sync or async) so each call runs in this scope."""
+        values = self._values
+        if inspect.iscoroutinefunction(func):
+
+            @functools.wraps(func)
+            async def run_async(*args: P.args, **kwargs: P.kwargs) -> Any:
+                with scope(**values):
+                    return await func(*args, **kwargs)
+
+            return cast("Callable[P, R]", run_async)
+
+        @functools.wraps(func)
+        def run(*args: P.args, **kwargs: P.kwargs) -> R:
+            with scope(**values):
+                return func(*args, **kwargs)
+
+        return run
+
+
+class _InvocationBudget:
+    """Enter a fresh budget (and its own dimension value) for one invocation."""
+
+    __slots__ = ("_budget", "_dimension", "_scope_token", "_token")
+
+    def __init__(self, budget: Budget) -> None:
+        self._budget = budget
+        self._dimension = budget.per
+
+    def __enter__(self) -> Mapping[str, str]:
+        merged = MappingProxyType({**_scope.get(), self._dimension: new_id()})
+        self._scope_token = _scope.set(merged)
+        self._token = _budgets.set((*_budgets.get(), self._budget))
+        return merged
+
+    def __exit__(self, *exc: object) -> None:
+        _budgets.reset(self._token)
+        _scope.reset(self._scope_token)
+
+
+def budget(
+    limit: int | str,
+    *,
+    thresholds: tuple[Threshold, ...] | list[Threshold] = (),
+    name: str | None = None,
+) -> _BudgetDecorator:
+    """Give every invocation of the decorated function its own fresh budget.
+
+    Every guarded LLM call made during the invocation (any client, wrapped or
+    patched, and any adapter) is charged to it, on top of the guard's own
+    budgets. The per-request pattern: no client built per request. Also a
+    context manager: ``with allowance.budget("$0.10"): ...``.
+
+    Args:
+        limit: ``"$0.10"``, an int of tokens, or ``"50k tokens"``.
+        thresholds: ``Threshold`` actions for this budget.
+        name: Shown in reports and errors; default ``"invocation"``.
+
+    Raises:
+        ConfigurationError: The limit or a threshold is malformed.
+
+    Example:
+        >>> @budget("$0.10")
+        ... def handle(question: str) -> str: ...
+    """
+    return _BudgetDecorator(
+        Budget(
+            limit, per="invocation", thresholds=thresholds, name=name or "invocation"
+        )
+    )
+
+
+class _BudgetDecorator:
+    """What ``allowance.budget(...)`` returns: a decorator and a context manager."""
+
+    __slots__ = ("_active", "budget")
+
+    def __init__(self, budget: Budget) -> None:
+        self.budget = budget
+        self._active: list[_InvocationBudget] = []
+
+    def __enter__(self) -> Mapping[str, str]:
+        entered = _InvocationBudget(self.budget)
+        self._active.append(entered)
+        return entered.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        self._active.pop().__exit__()
+
+    def __call__(self, func: Callable[P, R]) -> Callable[P, R]:
+        the_budget = self.budget
+        if inspect.iscoroutinefunction(func):
+
+            @functools.wraps(func)
+            async def run_async(*args: P.args, **kwargs: P.kwargs) -> Any:
+                with _InvocationBudget(the_budget):
+                    return await func(*args, **kwargs)
+
+            return cast("Callable[P, R]", run_async)
+
+        @functools.wraps(func)
+        def run(*args: P.args, **kwargs: P.kwargs) -> R:
+            with _InvocationBudget(the_budget):
+                return func(*args, **kwargs)
+
+        return run

@@ -1,0 +1,572 @@
+"""The one choke point both SDKs share: ``APIClient.request``.
+
+Every resource method of the openai (2.x, 3.x) and anthropic (0.73+, 2.x) SDKs
+ends in ``client.request(cast_to, options, *, stream=False, stream_cls=None)``,
+inside the SDK's retry loop. Wrapping it (per instance for ``wrap``, per class
+for ``patch``) sees every generation path once: ``create``, ``parse``,
+``.stream()`` helpers, ``with_raw_response``, ``with_options``, beta resources.
+
+One call, one charge: the first layer that sees a call claims it in a context
+variable; layers beneath pass it through.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import importlib
+import inspect
+import json
+import logging
+import weakref
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+import wrapt
+
+from allowance._scope import current_adapters
+from allowance.typing import Usage
+
+if TYPE_CHECKING:
+    from allowance._guard import Guard, Ticket
+    from allowance.typing import Estimate, ProviderCodec, StreamAccumulator
+
+__all__ = ["SdkBinding", "claimed", "make_async_interceptor", "make_sync_interceptor"]
+
+logger = logging.getLogger("allowance")
+
+_claimed: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "allowance_claimed", default=False
+)
+
+
+def claimed() -> bool:
+    """Return True inside a call that an outer layer already charges."""
+    return _claimed.get()
+
+
+@dataclass(frozen=True, slots=True)
+class SdkBinding:
+    """What the interceptor needs to know about one SDK."""
+
+    name: str
+    codec: ProviderCodec
+    stream_types: tuple[type[Any], ...]
+    async_stream_types: tuple[type[Any], ...]
+    raw_types: tuple[type[Any], ...]  # LegacyAPIResponse: body read, .parse() cached
+    lazy_types: tuple[type[Any], ...]  # APIResponse (with_streaming_response): body unread
+    async_lazy_types: tuple[type[Any], ...]
+    release_errors: tuple[type[BaseException], ...]  # the provider did no billable work
+    keep_errors: tuple[type[BaseException], ...]  # it may have (timeouts): charge in full
+    provider_of: Callable[[Any], str]
+    wants_stream_usage: Callable[[str], bool]
+
+
+@dataclass(slots=True)
+class _Call:
+    """One intercepted request, from admission to the returned object."""
+
+    binding: SdkBinding
+    client: Any
+    path: str
+    body: Mapping[str, Any]
+    cast_to: Any
+    options: Any
+    stream: bool
+    stream_cls: Any
+    estimate: Estimate
+    hide_usage_only: bool = False
+
+
+def _bind(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any, bool, Any]:
+    cast_to = args[0] if args else kwargs["cast_to"]
+    options = args[1] if len(args) > 1 else kwargs["options"]
+    stream = bool(kwargs.get("stream", args[2] if len(args) > 2 else False))  # noqa: PLR2004
+    stream_cls = kwargs.get("stream_cls", args[3] if len(args) > 3 else None)  # noqa: PLR2004
+    return cast_to, options, stream, stream_cls
+
+
+def _prepare(
+    binding: SdkBinding, client: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> _Call | None:
+    """Return the call to guard, or None to pass it through untouched."""
+    cast_to, options, stream, stream_cls = _bind(args, kwargs)
+    body = getattr(options, "json_data", None)
+    if not isinstance(body, Mapping):
+        return None
+    path = str(getattr(options, "url", "")).split("?", 1)[0]
+    codec = binding.codec
+    if not codec.is_billable(path):
+        return None
+    estimate = codec.estimate(path, body)
+    provider = binding.provider_of(client)
+    if provider != estimate.provider:
+        estimate = replace(estimate, provider=provider)
+    return _Call(binding, client, path, body, cast_to, options, stream, stream_cls, estimate)
+
+
+def _reestimator(call: _Call) -> Callable[[str], Estimate]:
+    codec = call.binding.codec
+
+    def reestimate(model: str) -> Estimate:
+        est = codec.estimate(call.path, codec.with_model(call.body, model))
+        return replace(est, provider=call.estimate.provider)
+
+    return reestimate
+
+
+def _outgoing_options(call: _Call, ticket: Ticket) -> Any:
+    """Return the request options to send: the fallback model, stream usage on."""
+    codec = call.binding.codec
+    body: Mapping[str, Any] = call.body
+    if ticket.model != call.estimate.model:
+        body = codec.with_model(body, ticket.model)
+    if call.stream and call.binding.wants_stream_usage(call.path):
+        stream_options = body.get("stream_options")
+        asked = isinstance(stream_options, Mapping) and stream_options.get("include_usage")
+        if not asked:
+            merged = dict(stream_options) if isinstance(stream_options, Mapping) else {}
+            merged["include_usage"] = True
+            body = {**body, "stream_options": merged}
+            call.hide_usage_only = True
+    if body is call.body:
+        return call.options
+    options = call.options.model_copy()
+    options.json_data = body
+    return options
+
+
+def _synthetic(call: _Call, ticket: Ticket) -> tuple[Any, dict[str, Any]]:
+    """Build the marked, empty response for ``on_limit="stop"`` as the SDK would."""
+    codec = call.binding.codec
+    reason = "; ".join(v.describe() for v in ticket.violations) or "budget exceeded"
+    httpx = _httpx_of(call.client)
+    if call.stream:
+        content = codec.synthetic_sse(call.path, call.body, reason=reason, call_id=ticket.call_id)
+        content_type = "text/event-stream"
+    else:
+        content = json.dumps(
+            codec.synthetic_body(call.path, call.body, reason=reason, call_id=ticket.call_id)
+        ).encode()
+        content_type = "application/json"
+    raw_headers = getattr(call.options, "headers", None)
+    headers = (
+        {k: v for k, v in raw_headers.items() if isinstance(v, str)}
+        if isinstance(raw_headers, Mapping)
+        else {}
+    )
+    request = httpx.Request("POST", f"{call.client.base_url}{call.path.lstrip('/')}", headers=headers)
+    response = httpx.Response(
+        200,
+        headers={"content-type": content_type, "x-allowance-stopped": "true"},
+        content=content,
+        request=request,
+    )
+    return call.client._process_response, {  # noqa: SLF001
+        "cast_to": call.cast_to,
+        "options": call.options,
+        "response": response,
+        "stream": call.stream,
+        "stream_cls": call.stream_cls,
+    }
+
+
+def _httpx_of(client: Any) -> Any:
+    """Return the httpx module the client uses (``httpx`` or, in newer SDKs, ``httpx2``)."""
+    for cls in type(client._client).__mro__:  # noqa: SLF001
+        top = cls.__module__.split(".", 1)[0]
+        if top.startswith("httpx"):
+            return importlib.import_module(top)
+    return importlib.import_module("httpx")  # pragma: no cover - every SDK client has one
+
+
+def _is_release_error(binding: SdkBinding, err: BaseException) -> bool:
+    return isinstance(err, binding.release_errors) and not isinstance(err, binding.keep_errors)
+
+
+def make_sync_interceptor(
+    binding: SdkBinding, guard_for: Callable[[Any], Guard | None]
+) -> Callable[[Callable[..., Any], Any, tuple[Any, ...], dict[str, Any]], Any]:
+    """Return a wrapt-style wrapper for a sync ``request`` method."""
+
+    def intercept(
+        wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        if _claimed.get():
+            return wrapped(*args, **kwargs)
+        guard = guard_for(instance)
+        call = None if guard is None else _prepare(binding, instance, args, kwargs)
+        if call is None or guard is None:
+            return wrapped(*args, **kwargs)
+        ticket = guard.begin(
+            call.estimate,
+            adapters=(*current_adapters(), binding.name),
+            reestimate=_reestimator(call),
+        )
+        if ticket.stopped:
+            process, params = _synthetic(call, ticket)
+            return process(**params)
+        options = _outgoing_options(call, ticket)
+        token = _claimed.set(True)
+        try:
+            result = wrapped(call.cast_to, options, stream=call.stream, stream_cls=call.stream_cls)
+        except BaseException as err:
+            if _is_release_error(binding, err):
+                ticket.release()
+            else:
+                ticket.keep(outcome="error")
+            raise
+        finally:
+            _claimed.reset(token)
+        return _track_sync(call, ticket, result)
+
+    return intercept
+
+
+def make_async_interceptor(
+    binding: SdkBinding, guard_for: Callable[[Any], Guard | None]
+) -> Callable[[Callable[..., Awaitable[Any]], Any, tuple[Any, ...], dict[str, Any]], Awaitable[Any]]:
+    """Return a wrapt-style wrapper for an async ``request`` method."""
+
+    async def intercept(
+        wrapped: Callable[..., Awaitable[Any]],
+        instance: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        if _claimed.get():
+            return await wrapped(*args, **kwargs)
+        guard = guard_for(instance)
+        call = None if guard is None else _prepare(binding, instance, args, kwargs)
+        if call is None or guard is None:
+            return await wrapped(*args, **kwargs)
+        ticket = await guard.abegin(
+            call.estimate,
+            adapters=(*current_adapters(), binding.name),
+            reestimate=_reestimator(call),
+        )
+        if ticket.stopped:
+            process, params = _synthetic(call, ticket)
+            return await process(**params)
+        options = _outgoing_options(call, ticket)
+        token = _claimed.set(True)
+        try:
+            result = await wrapped(
+                call.cast_to, options, stream=call.stream, stream_cls=call.stream_cls
+            )
+        except BaseException as err:
+            if _is_release_error(binding, err):
+                await ticket.arelease()
+            else:
+                await ticket.akeep(outcome="error")
+            raise
+        finally:
+            _claimed.reset(token)
+        return await _track_async(call, ticket, result)
+
+    return intercept
+
+
+# -- results -------------------------------------------------------------------------
+
+
+def _commit_sync(call: _Call, ticket: Ticket, parsed: Any) -> None:
+    codec = call.binding.codec
+    usage = codec.usage(call.path, parsed)
+    if usage is None:
+        ticket.keep()
+    else:
+        ticket.commit(usage, response_model=codec.response_model(parsed))
+
+
+async def _commit_async(call: _Call, ticket: Ticket, parsed: Any) -> None:
+    codec = call.binding.codec
+    usage = codec.usage(call.path, parsed)
+    if usage is None:
+        await ticket.akeep()
+    else:
+        await ticket.acommit(usage, response_model=codec.response_model(parsed))
+
+
+def _body_read(response: Any) -> bool:
+    http = getattr(response, "http_response", None)
+    return bool(getattr(http, "is_closed", False))
+
+
+def _track_sync(call: _Call, ticket: Ticket, result: Any) -> Any:
+    binding = call.binding
+    if isinstance(result, binding.stream_types):
+        return _SyncStream(result, _StreamTracker(call, ticket))
+    if isinstance(result, binding.raw_types + binding.lazy_types):
+        if call.stream:
+            return _RawStreamResponse(result, _StreamTracker(call, ticket))
+        if _body_read(result):
+            _commit_sync(call, ticket, _parse_quietly(result, ticket))
+            return result
+        return _LazyResponse(result, call, ticket)
+    _commit_sync(call, ticket, result)
+    return result
+
+
+async def _track_async(call: _Call, ticket: Ticket, result: Any) -> Any:
+    binding = call.binding
+    if isinstance(result, binding.async_stream_types):
+        return _AsyncStream(result, _StreamTracker(call, ticket))
+    if isinstance(result, binding.raw_types + binding.async_lazy_types):
+        if call.stream:
+            return _RawStreamResponse(result, _StreamTracker(call, ticket))
+        if _body_read(result):
+            parsed = _parse_quietly(result, ticket)
+            if inspect.isawaitable(parsed):
+                parsed = await parsed
+            await _commit_async(call, ticket, parsed)
+            return result
+        return _AsyncLazyResponse(result, call, ticket)
+    await _commit_async(call, ticket, result)
+    return result
+
+
+def _parse_quietly(raw: Any, ticket: Ticket) -> Any:
+    """Parse a raw response (cached by the SDK, so the caller's parse() is free)."""
+    try:
+        return raw.parse()
+    except Exception:  # noqa: BLE001 - a body we cannot read is charged in full
+        logger.warning("allowance: could not read usage of call %s; charged in full", ticket.call_id)
+        return None
+
+
+# -- streams -------------------------------------------------------------------------
+
+
+class _StreamTracker:
+    """Settles a streamed call: usage when it ends, what was produced if cut short."""
+
+    __slots__ = ("acc", "call", "ticket", "__weakref__")
+
+    def __init__(self, call: _Call, ticket: Ticket) -> None:
+        self.call = call
+        self.ticket = ticket
+        self.acc: StreamAccumulator = call.binding.codec.stream_accumulator(
+            call.path, hide_usage_only=call.hide_usage_only
+        )
+
+    def _final(self) -> tuple[Usage | None, str | None]:
+        return self.acc.usage(), self.acc.response_model()
+
+    def _partial(self) -> Usage:
+        est = self.ticket.estimate
+        known = self.acc.usage()
+        produced = min(est.output_tokens, self.acc.produced_text_bytes())
+        if known is None:
+            return Usage(input_tokens=est.input_tokens, output_tokens=produced)
+        return replace(known, output_tokens=max(known.output_tokens, produced))
+
+    def finish(self) -> None:
+        if self.ticket.settled:
+            return
+        usage, model = self._final()
+        if usage is None:
+            self.ticket.keep()
+        else:
+            self.ticket.commit(usage, response_model=model)
+
+    async def afinish(self) -> None:
+        if self.ticket.settled:
+            return
+        usage, model = self._final()
+        if usage is None:
+            await self.ticket.akeep()
+        else:
+            await self.ticket.acommit(usage, response_model=model)
+
+    def abandon(self) -> None:
+        if not self.ticket.settled:
+            self.ticket.commit_partial(self._partial(), response_model=self.acc.response_model())
+
+    async def aabandon(self) -> None:
+        if not self.ticket.settled:
+            await self.ticket.acommit_partial(
+                self._partial(), response_model=self.acc.response_model()
+            )
+
+
+def _abandon_quietly(tracker: _StreamTracker) -> None:
+    try:
+        tracker.abandon()
+    except Exception:  # pragma: no cover - runs at garbage collection
+        logger.exception("allowance: could not settle an abandoned stream")
+
+
+class _SyncStream(wrapt.ObjectProxy):  # type: ignore[misc]
+    """A ``Stream`` that reports usage to its ticket; still an instance of ``Stream``."""
+
+    _self_events: Any
+
+    def __init__(self, stream: Any, tracker: _StreamTracker) -> None:
+        super().__init__(stream)
+        self._self_tracker = tracker
+        self._self_events = None
+        weakref.finalize(self, _abandon_quietly, tracker)
+
+    def _self_iterate(self) -> Any:
+        tracker = self._self_tracker
+        observe = tracker.acc.observe
+        try:
+            for event in self.__wrapped__:
+                if observe(event):
+                    yield event
+        except BaseException:  # cut short: an error, a break, a close
+            tracker.abandon()
+            raise
+        tracker.finish()
+
+    def __iter__(self) -> Any:
+        if self._self_events is None:
+            self._self_events = self._self_iterate()
+        yield from self._self_events
+
+    def __next__(self) -> Any:
+        if self._self_events is None:
+            self._self_events = self._self_iterate()
+        return next(self._self_events)
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        try:
+            self.__wrapped__.close()
+        finally:
+            self._self_tracker.abandon()
+
+
+class _AsyncStream(wrapt.ObjectProxy):  # type: ignore[misc]
+    """An ``AsyncStream`` that reports usage to its ticket; still an ``AsyncStream``."""
+
+    _self_events: Any
+
+    def __init__(self, stream: Any, tracker: _StreamTracker) -> None:
+        super().__init__(stream)
+        self._self_tracker = tracker
+        self._self_events = None
+        weakref.finalize(self, _abandon_quietly, tracker)
+
+    async def _self_iterate(self) -> Any:
+        tracker = self._self_tracker
+        observe = tracker.acc.observe
+        try:
+            async for event in self.__wrapped__:
+                if observe(event):
+                    yield event
+        except GeneratorExit:
+            tracker.abandon()
+            raise
+        except BaseException:
+            await tracker.aabandon()
+            raise
+        await tracker.afinish()
+
+    def __aiter__(self) -> Any:
+        if self._self_events is None:
+            self._self_events = self._self_iterate()
+        return self._self_events
+
+    async def __anext__(self) -> Any:
+        if self._self_events is None:
+            self._self_events = self._self_iterate()
+        return await self._self_events.__anext__()
+
+    async def __aenter__(self) -> Any:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        try:
+            await self.__wrapped__.close()
+        finally:
+            await self._self_tracker.aabandon()
+
+
+class _RawStreamResponse(wrapt.ObjectProxy):  # type: ignore[misc]
+    """A raw response of a stream whose ``parse()`` returns the tracked stream."""
+
+    def __init__(self, raw: Any, tracker: _StreamTracker) -> None:
+        super().__init__(raw)
+        self._self_tracker = tracker
+        self._self_stream: Any = None
+
+    def parse(self, *args: Any, **kwargs: Any) -> Any:
+        parsed = self.__wrapped__.parse(*args, **kwargs)
+        if inspect.isawaitable(parsed):
+            return self._self_aparse(parsed)
+        return self._self_track(parsed)
+
+    async def _self_aparse(self, parsed: Awaitable[Any]) -> Any:
+        return self._self_track(await parsed)
+
+    def _self_track(self, parsed: Any) -> Any:
+        binding = self._self_tracker.call.binding
+        if isinstance(parsed, binding.stream_types):
+            if self._self_stream is None:
+                self._self_stream = _SyncStream(parsed, self._self_tracker)
+            return self._self_stream
+        if isinstance(parsed, binding.async_stream_types):
+            if self._self_stream is None:
+                self._self_stream = _AsyncStream(parsed, self._self_tracker)
+            return self._self_stream
+        return parsed
+
+
+class _LazyResponse(wrapt.ObjectProxy):  # type: ignore[misc]
+    """``with_streaming_response``: usage read on ``parse()``; charged in full if never parsed."""
+
+    def __init__(self, response: Any, call: _Call, ticket: Ticket) -> None:
+        super().__init__(response)
+        self._self_call = call
+        self._self_ticket = ticket
+
+    def parse(self, *args: Any, **kwargs: Any) -> Any:
+        parsed = self.__wrapped__.parse(*args, **kwargs)
+        call, ticket = self._self_call, self._self_ticket
+        if isinstance(parsed, call.binding.stream_types):
+            return _SyncStream(parsed, _StreamTracker(call, ticket))
+        if not ticket.settled:
+            _commit_sync(call, ticket, parsed)
+        return parsed
+
+    def close(self) -> None:
+        try:
+            self.__wrapped__.close()
+        finally:
+            if not self._self_ticket.settled:
+                self._self_ticket.keep()
+
+
+class _AsyncLazyResponse(wrapt.ObjectProxy):  # type: ignore[misc]
+    """Async twin of ``_LazyResponse``."""
+
+    def __init__(self, response: Any, call: _Call, ticket: Ticket) -> None:
+        super().__init__(response)
+        self._self_call = call
+        self._self_ticket = ticket
+
+    async def parse(self, *args: Any, **kwargs: Any) -> Any:
+        parsed = await self.__wrapped__.parse(*args, **kwargs)
+        call, ticket = self._self_call, self._self_ticket
+        if isinstance(parsed, call.binding.async_stream_types):
+            return _AsyncStream(parsed, _StreamTracker(call, ticket))
+        if not ticket.settled:
+            await _commit_async(call, ticket, parsed)
+        return parsed
+
+    async def close(self) -> None:
+        try:
+            await self.__wrapped__.close()
+        finally:
+            if not self._self_ticket.settled:
+                await self._self_ticket.akeep()

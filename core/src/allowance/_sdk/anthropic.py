@@ -1,0 +1,246 @@
+"""Anthropic SDK (0.73+ and 2.x): codec, adapter and plugin hooks.
+
+Endpoint charged: ``/v1/messages`` (beta included: its ``?beta=true`` query is
+ignored). ``/v1/messages/count_tokens``, batches and models pass through.
+Anthropic's ``input_tokens`` excludes cache reads and writes; they are added
+back so ``Usage.input_tokens`` counts every input token.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from allowance._estimate import messages_input_bound, output_cap
+from allowance._sdk._adapter import SdkAdapter
+from allowance.plugins import hookimpl
+from allowance.typing import Estimate, Usage
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from allowance._sdk._common import SdkBinding
+    from allowance.typing import Adapter, ProviderCodec
+
+__all__ = ["AnthropicAdapter", "AnthropicCodec"]
+
+
+def _n(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _usage(usage: Any) -> Usage:
+    uncached = _n(getattr(usage, "input_tokens", 0))
+    cache_read = _n(getattr(usage, "cache_read_input_tokens", 0))
+    cache_write = _n(getattr(usage, "cache_creation_input_tokens", 0))
+    return Usage(
+        input_tokens=uncached + cache_read + cache_write,
+        output_tokens=_n(getattr(usage, "output_tokens", 0)),
+        cache_read_tokens=cache_read,
+        cache_write_tokens=cache_write,
+    )
+
+
+class AnthropicCodec:
+    """Reads and writes Anthropic's Messages wire format."""
+
+    name = "anthropic"
+
+    def is_billable(self, path: str) -> bool:
+        """Return True for ``/v1/messages`` only."""
+        return path.rstrip("/").endswith("/messages")
+
+    def estimate(self, path: str, body: Mapping[str, Any]) -> Estimate:
+        """Bound the input and take ``max_tokens`` of a request."""
+        model = str(body.get("model") or "")
+        return Estimate(
+            "anthropic",
+            model,
+            messages_input_bound(body),
+            output_cap("anthropic", model, body),
+        )
+
+    def with_model(self, body: Mapping[str, Any], model: str) -> dict[str, Any]:
+        """Return a copy of ``body`` asking for ``model``."""
+        return {**body, "model": model}
+
+    def usage(self, path: str, response: Any) -> Usage | None:
+        """Read usage from a parsed Message (or BetaMessage)."""
+        usage = getattr(response, "usage", None)
+        return None if usage is None else _usage(usage)
+
+    def response_model(self, response: Any) -> str | None:
+        """Return the model that answered."""
+        model = getattr(response, "model", None)
+        return model if isinstance(model, str) else None
+
+    def stream_accumulator(self, path: str, *, hide_usage_only: bool) -> _MessagesAccumulator:
+        """Return an accumulator for a messages stream."""
+        return _MessagesAccumulator()
+
+    def synthetic_body(
+        self, path: str, body: Mapping[str, Any], *, reason: str, call_id: str
+    ) -> dict[str, Any]:
+        """Return an empty, marked Message for ``on_limit="stop"``."""
+        return {
+            "id": f"msg_allowance-stop-{call_id}",
+            "type": "message",
+            "role": "assistant",
+            "model": str(body.get("model") or ""),
+            "content": [],
+            "stop_reason": "end_turn",
+            "stop_sequence": None,
+            "usage": {"input_tokens": 0, "output_tokens": 0},
+            "allowance": {"stopped": True, "reason": reason},
+        }
+
+    def synthetic_sse(
+        self, path: str, body: Mapping[str, Any], *, reason: str, call_id: str
+    ) -> bytes:
+        """Return an empty, marked message stream for ``on_limit="stop"``."""
+        message = self.synthetic_body(path, body, reason=reason, call_id=call_id)
+        events = [
+            ("message_start", {"type": "message_start", "message": {**message, "stop_reason": None}}),
+            (
+                "message_delta",
+                {
+                    "type": "message_delta",
+                    "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                    "usage": {"output_tokens": 0},
+                },
+            ),
+            ("message_stop", {"type": "message_stop"}),
+        ]
+        return b"".join(
+            f"event: {name}\ndata: {json.dumps(data)}\n\n".encode() for name, data in events
+        )
+
+
+def _text_bytes(text: object) -> int:
+    if not isinstance(text, str):
+        return 0
+    return len(text) if text.isascii() else len(text.encode())
+
+
+class _MessagesAccumulator:
+    """``message_start`` carries input usage; ``message_delta`` cumulative output usage."""
+
+    __slots__ = ("_bytes", "_fields", "_model")
+
+    def __init__(self) -> None:
+        self._fields: dict[str, int] = {}
+        self._model: str | None = None
+        self._bytes = 0
+
+    def _take(self, usage: Any) -> None:
+        # message_delta usage is cumulative: overwrite the fields it carries.
+        for name in (
+            "input_tokens",
+            "output_tokens",
+            "cache_read_input_tokens",
+            "cache_creation_input_tokens",
+        ):
+            value = getattr(usage, name, None)
+            if isinstance(value, int) and not isinstance(value, bool):
+                self._fields[name] = value
+
+    def observe(self, event: Any) -> bool:
+        kind = getattr(event, "type", "")
+        if kind == "content_block_delta":
+            delta = getattr(event, "delta", None)
+            self._bytes += _text_bytes(
+                getattr(delta, "text", None)
+                or getattr(delta, "partial_json", None)
+                or getattr(delta, "thinking", None)
+            )
+        elif kind == "message_start":
+            message = getattr(event, "message", None)
+            model = getattr(message, "model", None)
+            if isinstance(model, str):
+                self._model = model
+            usage = getattr(message, "usage", None)
+            if usage is not None:
+                self._take(usage)
+        elif kind == "message_delta":
+            usage = getattr(event, "usage", None)
+            if usage is not None:
+                self._take(usage)
+        return True
+
+    def usage(self) -> Usage | None:
+        if not self._fields:
+            return None
+        f = self._fields
+        cache_read = f.get("cache_read_input_tokens", 0)
+        cache_write = f.get("cache_creation_input_tokens", 0)
+        return Usage(
+            input_tokens=f.get("input_tokens", 0) + cache_read + cache_write,
+            output_tokens=f.get("output_tokens", 0),
+            cache_read_tokens=cache_read,
+            cache_write_tokens=cache_write,
+        )
+
+    def produced_text_bytes(self) -> int:
+        return self._bytes
+
+    def response_model(self) -> str | None:
+        return self._model
+
+
+def _optional_types(module: str, *names: str) -> tuple[type[Any], ...]:
+    try:
+        mod = importlib.import_module(module)
+    except ImportError:
+        return ()
+    return tuple(getattr(mod, name) for name in names if hasattr(mod, name))
+
+
+def _binding() -> SdkBinding:
+    import anthropic  # noqa: PLC0415 - only when the adapter is used
+
+    from allowance._sdk._common import SdkBinding  # noqa: PLC0415
+
+    return SdkBinding(
+        name="anthropic",
+        codec=CODEC,
+        stream_types=(anthropic.Stream,),
+        async_stream_types=(anthropic.AsyncStream,),
+        raw_types=_optional_types("anthropic._legacy_response", "LegacyAPIResponse"),
+        lazy_types=_optional_types("anthropic._response", "APIResponse"),
+        async_lazy_types=_optional_types("anthropic._response", "AsyncAPIResponse"),
+        release_errors=(anthropic.APIStatusError, anthropic.APIConnectionError),
+        keep_errors=(anthropic.APITimeoutError,),
+        provider_of=lambda _client: "anthropic",
+        wants_stream_usage=lambda _path: False,
+    )
+
+
+class AnthropicAdapter(SdkAdapter):
+    """Guards every Anthropic client, including ones built before ``patch()``."""
+
+    name = "anthropic"
+    requires = ("anthropic>=0.73,<3",)
+    module = "anthropic"
+    base_module = "anthropic._base_client"
+
+    def binding(self) -> SdkBinding:
+        """Return the Anthropic binding (imports anthropic)."""
+        return _binding()
+
+
+CODEC = AnthropicCodec()
+ADAPTER = AnthropicAdapter()
+
+
+@hookimpl
+def allowance_adapters() -> Sequence[Adapter]:
+    """Register the Anthropic adapter."""
+    return [ADAPTER]
+
+
+@hookimpl
+def allowance_providers() -> Sequence[ProviderCodec]:
+    """Register the Anthropic codec."""
+    return [CODEC]

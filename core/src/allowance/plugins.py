@@ -1,0 +1,163 @@
+"""The plugin manager: default plugins, entry points and lookups by name.
+
+Loading is lazy and happens once: the default plugins (the OpenAI and Anthropic
+SDK adapters, registered exactly as third-party ones are), then the entry-point
+group ``allowance`` (unless ``ALLOWANCE_DISABLE_PLUGIN_AUTOLOAD=1``), then
+``check_pending()``. ``ALLOWANCE_DISABLED_ADAPTERS=a,b`` blocks plugins by name.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar, cast
+
+import pluggy
+
+from allowance import hookspecs
+from allowance._errors import PluginError
+
+if TYPE_CHECKING:
+    from allowance.typing import Adapter, Event, ProviderCodec
+
+__all__ = [
+    "DEFAULT_PLUGINS",
+    "adapters",
+    "emit",
+    "get_plugin_manager",
+    "has_observers",
+    "hookimpl",
+    "load_plugins",
+    "providers",
+    "reset_plugins",
+]
+
+F = TypeVar("F", bound=Callable[..., object])
+hookimpl: Callable[[F], F] = pluggy.HookimplMarker("allowance")
+"""Mark a function as an implementation of an allowance hook."""
+
+DEFAULT_PLUGINS: tuple[str, ...] = ("allowance._sdk.openai", "allowance._sdk.anthropic")
+"""Modules registered before entry points, as plugins like any other."""
+
+logger = logging.getLogger("allowance")
+
+_lock = threading.RLock()
+_pm: pluggy.PluginManager | None = None
+_loaded = False
+_adapters: dict[str, Adapter] | None = None
+_providers: dict[str, ProviderCodec] | None = None
+_observers: bool | None = None
+
+
+def get_plugin_manager() -> pluggy.PluginManager:
+    """Return the process-wide plugin manager, loading plugins on first use."""
+    global _pm  # noqa: PLW0603 - one manager per process, made lazily
+    with _lock:
+        if _pm is None:
+            _pm = pluggy.PluginManager("allowance")
+            _pm.add_hookspecs(hookspecs)
+        if not _loaded:
+            load_plugins(_pm)
+        return _pm
+
+
+def load_plugins(pm: pluggy.PluginManager) -> None:
+    """Register the default plugins and the entry points into ``pm`` (once)."""
+    global _loaded  # noqa: PLW0603
+    disabled = {
+        name.strip()
+        for name in os.environ.get("ALLOWANCE_DISABLED_ADAPTERS", "").split(",")
+        if name.strip()
+    }
+    for name in disabled:
+        pm.set_blocked(name)
+    for module_name in DEFAULT_PLUGINS:
+        short = module_name.rsplit(".", 1)[-1]
+        if short in disabled or pm.is_registered(module_name) or pm.is_blocked(short):
+            continue
+        pm.register(importlib.import_module(module_name), name=short)
+    if os.environ.get("ALLOWANCE_DISABLE_PLUGIN_AUTOLOAD", "") not in {
+        "1",
+        "true",
+        "yes",
+    }:
+        pm.load_setuptools_entrypoints("allowance")
+    pm.check_pending()
+    if pm is _pm:
+        _loaded = True
+
+
+def reset_plugins() -> None:
+    """Forget the loaded plugins (tests); the next lookup loads them again."""
+    global _pm, _loaded, _adapters, _providers, _observers
+    with _lock:
+        _pm, _loaded, _adapters, _providers, _observers = None, False, None, None, None
+
+
+def _collect(results: list[list[object]], kind: str) -> dict[str, object]:
+    found: dict[str, object] = {}
+    for group in results:
+        for item in group:
+            name = getattr(item, "name", None)
+            if not isinstance(name, str):
+                msg = f"{kind} {item!r} has no str .name"
+                raise PluginError(msg)
+            if name in found:
+                msg = (
+                    f"two plugins provide the {kind} {name!r}: "
+                    f"{found[name]!r} and {item!r}"
+                )
+                raise PluginError(msg)
+            found[name] = item
+    return found
+
+
+def adapters() -> dict[str, Adapter]:
+    """Return every registered adapter by name."""
+    global _adapters  # noqa: PLW0603
+    found = _adapters
+    if found is None:
+        pm = get_plugin_manager()
+        found = _adapters = cast(
+            "dict[str, Adapter]", _collect(pm.hook.allowance_adapters(), "adapter")
+        )
+    return found
+
+
+def providers() -> dict[str, ProviderCodec]:
+    """Return every registered provider codec by name."""
+    global _providers  # noqa: PLW0603
+    found = _providers
+    if found is None:
+        pm = get_plugin_manager()
+        found = _providers = cast(
+            "dict[str, ProviderCodec]",
+            _collect(pm.hook.allowance_providers(), "provider"),
+        )
+    return found
+
+
+def has_observers() -> bool:
+    """Return True when some plugin implements ``allowance_event``."""
+    global _observers  # noqa: PLW0603
+    if _observers is None:
+        _observers = bool(get_plugin_manager().hook.allowance_event.get_hookimpls())
+    return _observers
+
+
+def emit(event: Event) -> None:
+    """Broadcast ``event`` to every observer; their errors are logged and dropped."""
+    if not has_observers():
+        return
+    for impl in get_plugin_manager().hook.allowance_event.get_hookimpls():
+        try:
+            impl.function(event=event)
+        except Exception:
+            logger.exception(
+                "allowance: observer %s failed on event %r; ignored",
+                impl.plugin_name,
+                event.kind,
+            )

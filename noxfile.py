@@ -1,0 +1,95 @@
+# /// script
+# requires-python = ">=3.11"
+# dependencies = ["nox>=2025.2.9"]
+# ///
+"""Every task of the workspace: `uv run noxfile.py` runs the default sessions.
+
+Each session syncs its own environment from the lock file (`uv sync --frozen`)
+with only the dependency groups it needs, so the core's tests prove the core
+imports with no agent framework installed, and the SDK majors are tested apart.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import nox
+
+nox.needs_version = ">=2025.2.9"
+nox.options.default_venv_backend = "uv"
+nox.options.error_on_missing_interpreters = True
+nox.options.reuse_existing_virtualenvs = True
+
+ROOT = Path(__file__).parent
+PYPROJECT = nox.project.load_toml(ROOT / "core" / "pyproject.toml")
+PYTHONS = nox.project.python_versions(PYPROJECT)
+nox.options.pythons = [PYTHONS[0]]
+nox.options.sessions = ["lint", "typecheck", "tests", "demo"]
+
+# SDK majors: openai 3.x / anthropic 2.x, and openai 2.x / anthropic 0.73 (what
+# CrewAI and LlamaIndex pin).
+SDKS = {"latest": "sdk-latest", "legacy": "sdk-legacy"}
+
+
+def sync(session: nox.Session, *groups: str) -> None:
+    """Install the locked workspace with exactly ``groups`` into the session's venv."""
+    env = {
+        "UV_PROJECT_ENVIRONMENT": session.virtualenv.location,
+        "UV_PYTHON_DOWNLOADS": "never",
+    }
+    args = [
+        "uv",
+        "sync",
+        "--frozen",
+        "--no-default-groups",
+        "--python",
+        session.python or PYTHONS[0],
+    ]
+    for group in groups:
+        args += ["--group", group]
+    session.run_install(*args, env=env, silent=True)
+
+
+@nox.session(python=PYTHONS)
+@nox.parametrize("sdk", list(SDKS))
+def tests(session: nox.Session, sdk: str) -> None:
+    """Run the core's tests against one SDK major."""
+    sync(session, "test", SDKS[sdk])
+    session.run("pytest", *(session.posargs or ["tests"]), env={"PYTHONHASHSEED": "0"})
+
+
+@nox.session(python=PYTHONS[0])
+def lint(session: nox.Session) -> None:
+    """Check style with ruff (lint and format)."""
+    sync(session, "lint")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session(python=PYTHONS[0])
+def typecheck(session: nox.Session) -> None:
+    """Check types with mypy --strict (library and README examples)."""
+    sync(session, "typecheck", "sdk-latest")
+    session.run("mypy")
+    session.run("mypy", "tests/typing")
+
+
+@nox.session(python=PYTHONS[0])
+def demo(session: nox.Session) -> None:
+    """Run the offline demo (the README's first command)."""
+    sync(session, "demo")
+    session.chdir(session.create_tmp())
+    session.run("allowance", "demo")
+
+
+@nox.session(python=PYTHONS[0], default=False)
+def bench(session: nox.Session) -> None:
+    """Measure the guard's overhead against the raw SDK and print the table."""
+    sync(session, "bench", "sdk-latest")
+    session.run("python", str(ROOT / "benchmarks" / "overhead.py"), *session.posargs)
+
+
+if __name__ == "__main__":
+    os.chdir(ROOT)
+    nox.main()

@@ -1,0 +1,124 @@
+"""Bad input of every kind gets a typed error that names the value and the rule."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+import allowance
+from allowance import Budget, ConfigurationError, Guard, Policy, Threshold
+
+BAD_LIMITS: list[object] = [
+    "2 dollars",
+    "$",
+    "$-1",
+    "$1.0000001",  # finer than a micro-dollar
+    "USD 5",
+    "five",
+    "",
+    "50k toks",
+    "1.5 tokens",
+    "-5",
+    -5,
+    2.5,
+    True,
+    None,
+    b"$1",
+    [1],
+    "1e3 tokens",
+]
+
+
+@pytest.mark.parametrize("value", BAD_LIMITS, ids=repr)
+def test_bad_budget_limits_name_the_value(value: object) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        Budget(value)  # type: ignore[arg-type]
+    assert info.value.value == value
+    assert info.value.expected
+    assert "budget=" in str(info.value)
+
+
+CASES: dict[str, Callable[[], object]] = {
+    "per with a space": lambda: Budget("$1", per="my tenant"),
+    "per empty": lambda: Budget("$1", per=""),
+    "window fortnight": lambda: Budget("$1", window="fortnight"),  # type: ignore[arg-type]
+    "unknown time zone": lambda: Budget("$1", window="day", tz="Mars/Olympus"),
+    "name with colon": lambda: Budget("$1", name="a:b"),
+    "threshold 0": lambda: Threshold(0),
+    "threshold above 1": lambda: Threshold(1.5),
+    "threshold nan": lambda: Threshold(float("nan")),
+    "threshold bool": lambda: Threshold(True),  # noqa: FBT003
+    "threshold string": lambda: Threshold("80%"),  # type: ignore[arg-type]
+    "threshold action": lambda: Threshold(0.5, "explode"),  # type: ignore[arg-type]
+    "webhook without url": lambda: Threshold(0.5, "webhook"),
+    "webhook ftp url": lambda: Threshold(0.5, "webhook", to="ftp://x"),
+    "degrade to blank": lambda: Threshold(0.5, "degrade", to=" "),
+    "callback not callable": lambda: Threshold(0.5, callback=3),  # type: ignore[arg-type]
+    "thresholds not Threshold": lambda: Budget("$1", thresholds=[0.5]),  # type: ignore[list-item]
+    "policy budgets not Budget": lambda: Policy(["$1"]),  # type: ignore[list-item]
+    "on_limit": lambda: Policy(on_limit="explode"),  # type: ignore[arg-type]
+    "fail": lambda: Policy(fail="sideways"),  # type: ignore[arg-type]
+    "fallback blank": lambda: Policy(fallback=""),
+    "fallback mapping to int": lambda: Policy(fallback={"gpt-4o": 3}),  # type: ignore[dict-item]
+    "fallback int": lambda: Policy(fallback=3),  # type: ignore[arg-type]
+    "lease zero": lambda: Policy(lease_seconds=0),
+    "lease a month": lambda: Policy(lease_seconds=30 * 86400),
+    "guard policy and shorthand": lambda: Guard(Policy(), budget="$1"),
+    "guard policy not a Policy": lambda: Guard("strict"),  # type: ignore[arg-type]
+    "guard threshold without budget": lambda: Guard(threshold=0.8),
+    "guard budget list of str": lambda: Guard(budget=["$1"]),  # type: ignore[list-item]
+    "ledger scheme": lambda: Guard(ledger="postgres://db"),
+    "ledger not a ledger": lambda: Guard(ledger=42),  # type: ignore[arg-type]
+    "scope colon dimension": lambda: allowance.scope(**{"a:b": "x"}),
+    "scope empty value": lambda: allowance.scope(tenant=""),
+    "scope 10 kB value": lambda: allowance.scope(tenant="x" * 10_240),
+    "scope float value": lambda: allowance.scope(tenant=1.5),  # type: ignore[arg-type]
+    "scope bool value": lambda: allowance.scope(tenant=True),
+    "open_ledger scheme": lambda: allowance.open_ledger("mysql://x"),
+    "open_ledger sqlite without path": lambda: allowance.open_ledger("sqlite:///"),
+    "price negative": lambda: allowance.prices.set("m", input=-1, output=1),
+    "price text": lambda: allowance.prices.set("m", input="cheap", output=1),
+}
+
+
+@pytest.mark.parametrize("build", CASES.values(), ids=CASES.keys())
+def test_bad_configuration_raises_a_typed_error(build: Callable[[], object]) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        build()
+    err = info.value
+    assert isinstance(err, allowance.AllowanceError)
+    assert isinstance(err, ValueError)
+    assert "expected" in str(err)
+
+
+def test_long_values_are_shortened_in_messages() -> None:
+    with pytest.raises(ConfigurationError) as info:
+        allowance.scope(tenant="x" * 10_240)
+    assert len(str(info.value)) < 400
+    assert "10240" in str(info.value)
+
+
+def test_wrap_refuses_what_is_not_an_sdk_client() -> None:
+    with pytest.raises(allowance.UsageError) as info:
+        allowance.wrap(object(), budget="$1", ledger="memory://")
+    assert "object" in str(info.value)
+
+
+def test_patch_names_an_unknown_adapter() -> None:
+    with pytest.raises(allowance.AdapterUnavailableError) as info:
+        allowance.patch(budget="$1", ledger="memory://", adapters=["nope"])
+    assert "'nope'" in str(info.value)
+    assert allowance.active_guard() is None
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["acme:eu", "Zürich ☃", "a b", "50%", "x/y", "{tag}", "line\nbreak", "a=b"],
+)
+def test_scope_values_with_separators_stay_distinct_keys(value: str) -> None:
+    guard = Guard(budget=100, per="tenant", ledger="memory://")
+    key = guard.status({"tenant": value})[0].key
+    assert key.count(":") == 1  # the value cannot add a separator
+    other = guard.status({"tenant": value + "!"})[0].key
+    assert key != other

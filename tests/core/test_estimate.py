@@ -1,0 +1,671 @@
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+import tiktoken
+import tiktoken.load
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from allowance import _estimate
+from allowance._errors import ConfigurationError
+from allowance._estimate import (
+    ANTHROPIC_IMAGE_TOKENS,
+    ANTHROPIC_TOOLS_TOKENS,
+    DOCUMENT_TOKENS,
+    MESSAGE_TOKENS,
+    OPENAI_IMAGE_LOW_TOKENS,
+    OPENAI_IMAGE_TOKENS,
+    OPENAI_TOOLS_TOKENS,
+    REQUEST_TOKENS,
+    SCHEMA_TOKENS,
+    TOOL_TOKENS,
+    chat_input_bound,
+    default_output_cap,
+    estimate,
+    exact_input_tokens,
+    messages_input_bound,
+    output_cap,
+    responses_input_bound,
+)
+from allowance.typing import Estimate
+
+O200K_URL = "https://openaipublic.blob.core.windows.net/encodings/o200k_base.tiktoken"
+
+# -- a real byte-level BPE, built here (no encoding file can be downloaded) ----
+
+# The GPT-2 split pattern; the merges below make multi-byte tokens for English,
+# code, Cyrillic, CJK and emoji, so texts really do merge.
+PAT_STR = (
+    r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+)
+WORDS = [
+    " the", " and", " of", " to", "ing", "tion", " in", " is", " that", "er", "th",
+    "def", " return", "    ", "        ", "()", "):", " =", "==", "self", "import",
+    " при", "вет", "日本", "日本語", "の", "テキスト", "絵文字", "🙂", "🙂🙂", " 😀",
+    "中文", "字", "é", "ü", "ß", "\n\n", "\n",
+]  # fmt: skip
+
+
+def _fake_ranks() -> dict[bytes, int]:
+    ranks = {bytes([b]): b for b in range(256)}
+    for word in WORDS:
+        data = word.encode()
+        for end in range(2, len(data) + 1):  # every prefix, so each merge is reachable
+            ranks.setdefault(data[:end], len(ranks))
+    return ranks
+
+
+FAKE_RANKS = _fake_ranks()
+FAKE = tiktoken.Encoding(
+    "allowance_test_bpe",
+    pat_str=PAT_STR,
+    mergeable_ranks=FAKE_RANKS,
+    special_tokens={"<|endoftext|>": len(FAKE_RANKS)},
+)
+
+
+def _fake_file() -> bytes:
+    lines = [
+        base64.b64encode(token) + b" " + str(rank).encode()
+        for token, rank in sorted(FAKE_RANKS.items(), key=lambda item: item[1])
+    ]
+    return b"\n".join(lines) + b"\n"
+
+
+@pytest.fixture(autouse=True)
+def empty_tiktoken_cache(tmp_path, monkeypatch):
+    """Every test starts with an empty tiktoken cache and no loaded encoding."""
+    cache = tmp_path / "tiktoken-cache"
+    cache.mkdir()
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(cache))
+    monkeypatch.delenv("DATA_GYM_CACHE_DIR", raising=False)
+    monkeypatch.setattr(_estimate, "_loaded", {})
+    return cache
+
+
+@pytest.fixture
+def no_download(monkeypatch):
+    """Record any attempt of tiktoken to read a blob or build a registry encoding."""
+    attempts: list[str] = []
+
+    def read_file(blobpath):
+        attempts.append(blobpath)
+        msg = f"tiktoken tried to read {blobpath}"
+        raise AssertionError(msg)
+
+    def get_encoding(name):
+        attempts.append(name)
+        msg = f"tiktoken.get_encoding({name!r}) was called"
+        raise AssertionError(msg)
+
+    monkeypatch.setattr(tiktoken.load, "read_file", read_file)
+    monkeypatch.setattr(tiktoken, "get_encoding", get_encoding)
+    return attempts
+
+
+@pytest.fixture
+def fake_encoding(empty_tiktoken_cache, monkeypatch):
+    """Serve FAKE for models named ``test-model*``, from a file in tiktoken's cache."""
+    url = "https://example.invalid/encodings/allowance_test_bpe.tiktoken"
+    data = _fake_file()
+    cache_file = empty_tiktoken_cache / hashlib.sha1(url.encode()).hexdigest()  # noqa: S324
+    cache_file.write_bytes(data)
+    builds: list[str] = []
+
+    def build(path: str) -> tiktoken.Encoding:
+        builds.append(path)
+        ranks = {}
+        for line in Path(path).read_bytes().splitlines():
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+        return tiktoken.Encoding(
+            "allowance_test_bpe",
+            pat_str=PAT_STR,
+            mergeable_ranks=ranks,
+            special_tokens={"<|endoftext|>": len(ranks)},
+        )
+
+    files = dict(_estimate._ENCODING_FILES)
+    files["allowance_test_bpe"] = _estimate._EncodingFile(
+        url, hashlib.sha256(data).hexdigest(), build
+    )
+    monkeypatch.setattr(_estimate, "_ENCODING_FILES", files)
+    monkeypatch.setattr(
+        _estimate,
+        "_ENCODING_BY_PREFIX",
+        [("test-model", "allowance_test_bpe"), *_estimate._ENCODING_BY_PREFIX],
+    )
+    return builds
+
+
+def test_the_fake_tokenizer_really_merges():
+    for text in ("the quick test of the things", "日本語のテキスト", "🙂🙂 def f():"):
+        assert len(FAKE.encode_ordinary(text)) < len(text.encode())
+        assert FAKE.decode(FAKE.encode_ordinary(text)) == text
+
+
+# -- the bound is never below a byte-level BPE count ---------------------------
+
+# The fixtures hold the same cache and encoding for every example: safe to share.
+FIXTURE_SETTINGS = {
+    "deadline": None,
+    "suppress_health_check": [HealthCheck.function_scoped_fixture],
+}
+TEXTS = st.one_of(
+    st.text(),
+    st.text(alphabet=st.characters(codec="utf-8")),
+    st.text(
+        alphabet=st.sampled_from(["日", "本", "語", "の", "🙂", "😀", "é", " ", "\n"])
+    ),
+    st.lists(st.sampled_from(WORDS)).map("".join),
+    st.sampled_from(
+        [
+            "def f(self):\n    return self.x == 1\n",
+            "Привет, мир! Как дела?",
+            "日本語のテキスト、絵文字🙂も含む。",
+            "👨‍👩‍👧‍👦 family emoji and ZWJ",
+            "\t\t  \n\n\n   ",
+        ]
+    ),
+)
+
+
+@settings(**FIXTURE_SETTINGS, max_examples=300)
+@given(text=TEXTS)
+def test_utf8_bound_is_at_least_the_bpe_count(text):
+    assert _estimate._utf8_len(text) >= len(FAKE.encode_ordinary(text))
+    assert _estimate._utf8_len(text) == len(text.encode("utf-8", "surrogatepass"))
+
+
+@settings(**FIXTURE_SETTINGS, max_examples=200)
+@given(texts=st.lists(TEXTS, min_size=1, max_size=5))
+def test_chat_bound_is_at_least_the_exact_count(fake_encoding, texts):
+    body = {
+        "model": "test-model",
+        "messages": [{"role": "user", "content": t} for t in texts],
+        "tools": [
+            {"type": "function", "function": {"name": "f", "description": texts[0]}}
+        ],
+    }
+    exact = exact_input_tokens("openai", "test-model", body)
+    assert exact is not None
+    assert chat_input_bound(body) >= exact
+
+
+@settings(**FIXTURE_SETTINGS, max_examples=100)
+@given(texts=st.lists(TEXTS, min_size=1, max_size=5))
+def test_responses_bound_is_at_least_the_exact_count(fake_encoding, texts):
+    body = {
+        "model": "test-model",
+        "instructions": texts[0],
+        "input": [
+            {"role": "user", "content": [{"type": "input_text", "text": t}]}
+            for t in texts
+        ],
+        "text": {
+            "format": {"type": "json_schema", "schema": {"description": texts[-1]}}
+        },
+    }
+    exact = exact_input_tokens("openai", "test-model", body)
+    assert exact is not None
+    assert responses_input_bound(body) >= exact
+
+
+# -- exact counting: offline only ----------------------------------------------
+
+
+def test_exact_count_is_text_tokens_plus_the_same_framing(fake_encoding):
+    text = "the quick test of the things, 日本語🙂"
+    body = {"model": "test-model", "messages": [{"role": "user", "content": text}]}
+    expected = REQUEST_TOKENS + MESSAGE_TOKENS + len(FAKE.encode_ordinary(text))
+    assert exact_input_tokens("openai", "test-model", body) == expected
+    assert chat_input_bound(body) == REQUEST_TOKENS + MESSAGE_TOKENS + len(
+        text.encode()
+    )
+    responses = {"model": "test-model", "input": text}
+    assert exact_input_tokens("azure", "test-model", responses) == expected
+
+
+def test_exact_count_loads_the_encoding_once(fake_encoding):
+    body = {"messages": [{"role": "user", "content": "hello"}]}
+    for _ in range(5):
+        assert exact_input_tokens("openai", "test-model-2", body) is not None
+    assert len(fake_encoding) == 1
+
+
+def test_empty_cache_gives_none_without_any_download(no_download):
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hello"}]}
+    for model in ("gpt-4o", "gpt-4.1-mini", "o3", "gpt-5", "gpt-4", "gpt-3.5-turbo"):
+        assert exact_input_tokens("openai", model, body) is None
+    assert no_download == []
+
+
+def test_disabled_cache_gives_none_without_any_download(no_download, monkeypatch):
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")
+    body = {"messages": [{"role": "user", "content": "hello"}]}
+    assert exact_input_tokens("openai", "gpt-4o", body) is None
+    assert no_download == []
+
+
+def test_corrupt_cached_file_is_left_alone(no_download, empty_tiktoken_cache):
+    # tiktoken would delete a file with the wrong hash and download it again
+    cached = empty_tiktoken_cache / hashlib.sha1(O200K_URL.encode()).hexdigest()  # noqa: S324
+    cached.write_bytes(b"not an encoding\n")
+    body = {"messages": [{"role": "user", "content": "hello"}]}
+    assert exact_input_tokens("openai", "gpt-4o", body) is None
+    assert cached.exists()
+    assert no_download == []
+
+
+def test_cache_dir_follows_tiktoken_rules(monkeypatch, tmp_path):
+    name = hashlib.sha1(O200K_URL.encode()).hexdigest()  # noqa: S324
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "a"))
+    monkeypatch.setenv("DATA_GYM_CACHE_DIR", str(tmp_path / "b"))
+    assert _estimate._tiktoken_cache_path(O200K_URL) == str(tmp_path / "a" / name)
+    monkeypatch.delenv("TIKTOKEN_CACHE_DIR")
+    assert _estimate._tiktoken_cache_path(O200K_URL) == str(tmp_path / "b" / name)
+    monkeypatch.delenv("DATA_GYM_CACHE_DIR")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    assert _estimate._tiktoken_cache_path(O200K_URL) == os.path.join(  # noqa: PTH118
+        str(tmp_path / "tmp"), "data-gym-cache", name
+    )
+
+
+def test_registered_urls_and_hashes_match_tiktoken():
+    source = Path(tiktoken.__file__).parent.parent / "tiktoken_ext" / "openai_public.py"
+    text = source.read_text()
+    for encoding in _estimate._ENCODING_FILES.values():
+        assert encoding.url in text
+        assert encoding.sha256 in text
+
+
+@pytest.mark.parametrize(
+    ("model", "encoding"),
+    [
+        ("gpt-4o", "o200k_base"),
+        ("gpt-4o-mini-2024-07-18", "o200k_base"),
+        ("gpt-4.1-nano", "o200k_base"),
+        ("gpt-5.1", "o200k_base"),
+        ("o1", "o200k_base"),
+        ("o4-mini", "o200k_base"),
+        ("ft:gpt-4o:org::abc", "o200k_base"),
+        ("gpt-4", "cl100k_base"),
+        ("gpt-4-turbo", "cl100k_base"),
+        ("gpt-3.5-turbo", "cl100k_base"),
+        ("gpt-oss-120b", None),
+        ("claude-sonnet-4-5", None),
+        ("llama-3-70b", None),
+    ],
+)
+def test_model_families_map_to_encodings(model, encoding):
+    assert _estimate._encoding_for(model) == encoding
+
+
+def test_exact_count_is_none_where_no_local_tokenizer(fake_encoding):
+    body = {"model": "test-model", "messages": [{"role": "user", "content": "hi"}]}
+    assert exact_input_tokens("anthropic", "test-model", body) is None
+    assert exact_input_tokens("google", "test-model", body) is None
+    assert exact_input_tokens("openai", "llama-3-70b", body) is None
+    assert exact_input_tokens("openai", "test-model", {"prompt": "legacy"}) is None
+
+
+def test_exact_count_never_raises(fake_encoding, monkeypatch):
+    body = {"messages": [{"role": "user", "content": "hi"}]}
+    assert (
+        exact_input_tokens("openai", "test-model", {"messages": object()}) is not None
+    )
+    assert exact_input_tokens("openai", "test-model", "not a body") is None  # type: ignore[arg-type]
+
+    def broken(path):
+        msg = "cannot build"
+        raise RuntimeError(msg)
+
+    files = dict(_estimate._ENCODING_FILES)
+    files["allowance_test_bpe"] = files["allowance_test_bpe"].__class__(
+        files["allowance_test_bpe"].url, files["allowance_test_bpe"].sha256, broken
+    )
+    monkeypatch.setattr(_estimate, "_ENCODING_FILES", files)
+    monkeypatch.setattr(_estimate, "_loaded", {})
+    assert exact_input_tokens("openai", "test-model", body) is None
+
+
+# -- what the bound counts -----------------------------------------------------
+
+
+def _chat(*messages, **extra):
+    return {"model": "gpt-4o", "messages": list(messages), **extra}
+
+
+def test_chat_bound_counts_text_bytes_and_framing():
+    body = _chat(
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "héllo"}], "name": "bob"},
+    )
+    expected = REQUEST_TOKENS + 2 * MESSAGE_TOKENS + len("Be brief.") + 6 + len("bob")
+    assert chat_input_bound(body) == expected
+
+
+def test_chat_bound_counts_tool_calls_tools_and_schemas():
+    call = {
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+    }
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {"type": "object", "minimum": 0},
+        },
+    }
+    schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"a": 1}}}
+    body = _chat(
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+        tools=[tool],
+        response_format=schema,
+    )
+    expected = (
+        REQUEST_TOKENS
+        + 2 * MESSAGE_TOKENS
+        + len("call_1" + "get_weather" + '{"city": "Paris"}')
+        + len("call_1" + "sunny")
+        + OPENAI_TOOLS_TOKENS
+        + TOOL_TOKENS
+        + len(json.dumps(tool))
+        + SCHEMA_TOKENS
+        + len(json.dumps(schema))
+    )
+    assert chat_input_bound(body) == expected
+    assert chat_input_bound(_chat(functions=[tool["function"]])) > OPENAI_TOOLS_TOKENS
+
+
+def test_media_count_figures_not_base64_bytes():
+    image = {
+        "type": "image_url",
+        "image_url": {"url": "data:image/png;base64," + "A" * 10**6},
+    }
+    low = {
+        "type": "image_url",
+        "image_url": {"url": "https://x/y.png", "detail": "low"},
+    }
+    pdf = {"type": "file", "file": {"file_data": "B" * 10**6, "filename": "a.pdf"}}
+    base = REQUEST_TOKENS + MESSAGE_TOKENS
+    assert chat_input_bound(_chat({"role": "user", "content": [image]})) == (
+        base + OPENAI_IMAGE_TOKENS
+    )
+    assert chat_input_bound(_chat({"role": "user", "content": [low]})) == (
+        base + OPENAI_IMAGE_LOW_TOKENS
+    )
+    assert chat_input_bound(_chat({"role": "user", "content": [pdf]})) == (
+        base + DOCUMENT_TOKENS
+    )
+    mini = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": [image]}]}
+    assert chat_input_bound(mini) == base + 48_169
+    nano = {"model": "gpt-4.1-nano", "messages": [{"role": "user", "content": [low]}]}
+    assert chat_input_bound(nano) == base + 3_800
+
+
+def test_audio_is_bounded_by_its_decoded_size():
+    audio = {
+        "type": "input_audio",
+        "input_audio": {"data": "A" * 40_000, "format": "mp3"},
+    }
+    bound = chat_input_bound(_chat({"role": "user", "content": [audio]}))
+    # 30 kB of audio at >= 8 kbit/s is <= 30 s, at <= 10 tokens/s
+    assert bound == REQUEST_TOKENS + MESSAGE_TOKENS + 301
+
+
+def test_parameters_are_not_prompt_but_unknown_strings_are():
+    plain = chat_input_bound(_chat({"role": "user", "content": "hi"}))
+    with_params = _chat(
+        {"role": "user", "content": "hi"},
+        user="someone-long-identifier",
+        metadata={"k": "a long metadata value"},
+        stop=["STOP"],
+        temperature=0.2,
+        max_tokens=100,
+    )
+    assert chat_input_bound(with_params) == plain
+    unknown = _chat({"role": "user", "content": "hi"}, future_prompt_field="abcdef")
+    assert chat_input_bound(unknown) == plain + 6
+
+
+def test_responses_bound():
+    body = {
+        "model": "gpt-4.1",
+        "instructions": "Be brief.",
+        "input": [
+            {"role": "user", "content": [{"type": "input_text", "text": "hello"}]},
+            {"type": "input_image", "image_url": "https://x/y.png", "detail": "high"},
+            {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": "c1", "output": "done"},
+        ],
+        "tools": [{"type": "function", "name": "f", "parameters": {}}],
+        "text": {"format": {"type": "json_schema", "schema": {}}},
+        "max_output_tokens": 100,
+        "reasoning": {"effort": "high"},
+    }
+    expected = (
+        REQUEST_TOKENS
+        + MESSAGE_TOKENS
+        + len("Be brief.")
+        + 4 * MESSAGE_TOKENS
+        + len("hello")
+        + OPENAI_IMAGE_TOKENS
+        + len("c1" + "f" + "{}")
+        + len("c1" + "done")
+        + OPENAI_TOOLS_TOKENS
+        + TOOL_TOKENS
+        + len(json.dumps(body["tools"][0]))
+        + SCHEMA_TOKENS
+        + len(json.dumps(body["text"]["format"]))
+    )
+    assert responses_input_bound(body) == expected
+    assert (
+        responses_input_bound({"input": "héllo"}) == REQUEST_TOKENS + MESSAGE_TOKENS + 6
+    )
+
+
+def test_messages_bound():
+    tool = {"name": "f", "input_schema": {"type": "object", "properties": {}}}
+    body = {
+        "model": "claude-sonnet-4-5",
+        "max_tokens": 1024,
+        "system": [
+            {
+                "type": "text",
+                "text": "Be brief.",
+                "cache_control": {"type": "ephemeral"},
+            }
+        ],
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "look"},
+                    {
+                        "type": "image",
+                        "source": {"type": "base64", "data": "A" * 10**6},
+                    },
+                    {
+                        "type": "document",
+                        "source": {"type": "base64", "data": "B" * 10**6},
+                    },
+                    {
+                        "type": "document",
+                        "source": {
+                            "type": "text",
+                            "media_type": "text/plain",
+                            "data": "abc",
+                        },
+                        "title": "t",
+                    },
+                ],
+            },
+            {
+                "role": "assistant",
+                "content": [
+                    {"type": "thinking", "thinking": "hmm", "signature": "S" * 500},
+                    {
+                        "type": "tool_use",
+                        "id": "t1",
+                        "name": "f",
+                        "input": {"n": 12345},
+                    },
+                ],
+            },
+            {
+                "role": "user",
+                "content": [
+                    {"type": "tool_result", "tool_use_id": "t1", "content": "ok"}
+                ],
+            },
+        ],
+        "tools": [tool],
+        "thinking": {"type": "enabled", "budget_tokens": 512},
+    }
+    expected = (
+        REQUEST_TOKENS
+        + MESSAGE_TOKENS
+        + len("Be brief.")
+        + 3 * MESSAGE_TOKENS
+        + len("look")
+        + ANTHROPIC_IMAGE_TOKENS
+        + DOCUMENT_TOKENS
+        + len("abc" + "t")
+        + len("hmm")
+        + len("t1" + "f")
+        + len(json.dumps({"n": 12345}))
+        + len("t1" + "ok")
+        + ANTHROPIC_TOOLS_TOKENS
+        + TOOL_TOKENS
+        + len(json.dumps(tool))
+    )
+    assert messages_input_bound(body) == expected
+    assert messages_input_bound({"system": "hi", "messages": []}) == (
+        REQUEST_TOKENS + MESSAGE_TOKENS + 2
+    )
+
+
+def test_a_400_kb_prompt_is_bounded_by_its_bytes():
+    text = "x" * 400_000
+    assert chat_input_bound(_chat({"role": "user", "content": text})) == (
+        REQUEST_TOKENS + MESSAGE_TOKENS + 400_000
+    )
+    cjk = "語" * 133_000
+    assert messages_input_bound({"messages": [{"role": "user", "content": cjk}]}) == (
+        REQUEST_TOKENS + MESSAGE_TOKENS + 399_000
+    )
+
+
+def test_lone_surrogates_do_not_break_the_bound():
+    body = _chat({"role": "user", "content": "a\ud800b"})
+    assert chat_input_bound(body) == REQUEST_TOKENS + MESSAGE_TOKENS + 5
+
+
+# -- output caps ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "cap"),
+    [
+        ({"max_tokens": 100}, 100),
+        ({"max_completion_tokens": 200}, 200),
+        ({"max_completion_tokens": 200, "max_tokens": 300}, 300),
+        ({"max_tokens": 100, "n": 3}, 300),
+        ({"max_output_tokens": 50}, 50),
+        ({"max_tokens": 0}, 0),
+        ({"max_tokens": None}, 16_384),
+        ({}, 16_384),
+        ({"n": 2}, 32_768),
+    ],
+)
+def test_output_cap_from_the_request(body, cap):
+    assert output_cap("openai", "gpt-4o", body) == cap
+
+
+@pytest.mark.parametrize(
+    ("model", "cap"),
+    [
+        ("gpt-4o", 16_384),
+        ("gpt-4o-2024-08-06", 16_384),
+        ("gpt-4o-mini", 16_384),
+        ("chatgpt-4o-latest", 16_384),
+        ("gpt-4.1", 32_768),
+        ("gpt-4.1-mini", 32_768),
+        ("gpt-4-turbo", 4_096),
+        ("gpt-4-32k", 32_768),
+        ("gpt-4", 8_192),
+        ("gpt-3.5-turbo", 4_096),
+        ("o1", 100_000),
+        ("o1-mini", 65_536),
+        ("o3-mini", 100_000),
+        ("o4-mini", 100_000),
+        ("gpt-5", 128_000),
+        ("gpt-5.1-codex", 128_000),
+        ("openai/gpt-4.1", 32_768),
+        ("ft:gpt-4o:org::abc", 16_384),
+        ("claude-sonnet-4-5", 8_192),
+        ("some-new-model", 16_384),
+    ],
+)
+def test_default_output_caps(model, cap):
+    assert default_output_cap(model) == cap
+    assert output_cap("openai", model, {}) == cap
+
+
+@pytest.mark.parametrize(
+    ("body", "what"),
+    [
+        ({"max_tokens": -1}, "max_tokens"),
+        ({"max_tokens": "100"}, "max_tokens"),
+        ({"max_tokens": 1.5}, "max_tokens"),
+        ({"max_tokens": True}, "max_tokens"),
+        ({"max_completion_tokens": -5}, "max_completion_tokens"),
+        ({"max_output_tokens": 10.0}, "max_output_tokens"),
+        ({"max_tokens": 10, "n": 0}, "n"),
+        ({"max_tokens": 10, "n": "2"}, "n"),
+        ({"max_tokens": 10, "n": False}, "n"),
+    ],
+)
+def test_bad_caps_raise_configuration_error(body, what):
+    with pytest.raises(ConfigurationError) as info:
+        output_cap("openai", "gpt-4o", body)
+    assert info.value.what == what
+    assert what in str(info.value)
+
+
+# -- estimate ------------------------------------------------------------------
+
+
+def test_estimate_combines_bound_and_cap():
+    body = {
+        "model": "gpt-4o",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 7,
+    }
+    assert estimate("openai", "chat", "gpt-4o", body) == Estimate(
+        "openai", "gpt-4o", chat_input_bound(body), 7, exact_input=False
+    )
+    responses = {"input": "hi"}
+    assert estimate("openai", "responses", "o3", responses) == Estimate(
+        "openai", "o3", responses_input_bound(responses), 100_000
+    )
+    anthropic = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 9}
+    result = estimate("anthropic", "messages", "claude-sonnet-4-5", anthropic)
+    assert result.input_tokens == messages_input_bound(anthropic)
+    assert result.output_tokens == 9
+
+
+def test_estimate_rejects_unknown_api():
+    with pytest.raises(ConfigurationError) as info:
+        estimate("openai", "completions", "gpt-4o", {})
+    assert info.value.what == "api"
