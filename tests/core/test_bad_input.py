@@ -48,7 +48,7 @@ CASES: dict[str, Callable[[], object]] = {
     "threshold 0": lambda: Threshold(0),
     "threshold above 1": lambda: Threshold(1.5),
     "threshold nan": lambda: Threshold(float("nan")),
-    "threshold bool": lambda: Threshold(True),  # noqa: FBT003
+    "threshold bool": lambda: Threshold(True),
     "threshold string": lambda: Threshold("80%"),  # type: ignore[arg-type]
     "threshold action": lambda: Threshold(0.5, "explode"),  # type: ignore[arg-type]
     "webhook without url": lambda: Threshold(0.5, "webhook"),

@@ -52,7 +52,9 @@ def ts(text: str) -> float:
         ("month", "2027-01-01T00:00:00", "month=2027-01"),
     ],
 )
-def test_windows_are_calendar_aligned_in_utc(window: str, moment: str, label: str) -> None:
+def test_windows_are_calendar_aligned_in_utc(
+    window: str, moment: str, label: str
+) -> None:
     budget = Budget("$1", per="tenant", window=window)  # type: ignore[arg-type]
     assert budget.key({"tenant": "acme"}, ts(moment)) == f"usd:tenant=acme:{label}"
 
@@ -101,5 +103,5 @@ def test_thresholds_are_sorted_and_the_repr_reads_back() -> None:
         thresholds=[Threshold(0.9, "block"), Threshold(0.5)],
     )
     assert [t.at for t in budget.thresholds] == [0.5, 0.9]
-    assert repr(budget).startswith('Budget("$2.00", per=\'run\', window=\'day\'')
+    assert repr(budget).startswith("Budget(\"$2.00\", per='run', window='day'")
     assert budget.label == "$2.00 per run per day"

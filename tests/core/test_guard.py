@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from decimal import Decimal
 import json
 import threading
+from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
 
@@ -84,7 +84,9 @@ def test_a_budget_applies_only_when_the_scope_names_its_dimension() -> None:
 
 
 def test_degrade_swaps_the_model_past_the_threshold() -> None:
-    guard = Guard(budget=1000, fallback="gpt-4o-mini", threshold=0.5, ledger="memory://")
+    guard = Guard(
+        budget=1000, fallback="gpt-4o-mini", threshold=0.5, ledger="memory://"
+    )
     first = guard.begin(est(), reestimate=reest)
     assert first.model == "gpt-4o"
     first.commit(Usage(400, 100))  # 50% used
@@ -113,7 +115,9 @@ def test_the_fallback_is_tried_before_blocking() -> None:
 
 
 def test_a_fallback_of_another_provider_is_not_used() -> None:
-    guard = Guard(budget=1000, fallback="gpt-4o-mini", threshold=0.1, ledger="memory://")
+    guard = Guard(
+        budget=1000, fallback="gpt-4o-mini", threshold=0.1, ledger="memory://"
+    )
     guard.begin(est()).commit(Usage(500, 0))
     claude = Estimate("anthropic", "claude-sonnet-4-5", 100, 50)
     assert guard.begin(claude, reestimate=reest).model == "claude-sonnet-4-5"
@@ -133,9 +137,14 @@ def test_a_block_threshold_lowers_the_limit() -> None:
 
 def test_warn_fires_once_per_crossing_even_across_guards() -> None:
     fired: list[allowance.Event] = []
-    budget = Budget(1000, per="tenant", thresholds=[Threshold(0.5, callback=fired.append)])
+    budget = Budget(
+        1000, per="tenant", thresholds=[Threshold(0.5, callback=fired.append)]
+    )
     ledger = MemoryLedger()
-    one, two = Guard(Policy([budget]), ledger=ledger), Guard(Policy([budget]), ledger=ledger)
+    one, two = (
+        Guard(Policy([budget]), ledger=ledger),
+        Guard(Policy([budget]), ledger=ledger),
+    )
     with allowance.scope(tenant="acme"):
         one.begin(est(inp=500, out=0)).commit(Usage(500, 0))
         for guard in (one, two, one, two):
@@ -182,7 +191,15 @@ def test_webhook_thresholds_post_off_the_call_path() -> None:
     try:
         url = f"http://127.0.0.1:{server.server_port}/hook"
         guard = Guard(
-            Policy([Budget(100, per="tenant", thresholds=[Threshold(0.5, "webhook", to=url)])]),
+            Policy(
+                [
+                    Budget(
+                        100,
+                        per="tenant",
+                        thresholds=[Threshold(0.5, "webhook", to=url)],
+                    )
+                ]
+            ),
             ledger="memory://",
         )
         with allowance.scope(tenant="acme"):

@@ -438,7 +438,7 @@ def test_importing_pricing_does_not_import_genai_prices():
         assert "genai_prices" in sys.modules
         """
     )
-    result = subprocess.run(  # noqa: S603 - our own interpreter and script
+    result = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stderr

@@ -13,7 +13,11 @@ from allowance import current_scope, scope
 def test_scopes_nest_and_inner_values_win() -> None:
     with scope(tenant="acme", user="u1"):
         with scope(user="u2", run=17):
-            assert dict(current_scope()) == {"tenant": "acme", "user": "u2", "run": "17"}
+            assert dict(current_scope()) == {
+                "tenant": "acme",
+                "user": "u2",
+                "run": "17",
+            }
         assert dict(current_scope()) == {"tenant": "acme", "user": "u1"}
     assert dict(current_scope()) == {}
 

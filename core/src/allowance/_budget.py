@@ -58,6 +58,7 @@ _TOKENS = re.compile(r"^(\d+(?:\.\d*)?|\.\d+)\s*([kKmM]?)\s*(?:tokens?)?$")
 _DIMENSION = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")
 _ESCAPE = re.compile(r"[%:=/{}\s\x00-\x1f\x7f]")
 MICROS_PER_USD = 1_000_000
+_DECEMBER = 12
 
 
 def is_name(value: object) -> bool:
@@ -342,7 +343,7 @@ class Budget:
             start = local.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
             nxt = (
                 start.replace(year=start.year + 1, month=1)
-                if start.month == 12
+                if start.month == _DECEMBER
                 else (start.replace(month=start.month + 1))
             )
             end = nxt

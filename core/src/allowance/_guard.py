@@ -15,10 +15,10 @@ import time
 import warnings
 from collections import deque
 from collections.abc import Generator, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from decimal import Decimal
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast, final
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TypeVar, cast, final
 
 from allowance import plugins
 from allowance._budget import MICROS_PER_USD, Budget, format_amount, parse_limit
@@ -49,7 +49,9 @@ __all__ = ["BudgetStatus", "Guard", "Ticket"]
 logger = logging.getLogger("allowance")
 
 T = TypeVar("T")
+_NO_KWARGS: Mapping[str, Any] = MappingProxyType({})
 _BUFFER_LIMIT = 10_000
+_LINES_CACHE_SIZE = 4096
 _LEDGER_SCHEMES = (
     "memory://",
     "sqlite://",
@@ -108,11 +110,12 @@ class _Line:
     gate: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class _Op:
+class _Op(NamedTuple):
+    """One ledger operation a plan asks its driver to run."""
+
     name: Literal["reserve", "commit", "release", "claim", "record"]
     args: tuple[Any, ...] = ()
-    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    kwargs: Mapping[str, Any] = _NO_KWARGS
 
 
 _FAILED = object()
@@ -249,7 +252,7 @@ class Ticket:
         return CallRecord(
             call_id=self.call_id,
             ts=self.started,
-            scope=dict(self.scope),
+            scope=self.scope,
             provider=self.estimate.provider,
             model=model or self.model,
             requested_model=self.requested_model,
@@ -438,6 +441,10 @@ class Guard:
         )
         self._clock = clock
         self._fired: set[str] = set()
+        self._lines_cache: dict[
+            tuple[tuple[tuple[str, str], ...], tuple[Budget, ...]],
+            tuple[list[_Line], list[Budget], float],
+        ] = {}
         self._pending: deque[tuple[str, Mapping[str, int], CallRecord]] = deque()
         self.estimate_misses = 0
         self.ledger_failures = 0
@@ -478,16 +485,25 @@ class Guard:
         ambient = current_scope()
         if not self.default_scope and not self.bound_scope:
             return ambient
-        return {**self.default_scope, **ambient, **self.bound_scope}
+        return MappingProxyType({**self.default_scope, **ambient, **self.bound_scope})
 
     def _lines(
         self, scope: Mapping[str, str], now: float
     ) -> tuple[list[_Line], list[Budget]]:
+        extra = current_budgets()
+        cache_key = (tuple(scope.items()), extra)
+        cached = self._lines_cache.get(cache_key)
+        if cached is not None and now < cached[2]:
+            return cached[0], cached[1]
         applicable = [b for b in self.policy.budgets if b.per in scope]
-        applicable.extend(b for b in current_budgets() if b.per in scope)
+        applicable.extend(b for b in extra if b.per in scope)
         lines: dict[str, _Line] = {}
+        valid_until = math.inf
         for b in applicable:
             key = b.key(scope, now)
+            end = b.window_end(now)
+            if end is not None:
+                valid_until = min(valid_until, end)
             limit = b.limit
             gate: int | None = None
             for t in b.thresholds:
@@ -503,7 +519,11 @@ class Guard:
                 line.limit = min(line.limit, limit)
                 if gate is not None:
                     line.gate = gate if line.gate is None else min(line.gate, gate)
-        return list(lines.values()), applicable
+        result = list(lines.values())
+        if len(self._lines_cache) >= _LINES_CACHE_SIZE:
+            self._lines_cache.clear()
+        self._lines_cache[cache_key] = (result, applicable, valid_until)
+        return result, applicable
 
     # -- the call lifecycle -----------------------------------------------------------
 
@@ -910,13 +930,14 @@ class Guard:
 
     def _run(self, op: _Op) -> object:
         try:
-            return getattr(self.ledger, op.name)(*op.args, **op.kwargs)
+            return getattr(self._ledger or self.ledger, op.name)(*op.args, **op.kwargs)
         except LedgerError as err:
             return self._on_ledger_error(op, err)
 
     async def _arun(self, op: _Op) -> object:
         try:
-            return await getattr(self.ledger, "a" + op.name)(*op.args, **op.kwargs)
+            method = getattr(self._ledger or self.ledger, "a" + op.name)
+            return await method(*op.args, **op.kwargs)
         except LedgerError as err:
             return self._on_ledger_error(op, err)
 

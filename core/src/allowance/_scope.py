@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextvars
 import functools
 import inspect
+import itertools
 import os
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast
@@ -49,13 +50,22 @@ _budgets: contextvars.ContextVar[tuple[Budget, ...]] = contextvars.ContextVar(
 _adapters: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar(
     "allowance_adapters", default=()
 )
-_prefix = os.urandom(4).hex()
-_counter = iter(range(1, 2**63))
+_counter = itertools.count(1)
+_prefix = ""
+
+
+def _new_prefix() -> None:
+    global _prefix  # noqa: PLW0603 - renewed in a forked child, so ids stay distinct
+    _prefix = f"{os.urandom(4).hex()}{os.getpid():x}-"
+
+
+_new_prefix()
+os.register_at_fork(after_in_child=_new_prefix)
 
 
 def new_id() -> str:
     """Return a process-unique, cross-process-distinct id (cheap; not a secret)."""
-    return f"{_prefix}{os.getpid():x}-{next(_counter):x}"
+    return f"{_prefix}{next(_counter):x}"
 
 
 def current_scope() -> Mapping[str, str]:

@@ -275,7 +275,9 @@ def patch(
         on_limit=on_limit,
         fail=fail,
         ledger=ledger,
-        defaults={"session": session} if guard is None and session is not None else None,
+        defaults={"session": session}
+        if guard is None and session is not None
+        else None,
     )
     registry = plugins.adapters()
     if adapters is None:

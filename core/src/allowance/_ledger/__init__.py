@@ -54,7 +54,8 @@ def open_ledger(url_or_ledger: str | Ledger, **options: Any) -> Ledger:
             implementing ``allowance.typing.Ledger``.
         **options: Backend options, overriding the URL's query: ``clock`` (a
             callable returning Unix time, for tests) for every backend, and
-            ``busy_timeout`` (seconds) for SQLite.
+            ``busy_timeout`` (seconds) for SQLite. A named memory ledger takes
+            them when it is first opened.
 
     Returns:
         The ledger.

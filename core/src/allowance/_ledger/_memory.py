@@ -14,6 +14,7 @@ import heapq
 import threading
 import time
 from collections import deque
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Final
 
 from allowance._errors import UsageError
@@ -40,6 +41,8 @@ RELEASED: Final = "released"
 EXPIRED: Final = "expired"
 
 PURGE_AFTER_SECONDS: Final = 86_400.0
+MAX_CALLS: Final = 100_000
+"""The memory ledger's call log keeps the newest calls only."""
 """Settled reservations are forgotten after a day (a later commit charges again)."""
 
 _ZERO = KeyState()
@@ -92,7 +95,8 @@ class MemoryLedger:
         self._held = 0
         self._settled: deque[tuple[float, str]] = deque()
         self._markers: dict[str, float] = {}
-        self._calls: list[CallRecord] = []
+        # The newest calls only: a memory ledger must not grow without bound.
+        self._calls: deque[CallRecord] = deque(maxlen=MAX_CALLS)
 
     def __repr__(self) -> str:
         """Show the URL."""
@@ -369,5 +373,7 @@ class MemoryLedger:
 
 
 def _copy(record: CallRecord) -> CallRecord:
-    """Detach the record from the caller's mutable scope mapping."""
-    return dataclasses.replace(record, scope=dict(record.scope))
+    """Detach the record from the caller's mutable scope mapping (if it is one)."""
+    if type(record.scope) is MappingProxyType:  # read-only already (the guard's)
+        return record
+    return dataclasses.replace(record, scope=MappingProxyType(dict(record.scope)))

@@ -10,12 +10,7 @@ SQLite's sleeping busy handler.
 Each thread gets its own connection (``threading.local``), and a forked child
 opens fresh ones: a connection never crosses a ``fork``. The async twins run
 the sync method on one dedicated worker thread, so the event loop never waits
-on the file.
-
-Schema (``PRAGMA user_version`` = ``SCHEMA_VERSION``): ``counters`` (spent
-and reserved per key), ``reservations`` with their ``reservation_items`` (the
-items of settled reservations are deleted when they settle), ``markers`` and
-``calls`` (the call log).
+on the file. The schema is described in ``_sqlite_schema``.
 """
 
 from __future__ import annotations
@@ -23,14 +18,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import logging
 import os
 import sqlite3
 import threading
 import time
 import weakref
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
@@ -40,6 +33,7 @@ from allowance._errors import (
     LedgerUnavailableError,
     UsageError,
 )
+from allowance._ledger import _sqlite_schema as sql
 from allowance._ledger._admission import (
     check_amounts,
     check_lease,
@@ -48,149 +42,39 @@ from allowance._ledger._admission import (
     fold_amounts,
     plan_keys,
 )
-from allowance.typing import CallRecord, KeyState, ReserveResult, Usage
+from allowance._ledger._worker import Worker
+from allowance.typing import KeyState, ReserveResult
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable, Mapping, Sequence
+    from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
-    from allowance.typing import ReserveItem
+    from allowance.typing import CallRecord, ReserveItem
 
-__all__ = ["SCHEMA_VERSION", "SQLiteLedger"]
+__all__ = ["SQLiteLedger"]
 
 _T = TypeVar("_T")
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION: Final = 1
-"""Stored in ``PRAGMA user_version``; a newer file is refused, not guessed at."""
-
 PURGE_AFTER_SECONDS: Final = 86_400.0
 """Settled reservations older than this are deleted (a later commit charges)."""
 
 _PURGE_EVERY: Final = 512
-"""Reserves per ledger object between two purge steps."""
+"""Reserves by one ledger object between two purge steps."""
 
 _PURGE_WINDOW: Final = 1024
-"""Reservation rows one purge step looks at: it sweeps the table in id order,
-twice as fast as reserves add rows, so old rows never pile up."""
-
-_PAGE_SIZE: Final = 1024
-"""Page size of a new file: each write touches a few small rows in a few
-b-trees, and 1 KiB pages make every WAL frame, and so every transaction,
-cheaper than the 4 KiB default (a reserve+commit pair ~25% faster here)."""
+"""Reservation rows one purge step looks at. It sweeps the table in id order,
+twice as fast as reserves add rows, so settled rows never pile up."""
 
 _MAX_BUSY_TIMEOUT: Final = 86_400.0
 
-_MAX_VARIABLES: Final = 500
-"""Keys per ``IN (...)`` query, well under SQLite's oldest variable limit."""
+_CHECKPOINT_PAGES: Final = 4096
+"""WAL pages between automatic checkpoints: 4 MiB with 1 KiB pages, SQLite's
+default in bytes; fewer checkpoints made writes ~10% cheaper here."""
 
-_SCHEMA: Final = (
-    """CREATE TABLE IF NOT EXISTS counters (
-        key TEXT PRIMARY KEY,
-        spent INTEGER NOT NULL DEFAULT 0,
-        reserved INTEGER NOT NULL DEFAULT 0
-    ) WITHOUT ROWID""",
-    """CREATE TABLE IF NOT EXISTS reservations (
-        id TEXT PRIMARY KEY,
-        expires_at REAL NOT NULL,
-        status TEXT NOT NULL,
-        settled_at REAL
-    ) WITHOUT ROWID""",
-    """CREATE INDEX IF NOT EXISTS reservations_held
-        ON reservations (expires_at) WHERE status = 'held'""",
-    """CREATE TABLE IF NOT EXISTS reservation_items (
-        id TEXT NOT NULL,
-        key TEXT NOT NULL,
-        amount INTEGER NOT NULL,
-        PRIMARY KEY (id, key)
-    ) WITHOUT ROWID""",
-    """CREATE TABLE IF NOT EXISTS markers (
-        marker TEXT PRIMARY KEY,
-        ts REAL NOT NULL
-    ) WITHOUT ROWID""",
-    """CREATE TABLE IF NOT EXISTS calls (
-        seq INTEGER PRIMARY KEY,
-        call_id TEXT NOT NULL,
-        ts REAL NOT NULL,
-        scope TEXT NOT NULL,
-        provider TEXT NOT NULL,
-        model TEXT NOT NULL,
-        requested_model TEXT NOT NULL,
-        input_tokens INTEGER NOT NULL,
-        output_tokens INTEGER NOT NULL,
-        cache_read_tokens INTEGER NOT NULL,
-        cache_write_tokens INTEGER NOT NULL,
-        reasoning_tokens INTEGER NOT NULL,
-        cost_micros INTEGER,
-        adapters TEXT NOT NULL,
-        outcome TEXT NOT NULL,
-        estimate_tokens INTEGER NOT NULL,
-        estimate_micros INTEGER,
-        latency_ms REAL NOT NULL
-    )""",
-    "CREATE INDEX IF NOT EXISTS calls_ts ON calls (ts)",
-)
-
-# The hot path: identical SQL text, so sqlite3's statement cache prepares once.
-_REAP_SELECT = "SELECT id FROM reservations WHERE status = 'held' AND expires_at <= ?"
-_STATE_ONE = "SELECT key, spent, reserved FROM counters WHERE key = ?"
-_INSERT_RESERVATION = (
-    "INSERT OR IGNORE INTO reservations (id, expires_at, status) VALUES (?, ?, 'held')"
-)
-_INSERT_ITEM = "INSERT INTO reservation_items (id, key, amount) VALUES (?, ?, ?)"
-_HOLD = (
-    "INSERT INTO counters (key, spent, reserved) VALUES (?, 0, ?)"
-    " ON CONFLICT (key) DO UPDATE SET reserved = reserved + excluded.reserved"
-)
-_STATUS = "SELECT status FROM reservations WHERE id = ?"
-_ITEMS = "SELECT key, amount FROM reservation_items WHERE id = ?"
-_SETTLE = "UPDATE reservations SET status = ?, settled_at = ? WHERE id = ?"
-_INSERT_SETTLED = (
-    "INSERT INTO reservations (id, expires_at, status, settled_at)"
-    " VALUES (?, ?, 'committed', ?)"
-)
-_CHARGE = (
-    "INSERT INTO counters (key, spent, reserved) VALUES (?1, ?2, 0)"
-    " ON CONFLICT (key) DO UPDATE"
-    " SET spent = spent + ?2, reserved = max(reserved - ?3, 0)"
-)
-_UNHOLD = "UPDATE counters SET reserved = max(reserved - ?, 0) WHERE key = ?"
-_INSERT_CALL = (
-    "INSERT INTO calls (call_id, ts, scope, provider, model, requested_model,"
-    " input_tokens, output_tokens, cache_read_tokens, cache_write_tokens,"
-    " reasoning_tokens, cost_micros, adapters, outcome, estimate_tokens,"
-    " estimate_micros, latency_ms)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-)
-_SELECT_CALLS = (
-    "SELECT call_id, ts, scope, provider, model, requested_model, input_tokens,"
-    " output_tokens, cache_read_tokens, cache_write_tokens, reasoning_tokens,"
-    " cost_micros, adapters, outcome, estimate_tokens, estimate_micros, latency_ms"
-    " FROM calls WHERE ts >= ? AND ts < ? ORDER BY ts, seq"
-)
-_SWEEP_END = (
-    "SELECT max(id) FROM (SELECT id FROM reservations WHERE id > ? ORDER BY id LIMIT ?)"
-)
-_PURGE_ITEMS = (
-    "DELETE FROM reservation_items WHERE id > ?1 AND id <= ?2 AND id IN"
-    " (SELECT id FROM reservations WHERE id > ?1 AND id <= ?2"
-    " AND status != 'held' AND settled_at < ?3)"
-)
-_PURGE_RESERVATIONS = (
-    "DELETE FROM reservations WHERE id > ?1 AND id <= ?2"
-    " AND status != 'held' AND settled_at < ?3"
-)
-_CLAIM = "INSERT OR IGNORE INTO markers (marker, ts) VALUES (?, ?)"
-_RESET_COUNTERS = "DELETE FROM counters WHERE substr(key, 1, length(?1)) = ?1"
-_RESET_ITEMS = (
-    "DELETE FROM reservation_items WHERE substr(key, 1, length(?1)) = ?1"
-    " AND id IN (SELECT id FROM reservations WHERE status = 'held')"
-)
-_RESET_MARKERS = "DELETE FROM markers WHERE substr(marker, 1, length(?1)) = ?1"
-_KEYS = (
-    "SELECT key, spent, reserved FROM counters"
-    " WHERE substr(key, 1, length(?1)) = ?1 ORDER BY key"
-)
+_ROWS_PER_STATEMENT: Final = 300
+"""Keys per statement: at most 3 variables each, under the 999 variables that
+SQLite allowed before 3.32."""
 
 _ZERO = KeyState()
 
@@ -229,7 +113,10 @@ class _Connection:
             _inherited.append(self.conn)
 
     def __del__(self) -> None:
-        self.close()
+        # Runs when the owning thread ends, possibly during interpreter
+        # shutdown: an error here has nowhere useful to go.
+        with contextlib.suppress(Exception):
+            self.close()
 
 
 _file_locks: dict[str, threading.Lock] = {}
@@ -324,10 +211,10 @@ class SQLiteLedger:
         url: The URL the ledger was opened with, kept for messages.
 
     Raises:
-        ConfigurationError: ``path`` is a directory or ``busy_timeout`` is
-            negative.
-        LedgerUnavailableError: The file cannot be created, opened, or is not
-            a SQLite database of a schema this version understands.
+        ConfigurationError: ``path`` is a directory or ``busy_timeout`` is not
+            a number of seconds >= 0.
+        LedgerUnavailableError: The file cannot be created or opened, is not
+            a SQLite database, or has a schema of another version.
 
     Example:
         >>> ledger = SQLiteLedger("allowance.db")  # doctest: +SKIP
@@ -358,7 +245,7 @@ class SQLiteLedger:
         self._local = threading.local()
         self._connections: weakref.WeakSet[_Connection] = weakref.WeakSet()
         self._guard = threading.Lock()
-        self._executor: ThreadPoolExecutor | None = None
+        self._worker: Worker | None = None
         self._schema_ready = False
         self._reserves = 0
         self._sweep_after = ""
@@ -403,33 +290,24 @@ class SQLiteLedger:
         check_plans(plans)
         check_lease(lease_seconds)
         keys = plan_keys(plans)
-        handle = self._connection()
         known = False
-        with _Write(self, handle.conn, "reserve") as conn:
+        with _Write(self, self._connection().conn, "reserve") as conn:
             now = self._clock()
-            expired = conn.execute(_REAP_SELECT, (now,)).fetchall()
-            if expired:
-                self._expire(conn, [row[0] for row in expired], now)
-            before = self._read_states(conn, keys)
+            before = self._reap_and_read(conn, keys, now)
             index = choose_plan(plans, before)
             if index is not None:
+                holds = fold_amounts(plans[index])
                 inserted = conn.execute(
-                    _INSERT_RESERVATION, (reservation_id, now + lease_seconds)
+                    sql.INSERT_RESERVATION,
+                    (reservation_id, now + lease_seconds, sql.encode_items(holds)),
                 ).rowcount
-                if inserted:
-                    holds = fold_amounts(plans[index])
-                    if len(holds) == 1:
-                        ((key, amount),) = holds.items()
-                        conn.execute(_INSERT_ITEM, (reservation_id, key, amount))
-                        conn.execute(_HOLD, (key, amount))
-                    elif holds:
-                        conn.executemany(
-                            _INSERT_ITEM,
-                            [(reservation_id, k, a) for k, a in holds.items()],
-                        )
-                        conn.executemany(_HOLD, holds.items())
-                else:
+                if not inserted:
                     known = True
+                elif len(holds) == 1:
+                    conn.execute(sql.HOLD_ONE, next(iter(holds.items())))
+                elif holds:
+                    for chunk in _chunks(list(holds.items())):
+                        conn.execute(sql.hold(len(chunk)), _flat(chunk))
             self._reserves += 1
             if self._reserves % _PURGE_EVERY == 0:
                 self._purge_step(conn, now)
@@ -455,38 +333,38 @@ class SQLiteLedger:
             LedgerError: The write failed; nothing was charged.
         """
         check_amounts(amounts)
-        call = None if record is None else _call_row(record)
+        call = None if record is None else sql.call_row(record)
         with _Write(self, self._connection().conn, "commit") as conn:
             now = self._clock()
-            row = conn.execute(_STATUS, (reservation_id,)).fetchone()
-            held: dict[str, int]
+            row = conn.execute(sql.STATUS, (reservation_id,)).fetchone()
             if row is None:
                 # Unknown (purged, or never reserved here): charge anyway.
-                conn.execute(_INSERT_SETTLED, (reservation_id, now, now))
+                conn.execute(sql.INSERT_SETTLED, (reservation_id, now, now))
                 held = {}
-            elif row[0] == "held":
-                # Items of settled reservations stay until purged: deleting
-                # them here would cost a page write on every commit.
-                held = dict(conn.execute(_ITEMS, (reservation_id,)).fetchall())
-                conn.execute(_SETTLE, ("committed", now, reservation_id))
-            elif row[0] == "expired":
-                held = {}
-                conn.execute(_SETTLE, ("committed", now, reservation_id))
+            elif row[0] == "held" or row[0] == "expired":
+                held = self._items(row[1])
+                conn.execute(sql.SETTLE, ("committed", now, reservation_id))
             else:
                 return  # already settled: a repeat changes nothing
             if len(held) == 1 and (not amounts or amounts.keys() == held.keys()):
                 ((key, amount),) = held.items()
-                conn.execute(_CHARGE, (key, amounts.get(key, 0), amount))
+                conn.execute(sql.CHARGE_ONE, (key, amounts.get(key, 0), -amount))
             elif held or amounts:
-                conn.executemany(
-                    _CHARGE,
-                    [
-                        (key, amounts.get(key, 0), held.get(key, 0))
-                        for key in dict.fromkeys([*held, *amounts])
-                    ],
-                )
+                # Rows of key, charge, minus the hold it gives back.
+                rows = [(key, 0, -amount) for key, amount in held.items()]
+                rows += [(key, amount, 0) for key, amount in amounts.items()]
+                merged: dict[str, tuple[str, int, int]] = {}
+                for key, spent, unhold in rows:
+                    seen = merged.get(key)
+                    merged[key] = (
+                        (key, spent, unhold)
+                        if seen is None
+                        else (key, seen[1] + spent, seen[2] + unhold)
+                    )
+                for chunk in _chunks(list(merged.values())):
+                    conn.execute(sql.charge(len(chunk)), _flat(chunk))
             if call is not None:
-                conn.execute(_INSERT_CALL, call)
+                conn.execute(sql.INSERT_CALL, call)
 
     def release(self, reservation_id: str, *, record: CallRecord | None = None) -> None:
         """Drop the hold, charging nothing; idempotent; see ``Ledger``.
@@ -497,17 +375,17 @@ class SQLiteLedger:
         Raises:
             LedgerError: The write failed.
         """
-        call = None if record is None else _call_row(record)
+        call = None if record is None else sql.call_row(record)
         with _Write(self, self._connection().conn, "release") as conn:
-            row = conn.execute(_STATUS, (reservation_id,)).fetchone()
+            row = conn.execute(sql.STATUS, (reservation_id,)).fetchone()
             if row is None or row[0] not in ("held", "expired"):
                 return
-            if row[0] == "held":
-                held = conn.execute(_ITEMS, (reservation_id,)).fetchall()
-                conn.executemany(_UNHOLD, [(a, k) for k, a in held])
-            conn.execute(_SETTLE, ("released", self._clock(), reservation_id))
+            held = self._items(row[1])
+            if held:
+                conn.executemany(sql.UNHOLD, [(a, k) for k, a in held.items()])
+            conn.execute(sql.SETTLE, ("released", self._clock(), reservation_id))
             if call is not None:
-                conn.execute(_INSERT_CALL, call)
+                conn.execute(sql.INSERT_CALL, call)
 
     def claim(self, marker: str) -> bool:
         """Set a once-only marker; True when this call set it.
@@ -516,7 +394,7 @@ class SQLiteLedger:
             LedgerError: The write failed.
         """
         with _Write(self, self._connection().conn, "claim") as conn:
-            cursor = conn.execute(_CLAIM, (marker, self._clock()))
+            cursor = conn.execute(sql.CLAIM, (marker, self._clock()))
             return cursor.rowcount == 1
 
     def record(self, record: CallRecord) -> None:
@@ -525,9 +403,9 @@ class SQLiteLedger:
         Raises:
             LedgerError: The write failed.
         """
-        call = _call_row(record)
+        call = sql.call_row(record)
         with _Write(self, self._connection().conn, "record") as conn:
-            conn.execute(_INSERT_CALL, call)
+            conn.execute(sql.INSERT_CALL, call)
 
     def reset(self, prefix: str = "") -> None:
         """Delete counters, holds and markers whose key starts with ``prefix``.
@@ -539,9 +417,15 @@ class SQLiteLedger:
             LedgerError: The write failed.
         """
         with _Write(self, self._connection().conn, "reset") as conn:
-            conn.execute(_RESET_COUNTERS, (prefix,))
-            conn.execute(_RESET_ITEMS, (prefix,))
-            conn.execute(_RESET_MARKERS, (prefix,))
+            conn.execute(sql.RESET_COUNTERS, (prefix,))
+            conn.execute(sql.RESET_MARKERS, (prefix,))
+            changed = []
+            for reservation_id, text in conn.execute(sql.SELECT_HELD).fetchall():
+                items = self._items(text)
+                kept = {k: v for k, v in items.items() if not k.startswith(prefix)}
+                if kept != items:
+                    changed.append((sql.encode_items(kept), reservation_id))
+            conn.executemany(sql.SET_ITEMS, changed)
 
     # -- reads ----------------------------------------------------------------
 
@@ -565,7 +449,7 @@ class SQLiteLedger:
         """
         conn = self._connection().conn
         try:
-            rows = conn.execute(_KEYS, (prefix,)).fetchall()
+            rows = conn.execute(sql.KEYS, (prefix,)).fetchall()
         except sqlite3.Error as err:
             raise _ledger_error(self, err, "read counters") from err
         return {key: KeyState(spent, reserved) for key, spent, reserved in rows}
@@ -582,12 +466,12 @@ class SQLiteLedger:
         low = float("-inf") if since is None else since
         high = float("inf") if until is None else until
         try:
-            rows = conn.execute(_SELECT_CALLS, (low, high)).fetchall()
+            rows = conn.execute(sql.SELECT_CALLS, (low, high)).fetchall()
         except sqlite3.Error as err:
             raise _ledger_error(self, err, "read the call log") from err
         try:
-            return [_call_from_row(row) for row in rows]
-        except (ValueError, TypeError) as err:
+            return [sql.call_from_row(row) for row in rows]
+        except ValueError as err:
             msg = f"SQLite ledger at {self.path}: a call log row is malformed: {err}"
             raise LedgerError(msg) from err
 
@@ -598,15 +482,14 @@ class SQLiteLedger:
         ledger after closing, is safe.
         """
         with self._guard:
-            executor, self._executor = self._executor, None
+            worker, self._worker = self._worker, None
             self._generation += 1
             handles = list(self._connections)
             self._connections.clear()
-        if executor is not None:
-            executor.shutdown(wait=True)
+        if worker is not None:
+            worker.stop()
         for handle in handles:
             handle.close()
-        self._local = threading.local()
 
     # -- async twins: one worker thread, so the event loop never waits --------
 
@@ -619,25 +502,18 @@ class SQLiteLedger:
     ) -> ReserveResult:
         """Async twin of ``reserve``, run on the ledger's worker thread.
 
-        If the awaiting task is cancelled while the worker holds the plan, the
-        hold is released as soon as the reserve finishes: a cancelled call
+        If the awaiting task is cancelled while the worker reserves, a plan it
+        admitted is released as soon as the reserve ends: a cancelled call
         never keeps budget until its lease ends.
         """
-        future = self._submit(
-            functools.partial(
-                self.reserve,
-                plans,
-                reservation_id=reservation_id,
-                lease_seconds=lease_seconds,
-            )
+        call = functools.partial(
+            self.reserve,
+            plans,
+            reservation_id=reservation_id,
+            lease_seconds=lease_seconds,
         )
-        try:
-            return await asyncio.shield(future)
-        except asyncio.CancelledError:
-            future.add_done_callback(
-                functools.partial(self._release_if_admitted, reservation_id)
-            )
-            raise
+        orphan = functools.partial(self._release_orphan, reservation_id)
+        return await self._submit(call, orphan)
 
     async def acommit(
         self,
@@ -654,7 +530,7 @@ class SQLiteLedger:
     async def arelease(
         self, reservation_id: str, *, record: CallRecord | None = None
     ) -> None:
-        """Async twin of ``release``."""
+        """Async twin of ``release`` (a cancelled await still releases)."""
         await self._submit(
             functools.partial(self.release, reservation_id, record=record)
         )
@@ -677,48 +553,35 @@ class SQLiteLedger:
 
     # -- internals ------------------------------------------------------------
 
-    def _submit(self, call: Callable[[], _T]) -> asyncio.Future[_T]:
-        executor = self._executor
-        if executor is None or self._pid != _pid:
-            executor = self._new_executor()
-        return asyncio.get_running_loop().run_in_executor(executor, call)
+    def _submit(
+        self, call: Callable[[], _T], orphan: Callable[[_T], None] | None = None
+    ) -> asyncio.Future[_T]:
+        worker = self._worker
+        if worker is None or self._pid != _pid:
+            worker = self._start_worker()
+        return worker.submit(call, orphan)
 
-    def _new_executor(self) -> ThreadPoolExecutor:
+    def _start_worker(self) -> Worker:
         with self._guard:
             if self._pid != _pid:
                 self._after_fork()
-            if self._executor is None:
-                # One worker: SQLite serialises writes anyway, and one thread
-                # never contends with itself for the write lock.
-                self._executor = ThreadPoolExecutor(
-                    max_workers=1, thread_name_prefix="allowance-sqlite"
-                )
-            return self._executor
+            if self._worker is None:
+                worker = Worker(f"allowance-sqlite:{self.path.name}")
+                # A ledger dropped without close() must not leave its thread.
+                weakref.finalize(self, worker.stop, wait=False)
+                self._worker = worker
+            return self._worker
 
-    def _release_if_admitted(
-        self, reservation_id: str, future: asyncio.Future[ReserveResult]
-    ) -> None:
-        if future.cancelled() or future.exception() is not None:
-            return
-        if future.result().admitted:
-            executor = self._executor
-            if executor is not None:
-                executor.submit(self._release_quietly, reservation_id)
-
-    def _release_quietly(self, reservation_id: str) -> None:
-        try:
-            self.release(reservation_id)
-        except LedgerError:
-            logger.warning(
-                "could not release cancelled reservation %r; its lease will",
-                reservation_id,
-                exc_info=True,
-            )
+    def _release_orphan(self, reservation_id: str, result: ReserveResult) -> None:
+        """Release what a reserve admitted for a task that was cancelled."""
+        worker = self._worker
+        if result.admitted and worker is not None:
+            worker.run_soon(functools.partial(self.release, reservation_id))
 
     def _after_fork(self) -> None:
-        """Drop what the parent process owned: connections, locks, worker."""
+        """Drop what the parent process owned: connections, lock, worker."""
         self._pid = _pid
-        self._executor = None  # its thread does not exist in the child
+        self._worker = None  # its thread does not exist in the child
         self._generation += 1
         self._connections = weakref.WeakSet()
         self._write_lock = _file_lock(self._key)
@@ -749,13 +612,14 @@ class SQLiteLedger:
                 cached_statements=256,
             )
             # Only takes effect on a new, empty file (before WAL is set).
-            conn.execute(f"PRAGMA page_size = {_PAGE_SIZE}")
+            conn.execute(f"PRAGMA page_size = {sql.PAGE_SIZE}")
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if str(mode).lower() != "wal":
                 logger.warning(
                     "SQLite ledger at %s: journal mode is %s, not WAL", path, mode
                 )
             conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute(f"PRAGMA wal_autocheckpoint = {_CHECKPOINT_PAGES}")
             if not self._schema_ready:
                 self._ensure_schema(conn)
                 self._schema_ready = True
@@ -765,7 +629,7 @@ class SQLiteLedger:
             what = _describe(err, self.busy_timeout)
             msg = f"SQLite ledger at {path}: cannot open the database: {what}"
             raise LedgerUnavailableError(msg) from err
-        except LedgerUnavailableError:
+        except BaseException:
             if conn is not None:
                 conn.close()
             raise
@@ -777,7 +641,7 @@ class SQLiteLedger:
 
     def _ensure_schema(self, conn: sqlite3.Connection) -> None:
         version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version == SCHEMA_VERSION:
+        if version == sql.SCHEMA_VERSION:
             return
         self._check_version(version)
         with self._write_lock:
@@ -787,69 +651,91 @@ class SQLiteLedger:
                 version = conn.execute("PRAGMA user_version").fetchone()[0]
                 self._check_version(version)
                 if version == 0:
-                    for statement in _SCHEMA:
+                    for statement in sql.SCHEMA:
                         conn.execute(statement)
-                    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                    conn.execute(f"PRAGMA user_version = {sql.SCHEMA_VERSION}")
                 conn.execute("COMMIT")
             except BaseException:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute("ROLLBACK")
+                _rollback(conn)
                 raise
 
     def _check_version(self, version: int) -> None:
-        if version not in (0, SCHEMA_VERSION):
+        if version not in (0, sql.SCHEMA_VERSION):
             msg = (
                 f"SQLite ledger at {self.path}: schema version {version} is not"
-                f" {SCHEMA_VERSION}, the one this version of allowance writes"
-                " (a newer allowance created it?)"
+                f" {sql.SCHEMA_VERSION}, the one this version of allowance"
+                " reads and writes"
             )
             raise LedgerUnavailableError(msg)
+
+    def _items(self, text: str | None) -> dict[str, int]:
+        try:
+            return sql.decode_items(text)
+        except ValueError as err:
+            msg = f"SQLite ledger at {self.path}: a reservation row is malformed"
+            raise LedgerError(f"{msg}: {err}") from err
+
+    def _reap_and_read(
+        self, conn: sqlite3.Connection, keys: list[str], now: float
+    ) -> dict[str, KeyState]:
+        """Expire the holds whose lease ended; return the keys' states after."""
+        if len(keys) < _ROWS_PER_STATEMENT:
+            # One statement for both: tag 0 rows are expired holds.
+            rows = conn.execute(sql.reap_and_read(len(keys)), (now, *keys)).fetchall()
+            expired = [row[1] for row in rows if row[0] == 0]
+            if not expired:  # the usual case
+                states = dict.fromkeys(keys, _ZERO)
+                for _, key, spent, reserved in rows:
+                    states[key] = KeyState(spent, reserved)
+                return states
+        else:
+            expired = [row[0] for row in conn.execute(sql.REAP_SELECT, (now,))]
+        if expired:
+            released: dict[str, int] = {}
+            for text in expired:
+                for key, amount in self._items(text).items():
+                    released[key] = released.get(key, 0) + amount
+            conn.execute(sql.EXPIRE, (now,))
+            conn.executemany(sql.UNHOLD, [(a, k) for k, a in released.items()])
+        return self._read_states(conn, keys)
 
     def _read_states(
         self, conn: sqlite3.Connection, keys: list[str]
     ) -> dict[str, KeyState]:
         states = dict.fromkeys(keys, _ZERO)
         if len(keys) == 1:
-            row = conn.execute(_STATE_ONE, keys).fetchone()
+            row = conn.execute(sql.STATE_ONE, keys).fetchone()
             if row is not None:
                 states[row[0]] = KeyState(row[1], row[2])
             return states
-        for start in range(0, len(keys), _MAX_VARIABLES):
-            chunk = keys[start : start + _MAX_VARIABLES]
-            rows = conn.execute(_state_many(len(chunk)), chunk).fetchall()
-            for key, spent, reserved in rows:
+        for chunk in _chunks(keys):
+            for key, spent, reserved in conn.execute(
+                sql.state_many(len(chunk)), chunk
+            ).fetchall():
                 states[key] = KeyState(spent, reserved)
         return states
 
     def _purge_step(self, conn: sqlite3.Connection, now: float) -> None:
         """Delete settled reservations older than a day in the next id window."""
-        end = conn.execute(_SWEEP_END, (self._sweep_after, _PURGE_WINDOW)).fetchone()[0]
-        if end is None:  # past the last id: start over
+        after = self._sweep_after
+        end = conn.execute(sql.SWEEP_END, (after, _PURGE_WINDOW)).fetchone()[0]
+        if end is None and after:  # past the last id: start over
+            after = ""
+            end = conn.execute(sql.SWEEP_END, (after, _PURGE_WINDOW)).fetchone()[0]
+        if end is None:  # no reservations at all
             self._sweep_after = ""
             return
-        bounds = (self._sweep_after, end, now - PURGE_AFTER_SECONDS)
-        conn.execute(_PURGE_ITEMS, bounds)
-        conn.execute(_PURGE_RESERVATIONS, bounds)
+        conn.execute(sql.PURGE, (after, end, now - PURGE_AFTER_SECONDS))
         self._sweep_after = end
 
-    def _expire(
-        self, conn: sqlite3.Connection, reservation_ids: list[str], now: float
-    ) -> None:
-        released: dict[str, int] = {}
-        for reservation_id in reservation_ids:
-            for key, amount in conn.execute(_ITEMS, (reservation_id,)).fetchall():
-                released[key] = released.get(key, 0) + amount
-        conn.executemany(
-            _SETTLE,
-            [("expired", now, reservation_id) for reservation_id in reservation_ids],
-        )
-        conn.executemany(_UNHOLD, [(amount, key) for key, amount in released.items()])
+
+def _chunks(rows: list[_T]) -> Iterator[list[_T]]:
+    for start in range(0, len(rows), _ROWS_PER_STATEMENT):
+        yield rows[start : start + _ROWS_PER_STATEMENT]
 
 
-@functools.cache
-def _state_many(count: int) -> str:
-    marks = ", ".join("?" * count)
-    return f"SELECT key, spent, reserved FROM counters WHERE key IN ({marks})"  # noqa: S608 - placeholders only
+def _flat(rows: Iterable[tuple[Any, ...]]) -> list[Any]:
+    return [value for row in rows for value in row]
 
 
 def _ledger_error(
@@ -869,55 +755,3 @@ def _describe(err: sqlite3.Error, busy_timeout: float) -> str:
     if "not a database" in text:
         return f"{text} (the file exists but is not a SQLite database, or is corrupt)"
     return text
-
-
-def _call_row(record: CallRecord) -> tuple[Any, ...]:
-    usage = record.usage
-    return (
-        record.call_id,
-        record.ts,
-        json.dumps(dict(record.scope), separators=(",", ":"), ensure_ascii=False),
-        record.provider,
-        record.model,
-        record.requested_model,
-        usage.input_tokens,
-        usage.output_tokens,
-        usage.cache_read_tokens,
-        usage.cache_write_tokens,
-        usage.reasoning_tokens,
-        record.cost_micros,
-        json.dumps(list(record.adapters), separators=(",", ":"), ensure_ascii=False),
-        record.outcome,
-        record.estimate_tokens,
-        record.estimate_micros,
-        record.latency_ms,
-    )
-
-
-def _call_from_row(row: tuple[Any, ...]) -> CallRecord:
-    scope = json.loads(row[2])
-    adapters = json.loads(row[12])
-    if not isinstance(scope, dict) or not isinstance(adapters, list):
-        msg = f"call {row[0]!r}: scope or adapters is not JSON of the right shape"
-        raise TypeError(msg)
-    return CallRecord(
-        call_id=row[0],
-        ts=row[1],
-        scope={str(k): str(v) for k, v in scope.items()},
-        provider=row[3],
-        model=row[4],
-        requested_model=row[5],
-        usage=Usage(
-            input_tokens=row[6],
-            output_tokens=row[7],
-            cache_read_tokens=row[8],
-            cache_write_tokens=row[9],
-            reasoning_tokens=row[10],
-        ),
-        cost_micros=row[11],
-        adapters=tuple(str(a) for a in adapters),
-        outcome=row[13],
-        estimate_tokens=row[14],
-        estimate_micros=row[15],
-        latency_ms=row[16],
-    )

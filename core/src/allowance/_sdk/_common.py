@@ -54,12 +54,17 @@ class SdkBinding:
     stream_types: tuple[type[Any], ...]
     async_stream_types: tuple[type[Any], ...]
     raw_types: tuple[type[Any], ...]  # LegacyAPIResponse: body read, .parse() cached
-    lazy_types: tuple[type[Any], ...]  # APIResponse (with_streaming_response): body unread
+    # APIResponse (with_streaming_response): body unread
+    lazy_types: tuple[type[Any], ...]
     async_lazy_types: tuple[type[Any], ...]
     release_errors: tuple[type[BaseException], ...]  # the provider did no billable work
-    keep_errors: tuple[type[BaseException], ...]  # it may have (timeouts): charge in full
+    # The provider may have done the work (timeouts): charge in full.
+    keep_errors: tuple[type[BaseException], ...]
     provider_of: Callable[[Any], str]
     wants_stream_usage: Callable[[str], bool]
+    # ``NotGiven``/``Omit``: anthropic 2.x leaves them in ``json_data`` until it
+    # serialises the body; they are not sent, so they are not estimated.
+    sentinel_types: tuple[type[Any], ...] = ()
 
 
 @dataclass(slots=True)
@@ -98,11 +103,17 @@ def _prepare(
     codec = binding.codec
     if not codec.is_billable(path):
         return None
+    if binding.sentinel_types:
+        body = {
+            k: v for k, v in body.items() if not isinstance(v, binding.sentinel_types)
+        }
     estimate = codec.estimate(path, body)
     provider = binding.provider_of(client)
     if provider != estimate.provider:
         estimate = replace(estimate, provider=provider)
-    return _Call(binding, client, path, body, cast_to, options, stream, stream_cls, estimate)
+    return _Call(
+        binding, client, path, body, cast_to, options, stream, stream_cls, estimate
+    )
 
 
 def _reestimator(call: _Call) -> Callable[[str], Estimate]:
@@ -123,7 +134,9 @@ def _outgoing_options(call: _Call, ticket: Ticket) -> Any:
         body = codec.with_model(body, ticket.model)
     if call.stream and call.binding.wants_stream_usage(call.path):
         stream_options = body.get("stream_options")
-        asked = isinstance(stream_options, Mapping) and stream_options.get("include_usage")
+        asked = isinstance(stream_options, Mapping) and stream_options.get(
+            "include_usage"
+        )
         if not asked:
             merged = dict(stream_options) if isinstance(stream_options, Mapping) else {}
             merged["include_usage"] = True
@@ -142,11 +155,15 @@ def _synthetic(call: _Call, ticket: Ticket) -> tuple[Any, dict[str, Any]]:
     reason = "; ".join(v.describe() for v in ticket.violations) or "budget exceeded"
     httpx = _httpx_of(call.client)
     if call.stream:
-        content = codec.synthetic_sse(call.path, call.body, reason=reason, call_id=ticket.call_id)
+        content = codec.synthetic_sse(
+            call.path, call.body, reason=reason, call_id=ticket.call_id
+        )
         content_type = "text/event-stream"
     else:
         content = json.dumps(
-            codec.synthetic_body(call.path, call.body, reason=reason, call_id=ticket.call_id)
+            codec.synthetic_body(
+                call.path, call.body, reason=reason, call_id=ticket.call_id
+            )
         ).encode()
         content_type = "application/json"
     raw_headers = getattr(call.options, "headers", None)
@@ -155,7 +172,9 @@ def _synthetic(call: _Call, ticket: Ticket) -> tuple[Any, dict[str, Any]]:
         if isinstance(raw_headers, Mapping)
         else {}
     )
-    request = httpx.Request("POST", f"{call.client.base_url}{call.path.lstrip('/')}", headers=headers)
+    # httpx shows a host-only base URL without its trailing slash.
+    url = f"{str(call.client.base_url).rstrip('/')}/{call.path.lstrip('/')}"
+    request = httpx.Request("POST", url, headers=headers)
     response = httpx.Response(
         200,
         headers={"content-type": content_type, "x-allowance-stopped": "true"},
@@ -172,16 +191,19 @@ def _synthetic(call: _Call, ticket: Ticket) -> tuple[Any, dict[str, Any]]:
 
 
 def _httpx_of(client: Any) -> Any:
-    """Return the httpx module the client uses (``httpx`` or, in newer SDKs, ``httpx2``)."""
+    """Return the client's httpx module (``httpx``, or ``httpx2`` in newer SDKs)."""
     for cls in type(client._client).__mro__:  # noqa: SLF001
         top = cls.__module__.split(".", 1)[0]
         if top.startswith("httpx"):
             return importlib.import_module(top)
-    return importlib.import_module("httpx")  # pragma: no cover - every SDK client has one
+    # Unreachable: every SDK client's HTTP client comes from an httpx module.
+    return importlib.import_module("httpx")  # pragma: no cover
 
 
 def _is_release_error(binding: SdkBinding, err: BaseException) -> bool:
-    return isinstance(err, binding.release_errors) and not isinstance(err, binding.keep_errors)
+    return isinstance(err, binding.release_errors) and not isinstance(
+        err, binding.keep_errors
+    )
 
 
 def make_sync_interceptor(
@@ -190,7 +212,10 @@ def make_sync_interceptor(
     """Return a wrapt-style wrapper for a sync ``request`` method."""
 
     def intercept(
-        wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+        wrapped: Callable[..., Any],
+        instance: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
     ) -> Any:
         if _claimed.get():
             return wrapped(*args, **kwargs)
@@ -209,7 +234,9 @@ def make_sync_interceptor(
         options = _outgoing_options(call, ticket)
         token = _claimed.set(True)
         try:
-            result = wrapped(call.cast_to, options, stream=call.stream, stream_cls=call.stream_cls)
+            result = wrapped(
+                call.cast_to, options, stream=call.stream, stream_cls=call.stream_cls
+            )
         except BaseException as err:
             if _is_release_error(binding, err):
                 ticket.release()
@@ -225,7 +252,10 @@ def make_sync_interceptor(
 
 def make_async_interceptor(
     binding: SdkBinding, guard_for: Callable[[Any], Guard | None]
-) -> Callable[[Callable[..., Awaitable[Any]], Any, tuple[Any, ...], dict[str, Any]], Awaitable[Any]]:
+) -> Callable[
+    [Callable[..., Awaitable[Any]], Any, tuple[Any, ...], dict[str, Any]],
+    Awaitable[Any],
+]:
     """Return a wrapt-style wrapper for an async ``request`` method."""
 
     async def intercept(
@@ -331,7 +361,10 @@ def _parse_quietly(raw: Any, ticket: Ticket) -> Any:
     try:
         return raw.parse()
     except Exception:  # noqa: BLE001 - a body we cannot read is charged in full
-        logger.warning("allowance: could not read usage of call %s; charged in full", ticket.call_id)
+        logger.warning(
+            "allowance: could not read usage of call %s; charged in full",
+            ticket.call_id,
+        )
         return None
 
 
@@ -341,11 +374,12 @@ def _parse_quietly(raw: Any, ticket: Ticket) -> Any:
 class _StreamTracker:
     """Settles a streamed call: usage when it ends, what was produced if cut short."""
 
-    __slots__ = ("acc", "call", "ticket", "__weakref__")
+    __slots__ = ("__weakref__", "acc", "call", "read", "ticket")
 
     def __init__(self, call: _Call, ticket: Ticket) -> None:
         self.call = call
         self.ticket = ticket
+        self.read = False  # a raw response's stream was handed out
         self.acc: StreamAccumulator = call.binding.codec.stream_accumulator(
             call.path, hide_usage_only=call.hide_usage_only
         )
@@ -381,13 +415,28 @@ class _StreamTracker:
 
     def abandon(self) -> None:
         if not self.ticket.settled:
-            self.ticket.commit_partial(self._partial(), response_model=self.acc.response_model())
+            self.ticket.commit_partial(
+                self._partial(), response_model=self.acc.response_model()
+            )
 
     async def aabandon(self) -> None:
         if not self.ticket.settled:
             await self.ticket.acommit_partial(
                 self._partial(), response_model=self.acc.response_model()
             )
+
+    def close_raw(self) -> None:
+        """Settle when a raw response closes: a stream read is partial, else in full."""
+        if self.read:
+            self.abandon()
+        elif not self.ticket.settled:
+            self.ticket.keep()
+
+    async def aclose_raw(self) -> None:
+        if self.read:
+            await self.aabandon()
+        elif not self.ticket.settled:
+            await self.ticket.akeep()
 
 
 def _abandon_quietly(tracker: _StreamTracker) -> None:
@@ -397,16 +446,74 @@ def _abandon_quietly(tracker: _StreamTracker) -> None:
         logger.exception("allowance: could not settle an abandoned stream")
 
 
-class _SyncStream(wrapt.ObjectProxy):  # type: ignore[misc]
-    """A ``Stream`` that reports usage to its ticket; still an instance of ``Stream``."""
+def _close_raw_quietly(tracker: _StreamTracker) -> None:
+    if tracker.read:  # the stream settles itself when it is collected
+        return
+    try:
+        tracker.close_raw()
+    except Exception:  # pragma: no cover - runs at garbage collection
+        logger.exception("allowance: could not settle an unread stream")
+
+
+class _Absent:
+    """Hide a special method ``wrapt.ObjectProxy`` defines but the proxied type lacks.
+
+    A sync ``Stream`` has no ``__aenter__`` and an ``AsyncStream`` no ``__iter__``:
+    ``hasattr`` and the ``with``/``for`` statements must see the same on the proxy.
+    """
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._name = name
+
+    def __get__(self, instance: object, owner: type | None = None) -> Any:
+        raise AttributeError(self._name)
+
+
+class _TrackedResponse(wrapt.ObjectProxy[Any]):
+    """A tracked stream's HTTP response: closing it settles the stream's ticket.
+
+    openai's ``.stream()`` helpers close ``raw_stream.response`` directly, not
+    the stream, when their ``with`` block exits.
+    """
+
+    def __init__(self, response: Any, tracker: _StreamTracker) -> None:
+        super().__init__(response)
+        self._self_tracker = tracker
+
+    def close(self) -> None:
+        try:
+            self.__wrapped__.close()
+        finally:
+            self._self_tracker.abandon()
+
+    async def aclose(self) -> None:
+        try:
+            await self.__wrapped__.aclose()
+        finally:
+            await self._self_tracker.aabandon()
+
+
+class _SyncStream(wrapt.ObjectProxy[Any]):
+    """A ``Stream`` that reports usage to its ticket; still a ``Stream``."""
 
     _self_events: Any
+    __aenter__ = _Absent()
+    __aexit__ = _Absent()
 
     def __init__(self, stream: Any, tracker: _StreamTracker) -> None:
         super().__init__(stream)
         self._self_tracker = tracker
         self._self_events = None
+        self._self_response: Any = None
         weakref.finalize(self, _abandon_quietly, tracker)
+
+    @property
+    def response(self) -> Any:
+        if self._self_response is None:
+            self._self_response = _TrackedResponse(
+                self.__wrapped__.response, self._self_tracker
+            )
+        return self._self_response
 
     def _self_iterate(self) -> Any:
         tracker = self._self_tracker
@@ -421,9 +528,11 @@ class _SyncStream(wrapt.ObjectProxy):  # type: ignore[misc]
         tracker.finish()
 
     def __iter__(self) -> Any:
+        # Return the one generator (as ``Stream`` iterates its one ``_iterator``):
+        # a ``break`` must not close it, so the caller can read on later.
         if self._self_events is None:
             self._self_events = self._self_iterate()
-        yield from self._self_events
+        return self._self_events
 
     def __next__(self) -> Any:
         if self._self_events is None:
@@ -443,16 +552,28 @@ class _SyncStream(wrapt.ObjectProxy):  # type: ignore[misc]
             self._self_tracker.abandon()
 
 
-class _AsyncStream(wrapt.ObjectProxy):  # type: ignore[misc]
+class _AsyncStream(wrapt.ObjectProxy[Any]):
     """An ``AsyncStream`` that reports usage to its ticket; still an ``AsyncStream``."""
 
     _self_events: Any
+    __enter__ = _Absent()
+    __exit__ = _Absent()
+    __iter__ = _Absent()
 
     def __init__(self, stream: Any, tracker: _StreamTracker) -> None:
         super().__init__(stream)
         self._self_tracker = tracker
         self._self_events = None
+        self._self_response: Any = None
         weakref.finalize(self, _abandon_quietly, tracker)
+
+    @property
+    def response(self) -> Any:
+        if self._self_response is None:
+            self._self_response = _TrackedResponse(
+                self.__wrapped__.response, self._self_tracker
+            )
+        return self._self_response
 
     async def _self_iterate(self) -> Any:
         tracker = self._self_tracker
@@ -492,13 +613,36 @@ class _AsyncStream(wrapt.ObjectProxy):  # type: ignore[misc]
             await self._self_tracker.aabandon()
 
 
-class _RawStreamResponse(wrapt.ObjectProxy):  # type: ignore[misc]
-    """A raw response of a stream whose ``parse()`` returns the tracked stream."""
+class _RawStreamResponse(wrapt.ObjectProxy[Any]):
+    """A raw response of a stream whose ``parse()`` returns the tracked stream.
+
+    Closed (``with_streaming_response`` closes it on exit) or collected before
+    its stream was read, it is charged in full; after, as an abandoned stream.
+    """
 
     def __init__(self, raw: Any, tracker: _StreamTracker) -> None:
         super().__init__(raw)
         self._self_tracker = tracker
         self._self_stream: Any = None
+        weakref.finalize(self, _close_raw_quietly, tracker)
+
+    def close(self) -> Any:
+        close = self.__wrapped__.close  # LegacyAPIResponse has none: AttributeError
+        try:
+            closed = close()
+        except BaseException:
+            self._self_tracker.close_raw()
+            raise
+        if inspect.isawaitable(closed):
+            return self._self_aclose(closed)
+        self._self_tracker.close_raw()
+        return closed
+
+    async def _self_aclose(self, closed: Awaitable[Any]) -> None:
+        try:
+            await closed
+        finally:
+            await self._self_tracker.aclose_raw()
 
     def parse(self, *args: Any, **kwargs: Any) -> Any:
         parsed = self.__wrapped__.parse(*args, **kwargs)
@@ -510,20 +654,23 @@ class _RawStreamResponse(wrapt.ObjectProxy):  # type: ignore[misc]
         return self._self_track(await parsed)
 
     def _self_track(self, parsed: Any) -> Any:
-        binding = self._self_tracker.call.binding
+        tracker = self._self_tracker
+        binding = tracker.call.binding
         if isinstance(parsed, binding.stream_types):
             if self._self_stream is None:
-                self._self_stream = _SyncStream(parsed, self._self_tracker)
+                self._self_stream = _SyncStream(parsed, tracker)
+                tracker.read = True
             return self._self_stream
         if isinstance(parsed, binding.async_stream_types):
             if self._self_stream is None:
-                self._self_stream = _AsyncStream(parsed, self._self_tracker)
+                self._self_stream = _AsyncStream(parsed, tracker)
+                tracker.read = True
             return self._self_stream
         return parsed
 
 
-class _LazyResponse(wrapt.ObjectProxy):  # type: ignore[misc]
-    """``with_streaming_response``: usage read on ``parse()``; charged in full if never parsed."""
+class _LazyResponse(wrapt.ObjectProxy[Any]):
+    """``with_streaming_response``: usage read on ``parse()``, in full if unparsed."""
 
     def __init__(self, response: Any, call: _Call, ticket: Ticket) -> None:
         super().__init__(response)
@@ -547,7 +694,7 @@ class _LazyResponse(wrapt.ObjectProxy):  # type: ignore[misc]
                 self._self_ticket.keep()
 
 
-class _AsyncLazyResponse(wrapt.ObjectProxy):  # type: ignore[misc]
+class _AsyncLazyResponse(wrapt.ObjectProxy[Any]):
     """Async twin of ``_LazyResponse``."""
 
     def __init__(self, response: Any, call: _Call, ticket: Ticket) -> None:

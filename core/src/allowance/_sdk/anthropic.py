@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib
 import json
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from allowance._estimate import messages_input_bound, output_cap
@@ -19,7 +18,7 @@ from allowance.plugins import hookimpl
 from allowance.typing import Estimate, Usage
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Mapping, Sequence
 
     from allowance._sdk._common import SdkBinding
     from allowance.typing import Adapter, ProviderCodec
@@ -54,6 +53,7 @@ class AnthropicCodec:
 
     def estimate(self, path: str, body: Mapping[str, Any]) -> Estimate:
         """Bound the input and take ``max_tokens`` of a request."""
+        del path  # one billable endpoint
         model = str(body.get("model") or "")
         return Estimate(
             "anthropic",
@@ -68,6 +68,7 @@ class AnthropicCodec:
 
     def usage(self, path: str, response: Any) -> Usage | None:
         """Read usage from a parsed Message (or BetaMessage)."""
+        del path  # one billable endpoint
         usage = getattr(response, "usage", None)
         return None if usage is None else _usage(usage)
 
@@ -76,14 +77,18 @@ class AnthropicCodec:
         model = getattr(response, "model", None)
         return model if isinstance(model, str) else None
 
-    def stream_accumulator(self, path: str, *, hide_usage_only: bool) -> _MessagesAccumulator:
+    def stream_accumulator(
+        self, path: str, *, hide_usage_only: bool
+    ) -> _MessagesAccumulator:
         """Return an accumulator for a messages stream."""
+        del path, hide_usage_only  # no usage-only events to hide in these streams
         return _MessagesAccumulator()
 
     def synthetic_body(
         self, path: str, body: Mapping[str, Any], *, reason: str, call_id: str
     ) -> dict[str, Any]:
         """Return an empty, marked Message for ``on_limit="stop"``."""
+        del path  # one billable endpoint
         return {
             "id": f"msg_allowance-stop-{call_id}",
             "type": "message",
@@ -102,7 +107,10 @@ class AnthropicCodec:
         """Return an empty, marked message stream for ``on_limit="stop"``."""
         message = self.synthetic_body(path, body, reason=reason, call_id=call_id)
         events = [
-            ("message_start", {"type": "message_start", "message": {**message, "stop_reason": None}}),
+            (
+                "message_start",
+                {"type": "message_start", "message": {**message, "stop_reason": None}},
+            ),
             (
                 "message_delta",
                 {
@@ -114,7 +122,8 @@ class AnthropicCodec:
             ("message_stop", {"type": "message_stop"}),
         ]
         return b"".join(
-            f"event: {name}\ndata: {json.dumps(data)}\n\n".encode() for name, data in events
+            f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
+            for name, data in events
         )
 
 
@@ -125,7 +134,7 @@ def _text_bytes(text: object) -> int:
 
 
 class _MessagesAccumulator:
-    """``message_start`` carries input usage; ``message_delta`` cumulative output usage."""
+    """``message_start`` carries input usage, ``message_delta`` the cumulative usage."""
 
     __slots__ = ("_bytes", "_fields", "_model")
 
@@ -214,6 +223,7 @@ def _binding() -> SdkBinding:
         keep_errors=(anthropic.APITimeoutError,),
         provider_of=lambda _client: "anthropic",
         wants_stream_usage=lambda _path: False,
+        sentinel_types=_optional_types("anthropic._types", "NotGiven", "Omit"),
     )
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from allowance._estimate import (
@@ -23,7 +22,7 @@ from allowance.plugins import hookimpl
 from allowance.typing import Estimate, Usage
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Mapping, Sequence
 
     from allowance._sdk._common import SdkBinding
     from allowance.typing import Adapter, ProviderCodec
@@ -64,8 +63,15 @@ def _embedding_bound(body: Mapping[str, Any]) -> int:
     return max(total, 1)
 
 
+def _embedding_count(body: Mapping[str, Any]) -> int:
+    value = body.get("input")
+    if isinstance(value, list) and value and not isinstance(value[0], int):
+        return len(value)
+    return 1
+
+
 class OpenAICodec:
-    """Reads and writes OpenAI's wire format (Chat Completions, Responses, Embeddings)."""
+    """Reads and writes the Chat Completions, Responses and Embeddings formats."""
 
     name = "openai"
 
@@ -79,7 +85,10 @@ class OpenAICodec:
         api = _api(path)
         if api == _CHAT:
             return Estimate(
-                "openai", model, chat_input_bound(body), output_cap("openai", model, body)
+                "openai",
+                model,
+                chat_input_bound(body),
+                output_cap("openai", model, body),
             )
         if api == _RESPONSES:
             return Estimate(
@@ -108,7 +117,9 @@ class OpenAICodec:
         model = getattr(response, "model", None)
         return model if isinstance(model, str) else None
 
-    def stream_accumulator(self, path: str, *, hide_usage_only: bool) -> _ChatAccumulator | _ResponsesAccumulator:
+    def stream_accumulator(
+        self, path: str, *, hide_usage_only: bool
+    ) -> _ChatAccumulator | _ResponsesAccumulator:
         """Return an accumulator for a chat or responses stream."""
         if _api(path) == _RESPONSES:
             return _ResponsesAccumulator()
@@ -123,9 +134,16 @@ class OpenAICodec:
         if _api(path) == _RESPONSES:
             return _stopped_response(ident, model, reason)
         if _api(path) == _EMBEDDINGS:
+            # One empty vector per input: the SDK rejects a response without data.
+            empty: str | list[float] = (
+                "" if body.get("encoding_format") == "base64" else []
+            )
             return {
                 "object": "list",
-                "data": [],
+                "data": [
+                    {"object": "embedding", "index": i, "embedding": empty}
+                    for i in range(_embedding_count(body))
+                ],
                 "model": model,
                 "usage": {"prompt_tokens": 0, "total_tokens": 0},
                 "allowance": {"stopped": True, "reason": reason},
@@ -157,13 +175,26 @@ class OpenAICodec:
         if _api(path) == _RESPONSES:
             response = _stopped_response(ident, model, reason)
             events = [
-                ("response.created", {"type": "response.created", "sequence_number": 0,
-                                      "response": {**response, "status": "in_progress"}}),
-                ("response.completed", {"type": "response.completed", "sequence_number": 1,
-                                        "response": response}),
+                (
+                    "response.created",
+                    {
+                        "type": "response.created",
+                        "sequence_number": 0,
+                        "response": {**response, "status": "in_progress"},
+                    },
+                ),
+                (
+                    "response.completed",
+                    {
+                        "type": "response.completed",
+                        "sequence_number": 1,
+                        "response": response,
+                    },
+                ),
             ]
             return b"".join(
-                f"event: {name}\ndata: {json.dumps(data)}\n\n".encode() for name, data in events
+                f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
+                for name, data in events
             )
         chunk = {
             "id": ident,
@@ -320,7 +351,11 @@ def _binding() -> SdkBinding:
     from allowance._sdk._common import SdkBinding  # noqa: PLC0415
 
     def provider_of(client: Any) -> str:
-        return "azure" if isinstance(client, openai.AzureOpenAI | openai.AsyncAzureOpenAI) else "openai"
+        return (
+            "azure"
+            if isinstance(client, openai.AzureOpenAI | openai.AsyncAzureOpenAI)
+            else "openai"
+        )
 
     return SdkBinding(
         name="openai",
@@ -334,6 +369,7 @@ def _binding() -> SdkBinding:
         keep_errors=(openai.APITimeoutError,),
         provider_of=provider_of,
         wants_stream_usage=lambda path: _api(path) == _CHAT,
+        sentinel_types=(openai.NotGiven, openai.Omit),
     )
 
 

@@ -1,0 +1,218 @@
+"""What the guard adds to a call: raw SDK vs guarded, interleaved A/B, one process.
+
+Usage: ``uv run noxfile.py -s bench`` (or ``python benchmarks/overhead.py -n 3000``).
+
+Each round times one raw call and one guarded call (alternating which goes
+first) against the fake provider with no delay, so both see the same machine
+state. "added" is the median of the per-round differences; p99 is the guarded
+call's 99th percentile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import openai
+from rich.console import Console
+from rich.table import Table
+
+import allowance
+from allowance.testing import FakeProvider
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+MESSAGES = [{"role": "user", "content": "Say hello in five words."}]
+
+
+def quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def measure(
+    raw: Callable[[], Any], guarded: Callable[[], Any], rounds: int
+) -> dict[str, float]:
+    for _ in range(200):  # warm up connections, caches, pricing lookups
+        raw()
+        guarded()
+    a: list[float] = []
+    b: list[float] = []
+    gc.collect()
+    gc.disable()
+    try:
+        for i in range(rounds):
+            order = (raw, guarded) if i % 2 else (guarded, raw)
+            times = {}
+            for fn in order:
+                start = time.perf_counter_ns()
+                fn()
+                times[fn] = time.perf_counter_ns() - start
+            a.append(times[raw] / 1000)
+            b.append(times[guarded] / 1000)
+    finally:
+        gc.enable()
+    diffs = [y - x for x, y in zip(a, b, strict=True)]
+    return {
+        "raw": statistics.median(a),
+        "guarded": statistics.median(b),
+        "added": statistics.median(diffs),
+        "p99": quantile(b, 0.99),
+        "raw_p99": quantile(a, 0.99),
+    }
+
+
+def sync_scenarios(
+    fake: FakeProvider, rounds: int, tmp: Path
+) -> list[tuple[str, dict[str, float]]]:
+    results = []
+    raw_client = openai.OpenAI(
+        base_url=fake.openai_base_url, api_key="x", max_retries=0
+    )
+
+    def raw() -> Any:
+        return raw_client.chat.completions.create(
+            model="gpt-4o-mini", messages=MESSAGES, max_tokens=16
+        )
+
+    for name, ledger in (
+        ("chat, memory ledger", "memory://"),
+        ("chat, SQLite ledger", f"sqlite:///{tmp / 'bench.db'}"),
+    ):
+        client = allowance.wrap(
+            openai.OpenAI(base_url=fake.openai_base_url, api_key="x", max_retries=0),
+            budget="$1000",
+            ledger=ledger,
+        )
+
+        def guarded(client: Any = client) -> Any:
+            return client.chat.completions.create(
+                model="gpt-4o-mini", messages=MESSAGES, max_tokens=16
+            )
+
+        results.append((name, measure(raw, guarded, rounds)))
+        client.allowance.guard.close()
+
+    stream_client = allowance.wrap(
+        openai.OpenAI(base_url=fake.openai_base_url, api_key="x", max_retries=0),
+        budget="$1000",
+        ledger="memory://",
+    )
+
+    def raw_stream() -> Any:
+        return list(
+            raw_client.chat.completions.create(
+                model="gpt-4o-mini",
+                messages=MESSAGES,
+                max_tokens=64,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+        )
+
+    def guarded_stream() -> Any:
+        return list(
+            stream_client.chat.completions.create(
+                model="gpt-4o-mini",
+                messages=MESSAGES,
+                max_tokens=64,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+        )
+
+    results.append(
+        (
+            "chat stream (whole call), memory",
+            measure(raw_stream, guarded_stream, rounds // 2),
+        )
+    )
+    return results
+
+
+def concurrency(fake: FakeProvider, calls: int) -> tuple[float, float]:
+    fake.latency = 0.02
+
+    async def run(guarded: bool) -> float:
+        client = openai.AsyncOpenAI(
+            base_url=fake.openai_base_url, api_key="x", max_retries=0
+        )
+        if guarded:
+            allowance.wrap(client, budget="$1000", ledger="memory://")
+        async with client:
+            await asyncio.gather(
+                *(
+                    client.chat.completions.create(
+                        model="gpt-4o-mini", messages=MESSAGES, max_tokens=16
+                    )
+                    for _ in range(50)
+                )
+            )
+            start = time.perf_counter()
+            await asyncio.gather(
+                *(
+                    client.chat.completions.create(
+                        model="gpt-4o-mini", messages=MESSAGES, max_tokens=16
+                    )
+                    for _ in range(calls)
+                )
+            )
+            return time.perf_counter() - start
+
+    raw = asyncio.run(run(False))
+    guarded = asyncio.run(run(True))
+    fake.latency = 0.0
+    return raw, guarded
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("-n", "--rounds", type=int, default=2000)
+    parser.add_argument("--concurrent", type=int, default=1000)
+    args = parser.parse_args()
+    console = Console()
+    with FakeProvider() as fake, tempfile.TemporaryDirectory() as tmp:
+        rows = sync_scenarios(fake, args.rounds, Path(tmp))
+        raw_wall, guarded_wall = concurrency(fake, args.concurrent)
+    table = Table(title=f"allowance overhead, N={args.rounds} interleaved rounds (µs)")
+    for column in (
+        "scenario",
+        "raw",
+        "guarded",
+        "added",
+        "ratio",
+        "p99 raw",
+        "p99 guarded",
+    ):
+        table.add_column(column, justify="left" if column == "scenario" else "right")
+    for name, r in rows:
+        table.add_row(
+            name,
+            f"{r['raw']:.0f}",
+            f"{r['guarded']:.0f}",
+            f"{r['added']:.1f}",
+            f"{r['guarded'] / r['raw']:.3f}",
+            f"{r['raw_p99']:.0f}",
+            f"{r['p99']:.0f}",
+        )
+    table.add_row(
+        f"{args.concurrent} concurrent async, 20 ms latency (wall ms)",
+        f"{raw_wall * 1000:.0f}",
+        f"{guarded_wall * 1000:.0f}",
+        f"{(guarded_wall - raw_wall) * 1000:.0f}",
+        f"{guarded_wall / raw_wall:.3f}",
+        "",
+        "",
+    )
+    console.print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""The ledger conformance suite, run against the memory and SQLite backends."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pytest
+
+from allowance._ledger import MemoryLedger, SQLiteLedger, _sqlite, open_ledger
+from allowance.testing.conformance import LedgerConformance, ManualClock
+from allowance.typing import KeyState, ReserveItem
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from allowance.typing import Ledger
+
+DAY = 86_400.0
+
+
+class TestMemoryLedger(LedgerConformance):
+    def make_ledger(self) -> Ledger:
+        return open_ledger("memory://")
+
+    def make_ledger_with_clock(self, clock: Callable[[], float]) -> Ledger:
+        return open_ledger("memory://", clock=clock)
+
+
+class TestSQLiteLedger(LedgerConformance):
+    def make_ledger(self) -> Ledger:
+        return open_ledger(f"sqlite:///{self.tmp_path / 'ledger.db'}")
+
+    def make_ledger_with_clock(self, clock: Callable[[], float]) -> Ledger:
+        return open_ledger(f"sqlite:///{self.tmp_path / 'ledger.db'}", clock=clock)
+
+
+class TestTheGuard:
+    """``test_no_overrides_DO_NOT_OVERRIDE`` catches what it is meant to."""
+
+    def _run_guard(self, cls: type[LedgerConformance]) -> None:
+        cls().test_no_overrides_DO_NOT_OVERRIDE()
+
+    def test_plain_subclass_passes(self) -> None:
+        self._run_guard(TestMemoryLedger)
+
+    def test_override_without_xfail_fails(self) -> None:
+        class Sneaky(TestMemoryLedger):
+            def test_commit_is_idempotent(self, ledger: Ledger) -> None:
+                pass
+
+        with pytest.raises(AssertionError, match="test_commit_is_idempotent"):
+            self._run_guard(Sneaky)
+
+    def test_skip_counts_as_an_override(self) -> None:
+        class Skipper(TestMemoryLedger):
+            @pytest.mark.skip(reason="flaky")
+            def test_commit_is_idempotent(self, ledger: Ledger) -> None:
+                pass
+
+        with pytest.raises(AssertionError, match="without xfail"):
+            self._run_guard(Skipper)
+
+    def test_deleted_test_fails(self) -> None:
+        class Deleter(TestMemoryLedger):
+            test_claim_is_true_once = None  # type: ignore[assignment]
+
+        with pytest.raises(AssertionError, match="test_claim_is_true_once was deleted"):
+            self._run_guard(Deleter)
+
+    def test_xfail_with_reason_is_allowed(self) -> None:
+        class Honest(TestMemoryLedger):
+            @pytest.mark.xfail(reason="this backend uses the server's clock")
+            def test_lease_expires_in_real_time(self, ledger: Ledger) -> None:
+                raise NotImplementedError
+
+        self._run_guard(Honest)
+
+    def test_xfail_without_reason_fails(self) -> None:
+        class Lazy(TestMemoryLedger):
+            @pytest.mark.xfail
+            def test_lease_expires_in_real_time(self, ledger: Ledger) -> None:
+                raise NotImplementedError
+
+        with pytest.raises(AssertionError, match="test_lease_expires_in_real_time"):
+            self._run_guard(Lazy)
+
+
+def test_missing_make_ledger_says_what_to_do() -> None:
+    class Empty(LedgerConformance):
+        pass
+
+    with pytest.raises(NotImplementedError, match="Empty must implement make_ledger"):
+        Empty().make_ledger()
+    with pytest.raises(NotImplementedError, match="make_ledger_with_clock"):
+        Empty().make_ledger_with_clock(lambda: 0.0)
+
+
+def test_backends_are_the_expected_classes(tmp_path) -> None:
+    memory = open_ledger("memory://")
+    sqlite = open_ledger(f"sqlite:///{tmp_path / 'x.db'}")
+    try:
+        assert isinstance(memory, MemoryLedger)
+        assert isinstance(sqlite, SQLiteLedger)
+    finally:
+        sqlite.close()
+
+
+# -- beyond the suite: what each backend does on its own ---------------------------
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def clocked_backend(request, tmp_path):
+    clock = ManualClock()
+    if request.param == "memory":
+        yield MemoryLedger(clock), clock
+        return
+    ledger = SQLiteLedger(tmp_path / "purge.db", clock=clock)
+    yield ledger, clock
+    ledger.close()
+
+
+def test_settled_reservations_are_forgotten_after_a_day(
+    clocked_backend, monkeypatch
+) -> None:
+    """A day after settling, a reservation row may go (and a commit charges)."""
+    monkeypatch.setattr(_sqlite, "_PURGE_EVERY", 1)
+    ledger, clock = clocked_backend
+    plan = [[ReserveItem("k", 5, 100)]]
+    ledger.reserve(plan, reservation_id="old", lease_seconds=60)
+    ledger.commit("old", {"k": 5})
+    ledger.reserve(plan, reservation_id="held", lease_seconds=10 * DAY)
+    clock.advance(DAY - 1)
+    ledger.reserve([], reservation_id="tick", lease_seconds=60)
+    ledger.commit("old", {"k": 5})  # still known: no change
+    assert ledger.state(["k"])["k"] == KeyState(spent=5, reserved=5)
+    clock.advance(2)
+    ledger.reserve([], reservation_id="purge", lease_seconds=60)
+    ledger.commit("old", {"k": 5})  # forgotten: charged as a new id
+    ledger.commit("held", {"k": 1})  # held rows are never purged
+    assert ledger.state(["k"])["k"] == KeyState(spent=11, reserved=0)
+
+
+def test_sqlite_purge_sweeps_the_whole_table(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(_sqlite, "_PURGE_EVERY", 1)
+    monkeypatch.setattr(_sqlite, "_PURGE_WINDOW", 3)
+    clock = ManualClock()
+    ledger = SQLiteLedger(tmp_path / "sweep.db", clock=clock)
+    try:
+        for i in range(10):
+            ledger.commit(f"r{i:02}", {"k": 1})
+        clock.advance(DAY + 1)
+        for i in range(8):  # 3 rows a step: 4 steps cover 10 rows, then wrap
+            ledger.reserve([], reservation_id=f"tick{i}", lease_seconds=60)
+        conn = ledger._connection().conn
+        left = conn.execute("SELECT count(*) FROM reservations").fetchone()[0]
+        assert left == 0
+    finally:
+        ledger.close()
+
+
+def test_sqlite_async_worker_ends_with_the_ledger(tmp_path) -> None:
+    import asyncio
+    import gc
+    import threading
+
+    def workers() -> int:
+        return sum(t.name.startswith("allowance-sqlite") for t in threading.enumerate())
+
+    before = workers()
+    ledger = SQLiteLedger(tmp_path / "w.db")
+    asyncio.run(ledger.astate(["k"]))
+    assert workers() == before + 1
+    ledger.close()
+    assert workers() == before
+
+    dropped = SQLiteLedger(tmp_path / "w.db")
+    asyncio.run(dropped.astate(["k"]))
+    del dropped
+    gc.collect()
+    for _ in range(500):
+        if workers() == before:
+            break
+        threading.Event().wait(0.01)
+    assert workers() == before

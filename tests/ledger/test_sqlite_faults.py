@@ -1,0 +1,207 @@
+"""The SQLite ledger under faults: every failure raises, names the file, never
+returns zero."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import warnings
+
+import pytest
+
+from allowance import ConfigurationError, LedgerError, LedgerUnavailableError
+from allowance._ledger import SQLiteLedger, open_ledger
+from allowance.typing import KeyState, ReserveItem
+
+PLAN = [[ReserveItem("k", 5, 100)]]
+
+
+@pytest.fixture
+def path(tmp_path):
+    return tmp_path / "ledger.db"
+
+
+@pytest.fixture
+def ledger(path):
+    ledger = SQLiteLedger(path, busy_timeout=0.1)
+    yield ledger
+    ledger.close()
+
+
+def test_directory_that_cannot_be_created(tmp_path) -> None:
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("a file where a directory should be")
+    target = blocker / "sub" / "x.db"
+    with pytest.raises(LedgerUnavailableError) as caught:
+        open_ledger(f"sqlite:///{target}")
+    message = str(caught.value)
+    assert str(target) in message
+    assert "cannot create its directory" in message
+    assert isinstance(caught.value.__cause__, OSError)
+
+
+def test_file_that_cannot_be_opened(tmp_path) -> None:
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("not a directory")
+    target = blocker / "x.db"  # its parent exists, but is a file
+    with pytest.raises(LedgerUnavailableError, match=str(target)) as caught:
+        SQLiteLedger(target)
+    assert isinstance(caught.value.__cause__, OSError | sqlite3.Error)
+
+
+def test_a_directory_is_not_a_database(tmp_path) -> None:
+    with pytest.raises(ConfigurationError, match="not a directory"):
+        SQLiteLedger(tmp_path)
+
+
+def test_corrupt_file(path) -> None:
+    path.write_bytes(b"this is not a SQLite database, just bytes\n" * 200)
+    with pytest.raises(LedgerUnavailableError) as caught:
+        SQLiteLedger(path)
+    message = str(caught.value)
+    assert str(path) in message
+    assert "not a database" in message
+    assert isinstance(caught.value.__cause__, sqlite3.DatabaseError)
+
+
+def test_schema_of_another_version(path) -> None:
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA user_version = 99")
+    conn.close()
+    with pytest.raises(LedgerUnavailableError, match="schema version 99"):
+        SQLiteLedger(path)
+
+
+def test_locked_longer_than_busy_timeout(path, ledger) -> None:
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        other.execute("BEGIN EXCLUSIVE")
+        with pytest.raises(LedgerError) as caught:
+            ledger.reserve(PLAN, reservation_id="r1", lease_seconds=60)
+        message = str(caught.value)
+        assert str(path) in message
+        assert "locked" in message
+        assert "busy_timeout=0.1" in message
+        assert isinstance(caught.value.__cause__, sqlite3.OperationalError)
+        with pytest.raises(LedgerError, match="locked"):
+            ledger.commit("r0", {"k": 1})
+        # Reads still work in WAL mode, and nothing was written.
+        assert ledger.state(["k"])["k"] == KeyState()
+    finally:
+        other.execute("COMMIT")
+        other.close()
+    assert ledger.reserve(PLAN, reservation_id="r1", lease_seconds=60).admitted
+    ledger.commit("r0", {"k": 1})
+    assert ledger.state(["k"])["k"] == KeyState(spent=1, reserved=5)
+
+
+async def test_locked_database_fails_the_async_twin_too(path, ledger) -> None:
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        other.execute("BEGIN EXCLUSIVE")
+        with pytest.raises(LedgerError, match="locked"):
+            await ledger.areserve(PLAN, reservation_id="r1", lease_seconds=60)
+    finally:
+        other.execute("COMMIT")
+        other.close()
+    assert (await ledger.areserve(PLAN, reservation_id="r1", lease_seconds=60)).admitted
+
+
+def test_locked_while_opening(path) -> None:
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        other.execute("BEGIN EXCLUSIVE")  # a new file: rollback journal, no readers
+        with pytest.raises(LedgerUnavailableError) as caught:
+            SQLiteLedger(path, busy_timeout=0.1)
+        assert str(path) in str(caught.value)
+        assert "locked" in str(caught.value)
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+
+
+def test_failed_write_rolls_back_and_raises(path, ledger) -> None:
+    ledger.reserve(PLAN, reservation_id="r1", lease_seconds=60)
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("ALTER TABLE counters RENAME TO counters_gone")
+    other.close()
+    with pytest.raises(LedgerError, match="no such table: counters") as caught:
+        ledger.commit("r1", {"k": 5})
+    assert str(path) in str(caught.value)
+    other = sqlite3.connect(path, isolation_level=None)
+    status = other.execute("SELECT status FROM reservations WHERE id = 'r1'").fetchone()
+    other.execute("ALTER TABLE counters_gone RENAME TO counters")
+    other.close()
+    assert status == ("held",)  # the commit did not half-happen
+    ledger.commit("r1", {"k": 5})
+    assert ledger.state(["k"])["k"] == KeyState(spent=5)
+
+
+def test_malformed_reservation_row(path, ledger) -> None:
+    ledger.reserve(PLAN, reservation_id="r1", lease_seconds=60)
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("UPDATE reservations SET items = '[1, 2' WHERE id = 'r1'")
+    other.close()
+    with pytest.raises(LedgerError, match="reservation row is malformed"):
+        ledger.commit("r1", {"k": 5})
+    assert ledger.state(["k"])["k"] == KeyState(reserved=5)
+
+
+def test_malformed_call_log_row(path, ledger) -> None:
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute(
+        "INSERT INTO calls (call_id, ts, scope, provider, model, requested_model,"
+        " input_tokens, output_tokens, cache_read_tokens, cache_write_tokens,"
+        " reasoning_tokens, adapters, outcome, estimate_tokens, latency_ms)"
+        " VALUES ('c', 1, '[]', 'p', 'm', 'm', 0, 0, 0, 0, 0, '[]', 'ok', 0, 0)"
+    )
+    other.close()
+    with pytest.raises(LedgerError, match="call log row is malformed"):
+        ledger.calls()
+
+
+def test_reopening_keeps_everything(path) -> None:
+    first = SQLiteLedger(path)
+    first.reserve(PLAN, reservation_id="r1", lease_seconds=60)
+    first.commit("r1", {"k": 4})
+    first.reserve(PLAN, reservation_id="r2", lease_seconds=60)
+    first.claim("m")
+    first.close()
+    second = SQLiteLedger(path)
+    try:
+        assert second.state(["k"])["k"] == KeyState(spent=4, reserved=5)
+        assert not second.claim("m")
+        second.commit("r1", {"k": 4})  # still idempotent across processes
+        second.commit("r2", {"k": 1})
+        assert second.state(["k"])["k"] == KeyState(spent=5, reserved=0)
+    finally:
+        second.close()
+
+
+def test_usable_after_close(ledger) -> None:
+    ledger.close()
+    assert ledger.reserve(PLAN, reservation_id="r1", lease_seconds=60).admitted
+    assert ledger.state(["k"])["k"] == KeyState(reserved=5)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_opens_its_own_connection(ledger) -> None:
+    ledger.reserve(PLAN, reservation_id="parent", lease_seconds=60)
+    with warnings.catch_warnings():
+        # Python 3.12+ warns about fork() in a process with threads.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:  # the child: report through the exit code only
+        code = 1
+        try:
+            ledger.commit("parent", {"k": 2})
+            ledger.reserve(PLAN, reservation_id="child", lease_seconds=60)
+            ledger.commit("child", {"k": 3})
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert ledger.state(["k"])["k"] == KeyState(spent=5, reserved=0)
+    ledger.commit("parent", {"k": 2})  # settled by the child
+    assert ledger.state(["k"])["k"] == KeyState(spent=5, reserved=0)

@@ -1,0 +1,128 @@
+"""Plugins: default adapters register like third-party ones; observers never break calls."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pluggy
+import pytest
+
+import allowance
+from allowance import Estimate, Guard, Usage, hookimpl, plugins
+
+
+@pytest.fixture
+def fresh_plugins() -> Iterator[None]:
+    plugins.reset_plugins()
+    yield
+    plugins.reset_plugins()
+
+
+def test_default_plugins_provide_the_sdk_adapters_and_codecs(
+    fresh_plugins: None,
+) -> None:
+    assert {"openai", "anthropic"} <= set(plugins.adapters())
+    assert {"openai", "anthropic"} <= set(plugins.providers())
+    pm = plugins.get_plugin_manager()
+    assert pm.get_plugin("openai") is not None
+
+
+def test_adapters_can_be_blocked_by_environment(
+    fresh_plugins: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ALLOWANCE_DISABLED_ADAPTERS", "anthropic")
+    assert "anthropic" not in plugins.adapters()
+    assert "openai" in plugins.adapters()
+
+
+def test_duplicate_adapter_names_are_refused(fresh_plugins: None) -> None:
+    class Clash:
+        @hookimpl
+        def allowance_adapters(self) -> list[Any]:
+            return [plugins.adapters()["openai"]]
+
+    pm = plugins.get_plugin_manager()
+    existing = plugins.adapters()["openai"]
+
+    class Other:
+        name = "openai"
+
+    class Dup:
+        @hookimpl
+        def allowance_adapters(self) -> list[Any]:
+            return [Other()]
+
+    plugins.reset_plugins()
+    pm = plugins.get_plugin_manager()
+    pm.register(Dup())
+    with pytest.raises(
+        allowance.PluginError, match="two plugins provide the adapter 'openai'"
+    ):
+        plugins.adapters()
+    assert existing is not None
+    del Clash
+
+
+def test_a_failing_observer_never_breaks_a_call(
+    fresh_plugins: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    seen: list[str] = []
+
+    class Observer:
+        @hookimpl
+        def allowance_event(self, event: allowance.Event) -> None:
+            seen.append(event.kind)
+            raise RuntimeError("observer bug")
+
+    plugins.get_plugin_manager().register(Observer())
+    guard = Guard(budget=100, ledger="memory://")
+    guard.begin(Estimate("openai", "gpt-4o", 10, 10)).commit(Usage(10, 10))
+    assert "committed" in seen
+    assert "observer bug" in caplog.text
+    assert guard.spent() == 20
+
+
+def test_hookspecs_are_keyword_only_and_few() -> None:
+    pm = pluggy.PluginManager("allowance")
+    from allowance import hookspecs
+
+    pm.add_hookspecs(hookspecs)
+    names = sorted(n for n in dir(pm.hook) if n.startswith("allowance_"))
+    assert names == ["allowance_adapters", "allowance_event", "allowance_providers"]
+
+
+def test_patch_and_unpatch_restore_the_originals(fresh_plugins: None) -> None:
+    import anthropic._base_client as a_base
+    import openai._base_client as o_base
+
+    originals = [
+        cls.__dict__["request"]
+        for cls in (o_base.SyncAPIClient, o_base.AsyncAPIClient, a_base.SyncAPIClient)
+    ]
+    guard = allowance.patch(budget=100, ledger="memory://")
+    try:
+        assert allowance.active_guard() is guard
+        assert o_base.SyncAPIClient.__dict__["request"] is not originals[0]
+        again = allowance.patch(budget=200, ledger="memory://")
+        assert allowance.active_guard() is again
+    finally:
+        allowance.unpatch()
+        allowance.unpatch()  # idempotent
+    assert allowance.active_guard() is None
+    now = [
+        cls.__dict__["request"]
+        for cls in (o_base.SyncAPIClient, o_base.AsyncAPIClient, a_base.SyncAPIClient)
+    ]
+    assert all(a is b for a, b in zip(now, originals, strict=True))
+
+
+def test_patch_of_a_named_adapter_only(fresh_plugins: None) -> None:
+    import anthropic._base_client as a_base
+
+    original = a_base.SyncAPIClient.__dict__["request"]
+    allowance.patch(budget=100, ledger="memory://", adapters=["openai"])
+    try:
+        assert a_base.SyncAPIClient.__dict__["request"] is original
+    finally:
+        allowance.unpatch()

@@ -1,0 +1,418 @@
+"""Failed, retried, cut-short and unmetered calls: charged right, nothing left held.
+
+- HTTP errors (500, 429) release the reservation: outcome ``error``, spent 0.
+- Retries inside the SDK are one call: one reservation, one charge.
+- A stream cut short by the provider, or abandoned by the consumer (``break``
+  then ``close()``, the helpers' ``with`` exit, or dropped and collected), is
+  charged what it produced: outcome ``partial``.
+- A response without usage keeps the whole reservation (``unmetered``); so does
+  a timeout (``error``): the provider may have done the work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import anthropic
+import openai
+import pytest
+from tests.sdk.conftest import (
+    CLAUDE,
+    GPT,
+    USER,
+    aw,
+    drain,
+    enter,
+    only_record,
+    take,
+)
+
+import allowance
+from allowance import prices
+from allowance._sdk import anthropic as anthropic_sdk
+from allowance._sdk import openai as openai_sdk
+from allowance.testing import FakeReply, FakeUsage
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+MAX = 400
+USAGE = FakeUsage(input_tokens=30, output_tokens=12)
+TOKENS = 100_000
+
+
+@dataclass(frozen=True)
+class Api:
+    name: str
+    sdk: str
+    path: str
+    body: dict[str, Any]
+    create: Callable[[Any, dict[str, Any]], Any]
+
+    def call(self, client: Any, **extra: Any) -> Awaitable[Any]:
+        return aw(self.create(client, {**self.body, **extra}))
+
+    @property
+    def estimate(self) -> allowance.Estimate:
+        codec = openai_sdk.CODEC if self.sdk == "openai" else anthropic_sdk.CODEC
+        return codec.estimate(self.path, self.body)
+
+    def worst(self, unit: str) -> int:
+        est = self.estimate
+        if unit == "tokens":
+            return est.total_tokens
+        return prices.worst_case_micros(
+            self.sdk, est.model, est.input_tokens, est.output_tokens
+        )
+
+
+CHAT = Api(
+    "chat",
+    "openai",
+    "/chat/completions",
+    {"model": GPT, "messages": USER, "max_completion_tokens": MAX},
+    lambda c, body: c.chat.completions.create(**body),
+)
+RESPONSES = Api(
+    "responses",
+    "openai",
+    "/responses",
+    {"model": GPT, "input": "Say hello.", "max_output_tokens": MAX},
+    lambda c, body: c.responses.create(**body),
+)
+MESSAGES = Api(
+    "messages",
+    "anthropic",
+    "/v1/messages",
+    {"model": CLAUDE, "messages": USER, "max_tokens": MAX},
+    lambda c, body: c.messages.create(**body),
+)
+APIS = [CHAT, RESPONSES, MESSAGES]
+IDS = [a.name for a in APIS]
+STATUS_ERRORS = (openai.APIStatusError, anthropic.APIStatusError)
+CONNECTION_ERRORS = (openai.APIConnectionError, anthropic.APIConnectionError)
+TIMEOUTS = (openai.APITimeoutError, anthropic.APITimeoutError)
+
+
+def held(guard: allowance.Guard) -> tuple[int, int]:
+    (status,) = guard.status()
+    return status.spent, status.reserved
+
+
+# -- HTTP errors -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", [500, 429])
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+@pytest.mark.parametrize("api", APIS, ids=IDS)
+async def test_http_error_releases_the_reservation(
+    api, stream, status, kind, fake_provider, *, guarded
+):
+    """No retries, an error status: spent unchanged, nothing reserved, ``error``.
+
+    If this fails with ``spent > 0``: a status error was treated like a
+    timeout (charged in full) instead of released.
+    """
+    client, guard = guarded(api.sdk, kind, "wrap", "$5")
+    fake_provider.enqueue(FakeReply(status=status))
+    with pytest.raises(STATUS_ERRORS) as caught:
+        await api.call(client, stream=stream)
+    assert getattr(caught.value, "status_code", None) == status
+    assert held(guard) == (0, 0)
+    record = only_record(guard)
+    assert record.outcome == "error"
+    assert record.cost_micros == 0
+    assert fake_provider.generation_count == 1
+
+
+@pytest.mark.parametrize("api", [CHAT, MESSAGES], ids=["chat", "messages"])
+async def test_retries_inside_the_sdk_are_one_call(api, kind, fake_provider, guarded):
+    """Two 500s then a success with ``max_retries=2``: 3 requests, ONE charge.
+
+    If this fails with 3 records or 3x the charge: the guard sits outside the
+    SDK's retry loop and charges each attempt.
+    """
+    client, guard = guarded(
+        api.sdk, kind, "wrap", TOKENS, client_options={"max_retries": 2}
+    )
+    fake_provider.enqueue(
+        FakeReply(status=500), FakeReply(status=500), FakeReply(usage=USAGE)
+    )
+    await api.call(client)
+    assert fake_provider.generation_count == 3
+    assert held(guard) == (USAGE.total_tokens, 0)
+    record = only_record(guard)
+    assert record.outcome == "ok"
+
+
+# -- streams cut short -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("api", APIS, ids=IDS)
+async def test_truncated_stream_is_charged_what_it_produced(
+    api, kind, fake_provider, guarded
+):
+    """The provider closes the stream after 2 content events, without usage.
+
+    The consumer gets the SDK's error or an early end; the guard commits a
+    partial charge (more than 0, at most the worst case), nothing stays held.
+    """
+    client, guard = guarded(api.sdk, kind, "wrap", TOKENS)
+    fake_provider.enqueue(FakeReply(truncate_after=2, usage=USAGE))
+    stream = await api.call(client, stream=True)
+    events: list[Any] = []
+    failure: BaseException | None = None
+    try:
+        events = await drain(stream)
+    except Exception as err:  # checked below
+        failure = err
+    if failure is None:  # an early end
+        assert len(events) < 8
+    else:  # the SDK's error, or httpx's where the SDK passes it on
+        assert isinstance(failure, CONNECTION_ERRORS) or (
+            type(failure).__name__ == "RemoteProtocolError"
+        )
+    spent, reserved = held(guard)
+    assert reserved == 0
+    assert 0 < spent <= api.worst("tokens")
+    record = only_record(guard)
+    assert record.outcome == "partial"
+    assert record.usage.output_tokens > 0
+
+
+@pytest.mark.parametrize("api", APIS, ids=IDS)
+async def test_abandoned_stream_closed_is_charged_partially(
+    api, kind, fake_provider, guarded
+):
+    """``break`` after 2 events, then ``stream.close()``: partial, nothing held.
+
+    If this fails with a reservation held: ``close()`` does not settle the
+    ticket, and the budget stays blocked until garbage collection.
+    """
+    client, guard = guarded(api.sdk, kind, "wrap", TOKENS)
+    fake_provider.usage = USAGE
+    stream = await api.call(client, stream=True)
+    assert len(await take(stream, 2)) == 2
+    await aw(stream.close())
+    spent, reserved = held(guard)
+    assert reserved == 0
+    assert 0 < spent <= api.worst("tokens")
+    assert only_record(guard).outcome == "partial"
+
+
+@pytest.mark.parametrize("api", APIS, ids=IDS)
+async def test_abandoned_stream_context_manager_exit_settles(
+    api, kind, fake_provider, guarded
+):
+    """``with client....create(stream=True) as s: break``: settled on exit."""
+    client, guard = guarded(api.sdk, kind, "wrap", TOKENS)
+    fake_provider.usage = USAGE
+    async with contextlib.AsyncExitStack() as stack:
+        stream = await enter(stack, await api.call(client, stream=True))
+        await take(stream, 2)
+    assert held(guard)[1] == 0
+    assert only_record(guard).outcome == "partial"
+
+
+HELPERS: dict[str, tuple[str, Any]] = {
+    "chat.stream()": (
+        "openai",
+        lambda c: c.chat.completions.stream(
+            model=GPT, messages=USER, max_completion_tokens=MAX
+        ),
+    ),
+    "responses.stream()": (
+        "openai",
+        lambda c: c.responses.stream(model=GPT, input="Hi.", max_output_tokens=MAX),
+    ),
+    "messages.stream()": (
+        "anthropic",
+        lambda c: c.messages.stream(model=CLAUDE, messages=USER, max_tokens=MAX),
+    ),
+}
+
+
+@pytest.mark.parametrize("helper", list(HELPERS))
+async def test_abandoned_stream_helper_settles_on_exit(
+    helper, kind, fake_provider, guarded
+):
+    """``with client....stream() as s: break``: partial charge when the block exits.
+
+    The helpers close the HTTP response themselves (``stream.response.close()``
+    for openai), not the stream object the guard returned. Stricter reading:
+    the reservation must not wait for garbage collection.
+    """
+    sdk, open_helper = HELPERS[helper]
+    client, guard = guarded(sdk, kind, "wrap", TOKENS)
+    fake_provider.usage = USAGE
+    async with contextlib.AsyncExitStack() as stack:
+        stream = await enter(stack, open_helper(client))
+        assert len(await take(stream, 2)) == 2
+    # ``stream`` is still referenced here: no garbage collection has settled it.
+    assert stream is not None
+    spent, reserved = held(guard)
+    assert reserved == 0
+    assert spent > 0
+    assert only_record(guard).outcome == "partial"
+
+
+@pytest.mark.parametrize("api", APIS, ids=IDS)
+async def test_dropped_stream_is_settled_when_collected(
+    api, kind, fake_provider, guarded
+):
+    """A stream read halfway and dropped, never closed: partial at collection."""
+    client, guard = guarded(api.sdk, kind, "wrap", TOKENS)
+    fake_provider.usage = USAGE
+
+    async def read_two_and_drop() -> None:
+        stream = await api.call(client, stream=True)
+        assert len(await take(stream, 2)) == 2
+        assert held(guard)[1] > 0
+
+    await read_two_and_drop()
+    gc.collect()
+    assert held(guard)[1] == 0
+    assert only_record(guard).outcome == "partial"
+
+
+# -- no usage, timeouts ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("unit", ["usd", "tokens"])
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+@pytest.mark.parametrize("api", APIS, ids=IDS)
+async def test_response_without_usage_is_charged_the_whole_reservation(
+    api, stream, unit, kind, fake_provider, *, guarded
+):
+    """No usage in the answer: the worst case that was reserved is charged.
+
+    If this fails with ``spent == 0``: a missing usage was read as zero usage,
+    which would make every unmetered call free.
+    """
+    budget = "$5" if unit == "usd" else TOKENS
+    client, guard = guarded(api.sdk, kind, "wrap", budget)
+    fake_provider.enqueue(FakeReply(omit_usage=True))
+    result = await api.call(client, stream=stream)
+    if stream:
+        await drain(result)
+    assert held(guard) == (api.worst(unit), 0)
+    record = only_record(guard)
+    assert record.outcome == "unmetered"
+
+
+@pytest.mark.parametrize("api", APIS, ids=IDS)
+async def test_timeout_is_charged_in_full(api, kind, fake_provider, guarded):
+    """A 0.05 s client timeout on a 0.5 s answer: worst case kept, ``error``."""
+    client, guard = guarded(
+        api.sdk, kind, "wrap", TOKENS, client_options={"timeout": 0.05}
+    )
+    fake_provider.enqueue(FakeReply(latency=0.5))
+    with pytest.raises(TIMEOUTS):
+        await api.call(client)
+    assert held(guard) == (api.worst("tokens"), 0)
+    record = only_record(guard)
+    assert record.outcome == "error"
+    assert fake_provider.generation_count == 1
+
+
+async def test_connection_refused_releases(kind, clients):
+    """Nothing listening: a connection error releases the reservation."""
+    client = clients("openai", kind, base_url="http://127.0.0.1:9/v1")
+    allowance.wrap(client, TOKENS, ledger="memory://")
+    with pytest.raises(openai.APIConnectionError):
+        await aw(client.chat.completions.create(**CHAT.body))
+    guard = client.allowance.guard
+    assert held(guard) == (0, 0)
+    assert only_record(guard).outcome == "error"
+
+
+@pytest.mark.parametrize("api", APIS, ids=IDS)
+async def test_stream_read_on_after_a_break_is_whole_and_charged_once(
+    api, kind, fake_provider, guarded
+):
+    """``for e in stream: break`` then reading on: every event, the full usage.
+
+    The SDK's streams can be resumed after a ``break``; the guarded one must
+    not end there (nor charge a partial stream that the caller finishes).
+    """
+    fake_provider.usage = USAGE
+    client, guard = guarded(api.sdk, kind, "wrap", TOKENS)
+    stream = await api.call(client, stream=True)
+    first = await take(stream, 1)
+    rest = await drain(stream)
+    # The fake sends 5 words: more events than that reach the caller in all.
+    assert len(first) == 1
+    assert len(rest) > 5
+    assert fake_provider.generation_count == 1
+    assert held(guard) == (USAGE.total_tokens, 0)
+    assert only_record(guard).outcome == "ok"
+
+
+# -- raw responses of streams ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("sdk", ["openai", "anthropic"])
+async def test_streaming_response_of_a_stream_exited_unread_is_charged_in_full(
+    sdk, kind, fake_provider, guarded
+):
+    """``with ...with_streaming_response.create(stream=True): pass``: settled on exit.
+
+    Nothing was read, so the usage is unknown: the whole reservation is kept
+    (``unmetered``), as for ``with_streaming_response`` without a stream.
+    """
+    client, guard = guarded(sdk, kind, "wrap", TOKENS)
+    api = CHAT if sdk == "openai" else MESSAGES
+    resource = (
+        client.chat.completions if sdk == "openai" else client.messages
+    ).with_streaming_response
+    async with contextlib.AsyncExitStack() as stack:
+        await enter(stack, resource.create(**api.body, stream=True))
+    assert held(guard) == (api.worst("tokens"), 0)
+    assert only_record(guard).outcome == "unmetered"
+
+
+@pytest.mark.parametrize("sdk", ["openai", "anthropic"])
+async def test_streaming_response_of_a_stream_read_halfway_is_partial_on_exit(
+    sdk, kind, fake_provider, guarded
+):
+    """Parsed, 2 events read, then the ``with`` block exits: a partial charge."""
+    fake_provider.usage = USAGE
+    client, guard = guarded(sdk, kind, "wrap", TOKENS)
+    api = CHAT if sdk == "openai" else MESSAGES
+    resource = (
+        client.chat.completions if sdk == "openai" else client.messages
+    ).with_streaming_response
+    async with contextlib.AsyncExitStack() as stack:
+        response = await enter(stack, resource.create(**api.body, stream=True))
+        stream = await aw(response.parse())
+        assert len(await take(stream, 2)) == 2
+    spent, reserved = held(guard)
+    assert reserved == 0
+    assert 0 < spent < api.worst("tokens")
+    assert only_record(guard).outcome == "partial"
+
+
+async def test_raw_response_of_a_stream_dropped_unread_is_settled(
+    kind, fake_provider, guarded
+):
+    """``with_raw_response.create(stream=True)`` dropped without ``parse()``.
+
+    If this fails with a reservation held: nothing settles an unread raw
+    stream, and the budget stays blocked until the lease expires.
+    """
+    client, guard = guarded("openai", kind, "wrap", TOKENS)
+
+    async def open_and_drop() -> None:
+        raw = await aw(
+            client.chat.completions.with_raw_response.create(**CHAT.body, stream=True)
+        )
+        assert raw.headers["content-type"].startswith("text/event-stream")
+        assert held(guard)[1] > 0
+
+    await open_and_drop()
+    gc.collect()
+    assert held(guard) == (CHAT.worst("tokens"), 0)
+    assert only_record(guard).outcome == "unmetered"
