@@ -147,7 +147,9 @@ def test_warn_fires_once_per_crossing_even_across_guards() -> None:
     )
     with allowance.scope(tenant="acme"):
         one.begin(est(inp=500, out=0)).commit(Usage(500, 0))
-        for guard in (one, two, one, two):
+        with pytest.warns(allowance.BudgetThresholdWarning, match="crossed 50%"):
+            one.begin(est(inp=10, out=0)).commit(Usage(10, 0))
+        for guard in (two, one, two):  # no second warning: filterwarnings=error
             guard.begin(est(inp=10, out=0)).commit(Usage(10, 0))
     assert len(fired) == 1
     event = fired[0]
@@ -166,8 +168,21 @@ def test_a_failing_threshold_callback_never_breaks_the_call() -> None:
         scope={"session": "s"},
     )
     guard.begin(est(inp=20, out=0)).commit(Usage(20, 0))
-    guard.begin(est(inp=20, out=0)).commit(Usage(20, 0))  # the callback raises here
+    with pytest.warns(allowance.BudgetThresholdWarning):
+        guard.begin(est(inp=20, out=0)).commit(Usage(20, 0))  # the callback raises
     assert guard.spent() == 40
+
+
+def test_a_warnings_filter_set_to_error_leaks_no_reservation() -> None:
+    guard = Guard(
+        Policy([Budget(100, thresholds=[Threshold(0.1)])]),
+        ledger="memory://",
+        scope={"session": "s"},
+    )
+    guard.begin(est(inp=20, out=0)).commit(Usage(20, 0))
+    with pytest.raises(allowance.BudgetThresholdWarning):  # filterwarnings = error
+        guard.begin(est(inp=20, out=0))
+    assert guard.status()[0].reserved == 0
 
 
 def test_webhook_thresholds_post_off_the_call_path() -> None:

@@ -9,11 +9,12 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from allowance._budget import Budget, Threshold, format_amount
-from allowance._errors import BudgetExceeded
+from allowance._errors import BudgetExceeded, BudgetThresholdWarning
 from allowance._guard import Guard
 from allowance._policy import Policy
 from allowance._scope import budget, scope
@@ -288,7 +289,12 @@ def run_demo(console: Console, *, ledger_path: Path | None = None) -> int:
         "against a fake provider "
         f"on 127.0.0.1, one ledger at {path}"
     )
-    with FakeProvider(text=ANSWER, latency=(0.002, 0.01), seed=7) as fake:
+    with (
+        FakeProvider(text=ANSWER, latency=(0.002, 0.01), seed=7) as fake,
+        warnings.catch_warnings(),
+    ):
+        # The scenes print what the warnings say; don't print it twice.
+        warnings.simplefilter("ignore", BudgetThresholdWarning)
         for scene in (
             scene_agents,
             scene_burst,

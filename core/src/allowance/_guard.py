@@ -676,8 +676,8 @@ class Guard:
                 scope,
                 {"requested_model": estimate.model, "model": model, "call_id": call_id},
             )
-        yield from self._threshold_plan(lines, result.before, scope, model)
-        return Ticket(
+        crossed = yield from self._threshold_plan(lines, result.before, scope, model)
+        ticket = Ticket(
             self,
             call_id=call_id,
             scope=scope,
@@ -689,6 +689,13 @@ class Guard:
             estimate_micros=micros,
             adapters=adapters,
         )
+        for message in crossed:
+            try:
+                warnings.warn(message, BudgetThresholdWarning, stacklevel=2)
+            except BaseException:  # a warnings filter set to "error": nothing held
+                yield from ticket._release_plan("error")
+                raise
+        return ticket
 
     def _fallback_target(
         self, estimate: Estimate, applicable: list[Budget]
@@ -781,8 +788,10 @@ class Guard:
         before: Mapping[str, KeyState],
         scope: Mapping[str, str],
         model: str,
-    ) -> Generator[_Op, Any, None]:
+    ) -> Generator[_Op, Any, list[str]]:
+        """Fire the warn/webhook thresholds crossed; return the warnings to issue."""
         # Like degrade gates: committed + in-flight spend before this call.
+        crossed: list[str] = []
         for line in lines:
             used = before.get(line.key, KeyState()).used
             for b in line.budgets:
@@ -795,7 +804,7 @@ class Guard:
                     claimed = yield _Op("claim", (marker,))
                     self._remember(marker)
                     if claimed is True:
-                        self._fire(
+                        message = self._fire(
                             threshold=t,
                             budget=b,
                             line=line,
@@ -803,6 +812,9 @@ class Guard:
                             scope=scope,
                             model=model,
                         )
+                        if t.action == "warn":
+                            crossed.append(message)
+        return crossed
 
     def _remember(self, marker: str) -> None:
         if len(self._fired) > 100_000:  # noqa: PLR2004 - bound the memory of old windows
@@ -818,7 +830,7 @@ class Guard:
         used: int,
         scope: Mapping[str, str],
         model: str,
-    ) -> None:
+    ) -> str:
         event = Event(
             kind="threshold",
             budget=budget.label,
@@ -833,19 +845,18 @@ class Guard:
                 "model": model,
             },
         )
-        logger.warning(
-            "allowance: budget %r (%s) crossed %d%%: %s of %s",
-            budget.label,
-            line.key,
-            round(threshold.at * 100),
-            format_amount(used, budget.unit),
-            format_amount(budget.limit, budget.unit),
+        message = (
+            f"budget {budget.label!r} ({line.key}) crossed "
+            f"{round(threshold.at * 100)}%: {format_amount(used, budget.unit)} "
+            f"of {format_amount(budget.limit, budget.unit)}"
         )
+        logger.warning("allowance: %s", message)
         if threshold.callback is not None:
             call_safely(threshold.callback, event, what="threshold callback")
         if threshold.action == "webhook" and threshold.to:
             webhooks.send(threshold.to, event)
         plugins.emit(event)
+        return message
 
     def _emit(
         self,
