@@ -5,7 +5,9 @@ Usage: ``uv run noxfile.py -s bench`` (or ``python benchmarks/overhead.py -n 300
 Each round times one raw call and one guarded call (alternating which goes
 first) against the fake provider with no delay, so both see the same machine
 state. "added" is the median of the per-round differences; p99 is the guarded
-call's 99th percentile.
+call's 99th percentile. The fake provider runs in its own process: in this one
+its server thread would compete with the client for the GIL and blur the
+figures.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import argparse
 import asyncio
 import gc
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,7 +28,6 @@ from rich.console import Console
 from rich.table import Table
 
 import allowance
-from allowance.testing import FakeProvider
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -70,7 +73,7 @@ def measure(
 
 
 def sync_scenarios(
-    fake: FakeProvider, rounds: int, tmp: Path
+    fake: RemoteProvider, rounds: int, tmp: Path
 ) -> list[tuple[str, dict[str, float]]]:
     results = []
     raw_client = openai.OpenAI(
@@ -137,9 +140,7 @@ def sync_scenarios(
     return results
 
 
-def concurrency(fake: FakeProvider, calls: int) -> tuple[float, float]:
-    fake.latency = 0.02
-
+def concurrency(fake: RemoteProvider, calls: int) -> tuple[float, float]:
     async def run(guarded: bool) -> float:
         client = openai.AsyncOpenAI(
             base_url=fake.openai_base_url, api_key="x", max_retries=0
@@ -168,8 +169,40 @@ def concurrency(fake: FakeProvider, calls: int) -> tuple[float, float]:
 
     raw = asyncio.run(run(False))
     guarded = asyncio.run(run(True))
-    fake.latency = 0.0
     return raw, guarded
+
+
+class RemoteProvider:
+    """A FakeProvider in a child process; ``latency`` is set by restarting it."""
+
+    def __init__(self, latency: float = 0.0) -> None:
+        self._process: subprocess.Popen[str] | None = None
+        self.start(latency)
+
+    def start(self, latency: float) -> None:
+        self.stop()
+        code = (
+            "import sys, time\n"
+            "from allowance.testing import FakeProvider\n"
+            f"fake = FakeProvider(latency={latency!r}).start()\n"
+            "print(fake.openai_base_url, flush=True)\n"
+            "sys.stdin.read()\n"
+        )
+        self._process = subprocess.Popen(
+            [sys.executable, "-c", code],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self._process.stdout is not None
+        self.openai_base_url = self._process.stdout.readline().strip()
+
+    def stop(self) -> None:
+        if self._process is not None:
+            assert self._process.stdin is not None
+            self._process.stdin.close()
+            self._process.wait(timeout=10)
+            self._process = None
 
 
 def main() -> None:
@@ -178,9 +211,14 @@ def main() -> None:
     parser.add_argument("--concurrent", type=int, default=1000)
     args = parser.parse_args()
     console = Console()
-    with FakeProvider() as fake, tempfile.TemporaryDirectory() as tmp:
-        rows = sync_scenarios(fake, args.rounds, Path(tmp))
+    fake = RemoteProvider()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            rows = sync_scenarios(fake, args.rounds, Path(tmp))
+        fake.start(latency=0.02)
         raw_wall, guarded_wall = concurrency(fake, args.concurrent)
+    finally:
+        fake.stop()
     table = Table(title=f"allowance overhead, N={args.rounds} interleaved rounds (µs)")
     for column in (
         "scenario",
