@@ -40,9 +40,6 @@ def main(
             return False
         return True
 
-    # openai 2.x imports httpx2 lazily on the first request, and that import is
-    # not thread-safe: make it here, before the threads race.
-    client.models.list()
     barrier.wait(timeout=60)
     with ThreadPoolExecutor(threads) as pool:
         results = list(pool.map(one, range(calls)))

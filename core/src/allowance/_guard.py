@@ -440,6 +440,7 @@ class Guard:
             validate_scope({"session": new_id()} if defaults is None else defaults)
         )
         self._clock = clock
+        prices.preload()
         self._fired: set[str] = set()
         self._lines_cache: dict[
             tuple[tuple[tuple[str, str], ...], tuple[Budget, ...]],

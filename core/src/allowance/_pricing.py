@@ -398,6 +398,19 @@ class PriceTable:
             entry = self._resolve(provider, model)
         return entry[0]
 
+    def preload(self) -> None:
+        """Import genai-prices and its data now, in this thread.
+
+        Lazy imports are not safe everywhere: genai-prices imports ``httpx2``,
+        and openai 2.x reads ``sys.modules["httpx2"]`` on every request, so a
+        first price lookup in one thread while another thread sends a request
+        can hand that thread a half-imported module. ``Guard`` calls this when
+        it is built, before its calls start.
+        """
+        from genai_prices.data_snapshot import get_snapshot  # noqa: PLC0415
+
+        get_snapshot()
+
     def has_price(self, provider: str | None, model: str) -> bool:
         """Return True when ``model`` under ``provider`` has a price (or a fallback)."""
         return self.rates(provider, model) is not None
