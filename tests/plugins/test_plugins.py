@@ -37,14 +37,6 @@ def test_adapters_can_be_blocked_by_environment(
 
 
 def test_duplicate_adapter_names_are_refused(fresh_plugins: None) -> None:
-    class Clash:
-        @hookimpl
-        def allowance_adapters(self) -> list[Any]:
-            return [plugins.adapters()["openai"]]
-
-    pm = plugins.get_plugin_manager()
-    existing = plugins.adapters()["openai"]
-
     class Other:
         name = "openai"
 
@@ -53,15 +45,11 @@ def test_duplicate_adapter_names_are_refused(fresh_plugins: None) -> None:
         def allowance_adapters(self) -> list[Any]:
             return [Other()]
 
-    plugins.reset_plugins()
-    pm = plugins.get_plugin_manager()
-    pm.register(Dup())
+    plugins.get_plugin_manager().register(Dup())
     with pytest.raises(
         allowance.PluginError, match="two plugins provide the adapter 'openai'"
     ):
         plugins.adapters()
-    assert existing is not None
-    del Clash
 
 
 def test_a_failing_observer_never_breaks_a_call(
@@ -126,3 +114,40 @@ def test_patch_of_a_named_adapter_only(fresh_plugins: None) -> None:
         assert a_base.SyncAPIClient.__dict__["request"] is original
     finally:
         allowance.unpatch()
+
+
+@pytest.fixture
+def entry_point_plugin(tmp_path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A real distribution on sys.path declaring a plugin under group ``allowance``."""
+    dist = tmp_path / "allowance_fakeplug-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: allowance-fakeplug\nVersion: 0.1\n"
+    )
+    (dist / "entry_points.txt").write_text("[allowance]\nfakeplug = fakeplug_mod\n")
+    (tmp_path / "fakeplug_mod.py").write_text(
+        "from allowance import hookimpl\n"
+        "class Adapter:\n"
+        "    name = 'fakeplug'\n"
+        "    requires = ()\n"
+        "    def available(self): return True\n"
+        "    def install(self, guard): pass\n"
+        "    def uninstall(self): pass\n"
+        "@hookimpl\n"
+        "def allowance_adapters():\n"
+        "    return [Adapter()]\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "fakeplug"
+
+
+def test_entry_points_are_loaded(fresh_plugins: None, entry_point_plugin: str) -> None:
+    assert entry_point_plugin in plugins.adapters()
+
+
+def test_autoload_can_be_turned_off(
+    fresh_plugins: None, entry_point_plugin: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ALLOWANCE_DISABLE_PLUGIN_AUTOLOAD", "1")
+    assert entry_point_plugin not in plugins.adapters()
+    assert "openai" in plugins.adapters()  # default plugins are not entry points

@@ -1,0 +1,74 @@
+"""The ``allowance`` command: report from a real SQLite ledger, in a real process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from allowance import Estimate, Guard, Usage, scope
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "COLUMNS": "120", "NO_COLOR": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "allowance._cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_report_shows_spend_by_dimension_and_model(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'spend.db'}"
+    guard = Guard(budget="$1", per="tenant", ledger=url)
+    for tenant, calls in (("acme", 3), ("globex", 1)):
+        with scope(tenant=tenant):
+            for _ in range(calls):
+                guard.begin(Estimate("openai", "gpt-4o", 1000, 500)).commit(
+                    Usage(1000, 500)
+                )
+    guard.close()
+    result = run_cli("report", "--ledger", url, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "Spend by tenant" in out
+    assert "acme" in out
+    assert "$0.0225" in out  # 3 x (1000 x $2.50 + 500 x $10) per million tokens
+    assert "Spend by model" in out
+    assert "4 calls, $0.03 spent, 0 refused before sending." in out
+
+
+def test_report_groups_by_a_chosen_dimension(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'spend.db'}"
+    guard = Guard(ledger=url)
+    with scope(user="u1", tenant="t"):
+        guard.begin(Estimate("openai", "gpt-4o-mini", 10, 10)).commit(Usage(10, 10))
+    guard.close()
+    out = run_cli("report", "--ledger", url, "--by", "user", cwd=tmp_path).stdout
+    assert "Spend by user" in out
+    assert "Spend by tenant" not in out
+
+
+def test_report_of_an_empty_ledger(tmp_path: Path) -> None:
+    result = run_cli("report", "--ledger", "sqlite:///empty.db", cwd=tmp_path)
+    assert result.returncode == 0
+    assert "No calls recorded." in result.stdout
+
+
+def test_a_bad_ledger_url_is_a_clear_error(tmp_path: Path) -> None:
+    result = run_cli("report", "--ledger", "postgres://x", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "ledger" in result.stdout
+    assert "expected" in result.stdout
+
+
+def test_a_corrupt_database_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "bad.db").write_bytes(b"this is not a database" * 100)
+    result = run_cli("report", "--ledger", "sqlite:///bad.db", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "bad.db" in result.stdout
