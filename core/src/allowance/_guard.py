@@ -39,7 +39,7 @@ from allowance._scope import current_budgets, current_scope, new_id, validate_sc
 from allowance.typing import CallRecord, Estimate, Event, KeyState, ReserveItem, Usage
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Callable
 
     from allowance._budget import Threshold
     from allowance.typing import Ledger, Outcome, ReserveResult, Unit
@@ -97,6 +97,18 @@ class BudgetStatus:
             f", reserved {format_amount(self.reserved, self.unit)}"
             f", limit {format_amount(self.limit, self.unit)}"
         )
+
+
+@dataclass(frozen=True, slots=True)
+class _Layout:
+    """The ledger lines of calls in one scope, with what the call path must know."""
+
+    lines: tuple[_Line, ...]
+    applicable: tuple[Budget, ...]
+    valid_until: float
+    needs_usd: bool
+    alerts: bool  # some budget has a warn or webhook threshold
+    degrade_to: str | None  # the first degrade threshold's own target
 
 
 @dataclass(slots=True)
@@ -157,7 +169,7 @@ class Ticket:
         scope: Mapping[str, str],
         estimate: Estimate,
         model: str,
-        lines: Sequence[_Line],
+        lines: tuple[_Line, ...],
         reserved: Mapping[str, int] | None,
         estimate_micros: int | None,
         adapters: tuple[str, ...],
@@ -294,9 +306,9 @@ class Ticket:
                     "actual_tokens": usage.total_tokens,
                 },
             )
-        yield from guard._settle(
-            _Op("commit", (self.call_id, amounts), {"record": record})
-        )
+        op = self._settle_op("commit", amounts, record)
+        if (yield op) is _FAILED and op.name == "commit":
+            guard._buffer(self.call_id, amounts, record)
         guard._emit("committed", self.scope, {"record": record})
 
     def _keep_plan(self, outcome: Outcome) -> Generator[_Op, Any, None]:
@@ -315,9 +327,20 @@ class Ticket:
             self.estimate_micros,
             outcome,
         )
-        yield from guard._settle(
-            _Op("commit", (self.call_id, amounts), {"record": record})
-        )
+        yield from guard._settle(self._settle_op("commit", amounts, record))
+
+    def _settle_op(
+        self,
+        name: Literal["commit", "release"],
+        amounts: dict[str, int],
+        record: CallRecord,
+    ) -> _Op:
+        """Return the ledger operation that settles this call and logs ``record``."""
+        if not self._lines or (name == "release" and self._reserved is None):
+            return _Op("record", (record,))  # nothing was held: only log the call
+        if name == "release":
+            return _Op("release", (self.call_id,), {"record": record})
+        return _Op("commit", (self.call_id, amounts), {"record": record})
 
     def _worst_amounts(self) -> dict[Unit, int]:
         return {"tokens": self.estimate.total_tokens, "usd": self.estimate_micros or 0}
@@ -327,9 +350,7 @@ class Ticket:
             return
         self.settled = True
         record = self._record(Usage(), 0, outcome)
-        yield from self._guard._settle(
-            _Op("release", (self.call_id,), {"record": record})
-        )
+        yield from self._guard._settle(self._settle_op("release", {}, record))
         self._guard._emit("released", self.scope, {"record": record})
 
 
@@ -442,9 +463,8 @@ class Guard:
         self._clock = clock
         prices.preload()
         self._fired: set[str] = set()
-        self._lines_cache: dict[
-            tuple[tuple[tuple[str, str], ...], tuple[Budget, ...]],
-            tuple[list[_Line], list[Budget], float],
+        self._layouts: dict[
+            tuple[tuple[tuple[str, str], ...], tuple[Budget, ...]], _Layout
         ] = {}
         self._pending: deque[tuple[str, Mapping[str, int], CallRecord]] = deque()
         self.estimate_misses = 0
@@ -488,14 +508,13 @@ class Guard:
             return ambient
         return MappingProxyType({**self.default_scope, **ambient, **self.bound_scope})
 
-    def _lines(
-        self, scope: Mapping[str, str], now: float
-    ) -> tuple[list[_Line], list[Budget]]:
+    def _lines(self, scope: Mapping[str, str], now: float) -> _Layout:
+        """Return the ledger lines a call in ``scope`` draws on (cached per window)."""
         extra = current_budgets()
         cache_key = (tuple(scope.items()), extra)
-        cached = self._lines_cache.get(cache_key)
-        if cached is not None and now < cached[2]:
-            return cached[0], cached[1]
+        cached = self._layouts.get(cache_key)
+        if cached is not None and now < cached.valid_until:
+            return cached
         applicable = [b for b in self.policy.budgets if b.per in scope]
         applicable.extend(b for b in extra if b.per in scope)
         lines: dict[str, _Line] = {}
@@ -520,11 +539,30 @@ class Guard:
                 line.limit = min(line.limit, limit)
                 if gate is not None:
                     line.gate = gate if line.gate is None else min(line.gate, gate)
-        result = list(lines.values())
-        if len(self._lines_cache) >= _LINES_CACHE_SIZE:
-            self._lines_cache.clear()
-        self._lines_cache[cache_key] = (result, applicable, valid_until)
-        return result, applicable
+        layout = _Layout(
+            lines=tuple(lines.values()),
+            applicable=tuple(applicable),
+            valid_until=valid_until,
+            needs_usd=any(line.unit == "usd" for line in lines.values()),
+            alerts=any(
+                t.action in {"warn", "webhook"}
+                for b in applicable
+                for t in b.thresholds
+            ),
+            degrade_to=next(
+                (
+                    t.to
+                    for b in applicable
+                    for t in b.thresholds
+                    if t.action == "degrade" and t.to is not None
+                ),
+                None,
+            ),
+        )
+        if len(self._layouts) >= _LINES_CACHE_SIZE:
+            self._layouts.clear()
+        self._layouts[cache_key] = layout
+        return layout
 
     # -- the call lifecycle -----------------------------------------------------------
 
@@ -574,9 +612,10 @@ class Guard:
             yield from self._flush_plan()
         now = self._clock()
         scope = self.current_scope()
-        lines, applicable = self._lines(scope, now)
+        layout = self._lines(scope, now)
+        lines = layout.lines
         call_id = new_id()
-        needs_usd = any(line.unit == "usd" for line in lines)
+        needs_usd = layout.needs_usd
         worst_micros = self._worst(estimate, required=needs_usd)
         if not lines:
             return Ticket(
@@ -593,8 +632,12 @@ class Guard:
         candidates: list[tuple[str, Estimate, int | None]] = [
             (estimate.model, estimate, worst_micros)
         ]
-        if reestimate is not None:
-            target = self._fallback_target(estimate, applicable)
+        if reestimate is not None and (
+            self.policy.fallback is not None or layout.degrade_to is not None
+        ):
+            target = self.policy.fallback_for(
+                estimate.model, estimate.provider, layout.degrade_to
+            )
             if target is not None:
                 fb_estimate = reestimate(target)
                 candidates.append(
@@ -677,7 +720,11 @@ class Guard:
                 scope,
                 {"requested_model": estimate.model, "model": model, "call_id": call_id},
             )
-        crossed = yield from self._threshold_plan(lines, result.before, scope, model)
+        crossed = (
+            (yield from self._threshold_plan(lines, result.before, scope, model))
+            if layout.alerts
+            else ()
+        )
         ticket = Ticket(
             self,
             call_id=call_id,
@@ -697,20 +744,6 @@ class Guard:
                 yield from ticket._release_plan("error")
                 raise
         return ticket
-
-    def _fallback_target(
-        self, estimate: Estimate, applicable: list[Budget]
-    ) -> str | None:
-        override = next(
-            (
-                t.to
-                for b in applicable
-                for t in b.thresholds
-                if t.action == "degrade" and t.to is not None
-            ),
-            None,
-        )
-        return self.policy.fallback_for(estimate.model, estimate.provider, override)
 
     def _worst(self, estimate: Estimate, *, required: bool) -> int | None:
         try:
@@ -785,7 +818,7 @@ class Guard:
 
     def _threshold_plan(
         self,
-        lines: list[_Line],
+        lines: tuple[_Line, ...],
         before: Mapping[str, KeyState],
         scope: Mapping[str, str],
         model: str,
@@ -986,9 +1019,10 @@ class Guard:
             else self.current_scope()
         )
         now = self._clock()
-        lines, applicable = self._lines(resolved, now)
-        states = self.ledger.state([line.key for line in lines])
-        by_key = {line.key: line for line in lines}
+        layout = self._lines(resolved, now)
+        applicable = layout.applicable
+        states = self.ledger.state([line.key for line in layout.lines])
+        by_key = {line.key: line for line in layout.lines}
         out: list[BudgetStatus] = []
         for b in applicable:
             key = b.key(resolved, now)
