@@ -104,6 +104,8 @@ __all__ = [
     "messages_input_bound",
     "output_cap",
     "responses_input_bound",
+    "text_bytes",
+    "token_count",
 ]
 
 MESSAGE_TOKENS: Final = 4
@@ -181,6 +183,16 @@ def _utf8_len(text: str) -> int:
     if text.isascii():
         return len(text)
     return len(text.encode("utf-8", "surrogatepass"))
+
+
+def text_bytes(text: object) -> int:
+    """Return the UTF-8 length of ``text``; 0 when it is not a string."""
+    return _utf8_len(text) if isinstance(text, str) else 0
+
+
+def token_count(value: object) -> int:
+    """Return ``value`` when it is a token count (an int, not a bool), else 0."""
+    return value if type(value) is int else 0
 
 
 def _dumps(value: object) -> str:

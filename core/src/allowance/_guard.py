@@ -617,18 +617,23 @@ class Guard:
         call_id = new_id()
         needs_usd = layout.needs_usd
         worst_micros = self._worst(estimate, required=needs_usd)
+
+        def ticket(**changes: Any) -> Ticket:
+            fields: dict[str, Any] = {
+                "call_id": call_id,
+                "scope": scope,
+                "estimate": estimate,
+                "model": estimate.model,
+                "lines": lines,
+                "reserved": None,
+                "estimate_micros": worst_micros,
+                "adapters": adapters,
+            }
+            fields.update(changes)
+            return Ticket(self, **fields)
+
         if not lines:
-            return Ticket(
-                self,
-                call_id=call_id,
-                scope=scope,
-                estimate=estimate,
-                model=estimate.model,
-                lines=(),
-                reserved=None,
-                estimate_micros=worst_micros,
-                adapters=adapters,
-            )
+            return ticket()
         candidates: list[tuple[str, Estimate, int | None]] = [
             (estimate.model, estimate, worst_micros)
         ]
@@ -663,17 +668,7 @@ class Guard:
             {"reservation_id": call_id, "lease_seconds": self.policy.lease_seconds},
         )
         if result is _FAILED:  # fail-open: let through, charge at commit
-            return Ticket(
-                self,
-                call_id=call_id,
-                scope=scope,
-                estimate=estimate,
-                model=estimate.model,
-                lines=lines,
-                reserved=None,
-                estimate_micros=worst_micros,
-                adapters=adapters,
-            )
+            return ticket()
         result = cast("ReserveResult", result)
         if result.plan is None:
             violations = tuple(
@@ -699,16 +694,8 @@ class Guard:
             on_limit = self.policy.on_limit
             if on_limit == "raise":
                 raise BudgetExceeded(violations, model=estimate.model)
-            return Ticket(
-                self,
-                call_id=call_id,
-                scope=scope,
-                estimate=estimate,
-                model=estimate.model,
+            return ticket(
                 lines=lines if on_limit == "warn" else (),
-                reserved=None,
-                estimate_micros=worst_micros,
-                adapters=adapters,
                 violations=violations,
                 stopped=on_limit == "stop",
             )
@@ -725,25 +712,20 @@ class Guard:
             if layout.alerts
             else ()
         )
-        ticket = Ticket(
-            self,
-            call_id=call_id,
-            scope=scope,
+        admitted = ticket(
             estimate=chosen,
             requested_model=estimate.model,
             model=model,
-            lines=lines,
             reserved=reserved,
             estimate_micros=micros,
-            adapters=adapters,
         )
         for message in crossed:
             try:
                 warnings.warn(message, BudgetThresholdWarning, stacklevel=2)
             except BaseException:  # a warnings filter set to "error": nothing held
-                yield from ticket._release_plan("error")
+                yield from admitted._release_plan("error")
                 raise
-        return ticket
+        return admitted
 
     def _worst(self, estimate: Estimate, *, required: bool) -> int | None:
         try:

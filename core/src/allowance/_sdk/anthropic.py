@@ -12,7 +12,12 @@ import importlib
 import json
 from typing import TYPE_CHECKING, Any
 
-from allowance._estimate import messages_input_bound, output_cap
+from allowance._estimate import (
+    messages_input_bound,
+    output_cap,
+    text_bytes,
+    token_count,
+)
 from allowance._sdk._adapter import SdkAdapter
 from allowance.plugins import hookimpl
 from allowance.typing import Estimate, Usage
@@ -26,17 +31,13 @@ if TYPE_CHECKING:
 __all__ = ["AnthropicAdapter", "AnthropicCodec"]
 
 
-def _n(value: object) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) else 0
-
-
 def _usage(usage: Any) -> Usage:
-    uncached = _n(getattr(usage, "input_tokens", 0))
-    cache_read = _n(getattr(usage, "cache_read_input_tokens", 0))
-    cache_write = _n(getattr(usage, "cache_creation_input_tokens", 0))
+    uncached = token_count(getattr(usage, "input_tokens", 0))
+    cache_read = token_count(getattr(usage, "cache_read_input_tokens", 0))
+    cache_write = token_count(getattr(usage, "cache_creation_input_tokens", 0))
     return Usage(
         input_tokens=uncached + cache_read + cache_write,
-        output_tokens=_n(getattr(usage, "output_tokens", 0)),
+        output_tokens=token_count(getattr(usage, "output_tokens", 0)),
         cache_read_tokens=cache_read,
         cache_write_tokens=cache_write,
     )
@@ -127,12 +128,6 @@ class AnthropicCodec:
         )
 
 
-def _text_bytes(text: object) -> int:
-    if not isinstance(text, str):
-        return 0
-    return len(text) if text.isascii() else len(text.encode())
-
-
 class _MessagesAccumulator:
     """``message_start`` carries input usage, ``message_delta`` the cumulative usage."""
 
@@ -159,7 +154,7 @@ class _MessagesAccumulator:
         kind = getattr(event, "type", "")
         if kind == "content_block_delta":
             delta = getattr(event, "delta", None)
-            self._bytes += _text_bytes(
+            self._bytes += text_bytes(
                 getattr(delta, "text", None)
                 or getattr(delta, "partial_json", None)
                 or getattr(delta, "thinking", None)

@@ -16,6 +16,8 @@ from allowance._estimate import (
     chat_input_bound,
     output_cap,
     responses_input_bound,
+    text_bytes,
+    token_count,
 )
 from allowance._sdk._adapter import SdkAdapter
 from allowance.plugins import hookimpl
@@ -43,10 +45,6 @@ def _api(path: str) -> str | None:
     if path.endswith("/embeddings"):
         return _EMBEDDINGS
     return None
-
-
-def _n(value: object) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 def _embedding_bound(body: Mapping[str, Any]) -> int:
@@ -238,34 +236,25 @@ def _stopped_response(ident: str, model: str, reason: str) -> dict[str, Any]:
     }
 
 
-def _chat_usage(usage: Any) -> Usage:
-    prompt_details = getattr(usage, "prompt_tokens_details", None)
-    completion_details = getattr(usage, "completion_tokens_details", None)
+def _read_usage(usage: Any, prefix: str, output: str) -> Usage:
+    """Read a usage object of either API: their fields differ only by name."""
+    inputs = getattr(usage, f"{prefix}_tokens_details", None)
+    outputs = getattr(usage, f"{output}_tokens_details", None)
     return Usage(
-        input_tokens=_n(getattr(usage, "prompt_tokens", 0)),
-        output_tokens=_n(getattr(usage, "completion_tokens", 0)),
-        cache_read_tokens=_n(getattr(prompt_details, "cached_tokens", 0)),
-        cache_write_tokens=_n(getattr(prompt_details, "cache_write_tokens", 0)),
-        reasoning_tokens=_n(getattr(completion_details, "reasoning_tokens", 0)),
+        input_tokens=token_count(getattr(usage, f"{prefix}_tokens", 0)),
+        output_tokens=token_count(getattr(usage, f"{output}_tokens", 0)),
+        cache_read_tokens=token_count(getattr(inputs, "cached_tokens", 0)),
+        cache_write_tokens=token_count(getattr(inputs, "cache_write_tokens", 0)),
+        reasoning_tokens=token_count(getattr(outputs, "reasoning_tokens", 0)),
     )
+
+
+def _chat_usage(usage: Any) -> Usage:
+    return _read_usage(usage, "prompt", "completion")
 
 
 def _responses_usage(usage: Any) -> Usage:
-    input_details = getattr(usage, "input_tokens_details", None)
-    output_details = getattr(usage, "output_tokens_details", None)
-    return Usage(
-        input_tokens=_n(getattr(usage, "input_tokens", 0)),
-        output_tokens=_n(getattr(usage, "output_tokens", 0)),
-        cache_read_tokens=_n(getattr(input_details, "cached_tokens", 0)),
-        cache_write_tokens=_n(getattr(input_details, "cache_write_tokens", 0)),
-        reasoning_tokens=_n(getattr(output_details, "reasoning_tokens", 0)),
-    )
-
-
-def _text_bytes(text: object) -> int:
-    if not isinstance(text, str):
-        return 0
-    return len(text) if text.isascii() else len(text.encode())
+    return _read_usage(usage, "input", "output")
 
 
 class _ChatAccumulator:
@@ -288,10 +277,10 @@ class _ChatAccumulator:
                 delta = getattr(choice, "delta", None)
                 if delta is None:
                     continue
-                self._bytes += _text_bytes(getattr(delta, "content", None))
+                self._bytes += text_bytes(getattr(delta, "content", None))
                 for tool_call in getattr(delta, "tool_calls", None) or ():
                     function = getattr(tool_call, "function", None)
-                    self._bytes += _text_bytes(getattr(function, "arguments", None))
+                    self._bytes += text_bytes(getattr(function, "arguments", None))
         usage = getattr(event, "usage", None)
         if usage is not None:
             self._usage = _chat_usage(usage)
@@ -322,7 +311,7 @@ class _ResponsesAccumulator:
     def observe(self, event: Any) -> bool:
         kind = getattr(event, "type", "")
         if kind.endswith(".delta"):
-            self._bytes += _text_bytes(getattr(event, "delta", None))
+            self._bytes += text_bytes(getattr(event, "delta", None))
             return True
         response = getattr(event, "response", None)
         if response is not None:
