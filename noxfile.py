@@ -88,6 +88,7 @@ def bench(session: nox.Session) -> None:
     """Measure the guard's overhead against the raw SDK and print the table."""
     sync(session, "bench", "sdk-latest")
     session.run("python", str(ROOT / "benchmarks" / "overhead.py"), *session.posargs)
+    session.run("python", str(ROOT / "benchmarks" / "ledger.py"))
 
 
 if __name__ == "__main__":

@@ -170,6 +170,9 @@ _NOT_PROMPT: Final = frozenset(
 )  # fmt: skip
 # Keys inside messages and blocks whose values are not read by the model.
 _NOT_TEXT: Final = frozenset({"type", "role", "cache_control", "signature", "detail"})
+# What a request body can hold. Anything else is an SDK placeholder for an
+# argument not given (openai's and anthropic's NotGiven/Omit): never sent.
+_JSON: Final = (str, int, float, list, tuple, dict, Mapping, type(None))
 _IMAGE_TYPES: Final = frozenset(
     {"image_url", "input_image", "image", "computer_screenshot"}
 )
@@ -330,6 +333,8 @@ def _messages(count: _Count, messages: object) -> int:
 def _chat(count: _Count, body: Mapping[str, Any]) -> int:
     total = REQUEST_TOKENS
     for key, value in body.items():
+        if not isinstance(value, _JSON):
+            continue
         if key == "messages":
             total += _messages(count, value)
         elif key in ("tools", "functions"):
@@ -344,6 +349,8 @@ def _chat(count: _Count, body: Mapping[str, Any]) -> int:
 def _responses(count: _Count, body: Mapping[str, Any]) -> int:
     total = REQUEST_TOKENS
     for key, value in body.items():
+        if not isinstance(value, _JSON):
+            continue
         if key in ("input", "instructions"):
             total += _messages(count, value)
         elif key == "tools":
@@ -359,6 +366,8 @@ def _responses(count: _Count, body: Mapping[str, Any]) -> int:
 def _anthropic(count: _Count, body: Mapping[str, Any]) -> int:
     total = REQUEST_TOKENS
     for key, value in body.items():
+        if not isinstance(value, _JSON):
+            continue
         if key == "system":
             total += MESSAGE_TOKENS + _walk(count, value)
         elif key == "messages":

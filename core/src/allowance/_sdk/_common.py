@@ -62,9 +62,6 @@ class SdkBinding:
     keep_errors: tuple[type[BaseException], ...]
     provider_of: Callable[[Any], str]
     wants_stream_usage: Callable[[str], bool]
-    # ``NotGiven``/``Omit``: anthropic 2.x leaves them in ``json_data`` until it
-    # serialises the body; they are not sent, so they are not estimated.
-    sentinel_types: tuple[type[Any], ...] = ()
 
 
 @dataclass(slots=True)
@@ -97,16 +94,12 @@ def _prepare(
     """Return the call to guard, or None to pass it through untouched."""
     cast_to, options, stream, stream_cls = _bind(args, kwargs)
     body = getattr(options, "json_data", None)
-    if not isinstance(body, Mapping):
+    if type(body) is not dict and not isinstance(body, Mapping):
         return None
     path = str(getattr(options, "url", "")).split("?", 1)[0]
     codec = binding.codec
     if not codec.is_billable(path):
         return None
-    if binding.sentinel_types:
-        body = {
-            k: v for k, v in body.items() if not isinstance(v, binding.sentinel_types)
-        }
     estimate = codec.estimate(path, body)
     provider = binding.provider_of(client)
     if provider != estimate.provider:

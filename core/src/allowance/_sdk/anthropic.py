@@ -218,7 +218,6 @@ def _binding() -> SdkBinding:
         keep_errors=(anthropic.APITimeoutError,),
         provider_of=lambda _client: "anthropic",
         wants_stream_usage=lambda _path: False,
-        sentinel_types=_optional_types("anthropic._types", "NotGiven", "Omit"),
     )
 
 

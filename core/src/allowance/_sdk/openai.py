@@ -358,7 +358,6 @@ def _binding() -> SdkBinding:
         keep_errors=(openai.APITimeoutError,),
         provider_of=provider_of,
         wants_stream_usage=lambda path: _api(path) == _CHAT,
-        sentinel_types=(openai.NotGiven, openai.Omit),
     )
 
 
