@@ -122,6 +122,9 @@ class _Line:
     gate: int | None = None
 
 
+_NO_LAYOUT = _Layout((), (), -math.inf, needs_usd=False, alerts=False, degrade_to=None)
+
+
 class _Op(NamedTuple):
     """One ledger operation a plan asks its driver to run."""
 
@@ -463,6 +466,8 @@ class Guard:
         self._clock = clock
         prices.preload()
         self._fired: set[str] = set()
+        self._last_scope: tuple[object, Mapping[str, str]] = (None, {})
+        self._last_layout: tuple[object, object, _Layout] = (None, None, _NO_LAYOUT)
         self._layouts: dict[
             tuple[tuple[tuple[str, str], ...], tuple[Budget, ...]], _Layout
         ] = {}
@@ -506,15 +511,32 @@ class Guard:
         ambient = current_scope()
         if not self.default_scope and not self.bound_scope:
             return ambient
-        return MappingProxyType({**self.default_scope, **ambient, **self.bound_scope})
+        last = self._last_scope  # scopes are immutable: merge each one once
+        if last[0] is ambient:
+            return last[1]
+        merged = MappingProxyType({**self.default_scope, **ambient, **self.bound_scope})
+        self._last_scope = (ambient, merged)
+        return merged
 
     def _lines(self, scope: Mapping[str, str], now: float) -> _Layout:
         """Return the ledger lines a call in ``scope`` draws on (cached per window)."""
         extra = current_budgets()
+        last = self._last_layout
+        if last[0] is scope and last[1] is extra and now < last[2].valid_until:
+            return last[2]
         cache_key = (tuple(scope.items()), extra)
-        cached = self._layouts.get(cache_key)
-        if cached is not None and now < cached.valid_until:
-            return cached
+        layout = self._layouts.get(cache_key)
+        if layout is None or now >= layout.valid_until:
+            layout = self._build_layout(scope, extra, now)
+            if len(self._layouts) >= _LINES_CACHE_SIZE:
+                self._layouts.clear()
+            self._layouts[cache_key] = layout
+        self._last_layout = (scope, extra, layout)
+        return layout
+
+    def _build_layout(
+        self, scope: Mapping[str, str], extra: tuple[Budget, ...], now: float
+    ) -> _Layout:
         applicable = [b for b in self.policy.budgets if b.per in scope]
         applicable.extend(b for b in extra if b.per in scope)
         lines: dict[str, _Line] = {}
@@ -539,7 +561,7 @@ class Guard:
                 line.limit = min(line.limit, limit)
                 if gate is not None:
                     line.gate = gate if line.gate is None else min(line.gate, gate)
-        layout = _Layout(
+        return _Layout(
             lines=tuple(lines.values()),
             applicable=tuple(applicable),
             valid_until=valid_until,
@@ -559,10 +581,6 @@ class Guard:
                 None,
             ),
         )
-        if len(self._layouts) >= _LINES_CACHE_SIZE:
-            self._layouts.clear()
-        self._layouts[cache_key] = layout
-        return layout
 
     # -- the call lifecycle -----------------------------------------------------------
 
