@@ -4,8 +4,10 @@ Usage: ``uv run noxfile.py -s bench`` (or ``python benchmarks/overhead.py -n 300
 
 Each round times one raw call and one guarded call (alternating which goes
 first) against the fake provider with no delay, so both see the same machine
-state. "added" is the median of the per-round differences; p99 is the guarded
-call's 99th percentile. The fake provider runs in its own process: in this one
+state. "added" is the median of the per-round differences of wall time,
+"added CPU" the same for the calling thread's CPU time (``thread_time``: what
+the guard itself costs, without the scheduling noise of a shared machine); p99
+is the guarded call's 99th percentile. The fake provider runs in its own process: in this one
 its server thread would compete with the client for the GIL and blur the
 figures.
 """
@@ -46,29 +48,32 @@ def measure(
     for _ in range(200):  # warm up connections, caches, pricing lookups
         raw()
         guarded()
-    a: list[float] = []
-    b: list[float] = []
+    wall: dict[Any, list[float]] = {raw: [], guarded: []}
+    cpu: dict[Any, list[float]] = {raw: [], guarded: []}
     gc.collect()
     gc.disable()
     try:
         for i in range(rounds):
-            order = (raw, guarded) if i % 2 else (guarded, raw)
-            times = {}
-            for fn in order:
-                start = time.perf_counter_ns()
+            for fn in (raw, guarded) if i % 2 else (guarded, raw):
+                start, start_cpu = time.perf_counter_ns(), time.thread_time_ns()
                 fn()
-                times[fn] = time.perf_counter_ns() - start
-            a.append(times[raw] / 1000)
-            b.append(times[guarded] / 1000)
+                cpu[fn].append((time.thread_time_ns() - start_cpu) / 1000)
+                wall[fn].append((time.perf_counter_ns() - start) / 1000)
     finally:
         gc.enable()
-    diffs = [y - x for x, y in zip(a, b, strict=True)]
+
+    def added(times: dict[Any, list[float]]) -> float:
+        return statistics.median(
+            y - x for x, y in zip(times[raw], times[guarded], strict=True)
+        )
+
     return {
-        "raw": statistics.median(a),
-        "guarded": statistics.median(b),
-        "added": statistics.median(diffs),
-        "p99": quantile(b, 0.99),
-        "raw_p99": quantile(a, 0.99),
+        "raw": statistics.median(wall[raw]),
+        "guarded": statistics.median(wall[guarded]),
+        "added": added(wall),
+        "added_cpu": added(cpu),
+        "p99": quantile(wall[guarded], 0.99),
+        "raw_p99": quantile(wall[raw], 0.99),
     }
 
 
@@ -210,7 +215,7 @@ def main() -> None:
     parser.add_argument("-n", "--rounds", type=int, default=2000)
     parser.add_argument("--concurrent", type=int, default=1000)
     args = parser.parse_args()
-    console = Console()
+    console = Console(width=max(120, Console().width))
     fake = RemoteProvider()
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -225,6 +230,7 @@ def main() -> None:
         "raw",
         "guarded",
         "added",
+        "added CPU",
         "ratio",
         "p99 raw",
         "p99 guarded",
@@ -236,6 +242,7 @@ def main() -> None:
             f"{r['raw']:.0f}",
             f"{r['guarded']:.0f}",
             f"{r['added']:.1f}",
+            f"{r['added_cpu']:.1f}",
             f"{r['guarded'] / r['raw']:.3f}",
             f"{r['raw_p99']:.0f}",
             f"{r['p99']:.0f}",
@@ -245,6 +252,7 @@ def main() -> None:
         f"{raw_wall * 1000:.0f}",
         f"{guarded_wall * 1000:.0f}",
         f"{(guarded_wall - raw_wall) * 1000:.0f}",
+        "",
         f"{guarded_wall / raw_wall:.3f}",
         "",
         "",
