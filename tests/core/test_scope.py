@@ -85,3 +85,24 @@ def test_budget_is_also_a_context_manager() -> None:
     with allowance.budget(100) as inner:
         assert "invocation" in inner
     assert "invocation" not in current_scope()
+
+
+def test_budget_decorator_on_coroutines_gives_each_call_its_own_budget() -> None:
+    guard = allowance.Guard(ledger="memory://")
+
+    @allowance.budget(250)
+    async def handle() -> int:
+        calls = 0
+        for _ in range(10):
+            try:
+                ticket = await guard.abegin(allowance.Estimate("openai", "gpt-4o", 100, 0))
+            except allowance.BudgetExceeded:
+                break
+            await ticket.acommit(allowance.Usage(100, 0))
+            calls += 1
+        return calls
+
+    async def main() -> list[int]:
+        return await asyncio.gather(handle(), handle(), handle())
+
+    assert asyncio.run(main()) == [2, 2, 2]
