@@ -354,7 +354,14 @@ class FakeProvider:
         ready.set()
         async with server:
             await stopping.wait()
+            # Let connections accepted just now become transports and start
+            # their handler before closing: on Python 3.11 an accept that lands
+            # after server.close() fails inside asyncio and leaks its socket,
+            # and a task cancelled before its first step never runs its
+            # finally (both a ResourceWarning at exit).
+            await _settle_loop()
             server.close()
+            await _settle_loop()
             tasks = list(self._connections)
             for task in tasks:
                 task.cancel()
@@ -538,6 +545,11 @@ def _parse_head(head: bytes) -> tuple[str, str, str, dict[str, str]]:
         name, value = name.strip().lower(), value.strip()
         headers[name] = f"{headers[name]}, {value}" if name in headers else value
     return method.upper(), target, version, headers
+
+
+async def _settle_loop() -> None:
+    for _ in range(3):
+        await asyncio.sleep(0)
 
 
 async def _read_request(
