@@ -95,7 +95,9 @@ def test_budget_decorator_on_coroutines_gives_each_call_its_own_budget() -> None
         calls = 0
         for _ in range(10):
             try:
-                ticket = await guard.abegin(allowance.Estimate("openai", "gpt-4o", 100, 0))
+                ticket = await guard.abegin(
+                    allowance.Estimate("openai", "gpt-4o", 100, 0)
+                )
             except allowance.BudgetExceeded:
                 break
             await ticket.acommit(allowance.Usage(100, 0))

@@ -32,7 +32,9 @@ __all__ = [
     "hookimpl",
     "load_plugins",
     "providers",
+    "register",
     "reset_plugins",
+    "unregister",
 ]
 
 F = TypeVar("F", bound=Callable[..., object])
@@ -138,6 +140,29 @@ def providers() -> dict[str, ProviderCodec]:
             _collect(pm.hook.allowance_providers(), "provider"),
         )
     return found
+
+
+def register(plugin: object, name: str | None = None) -> None:
+    """Register a plugin object at run time (not through an entry point).
+
+    Example:
+        >>> class Printer:
+        ...     @hookimpl
+        ...     def allowance_event(self, event): print(event.kind)
+        >>> register(Printer())
+    """
+    global _adapters, _providers, _observers  # noqa: PLW0603
+    with _lock:
+        get_plugin_manager().register(plugin, name=name)
+        _adapters = _providers = _observers = None
+
+
+def unregister(plugin: object) -> None:
+    """Unregister a plugin registered with ``register``."""
+    global _adapters, _providers, _observers  # noqa: PLW0603
+    with _lock:
+        get_plugin_manager().unregister(plugin)
+        _adapters = _providers = _observers = None
 
 
 def has_observers() -> bool:
