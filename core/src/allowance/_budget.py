@@ -25,7 +25,7 @@ import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
-from typing import TYPE_CHECKING, Literal, cast, get_args
+from typing import TYPE_CHECKING, Literal, cast, final, get_args
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from allowance._errors import ConfigurationError
@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Budget",
+    "BudgetStatus",
     "Threshold",
     "escape_value",
     "format_amount",
@@ -356,3 +357,41 @@ def _next_midnight(start: datetime, *, days: int) -> datetime:
     # Wall-clock arithmetic: across a DST change a "day" is 23 or 25 hours long.
     naive = start.replace(tzinfo=None) + timedelta(days=days)
     return naive.replace(tzinfo=start.tzinfo)
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class BudgetStatus:
+    """Where one budget stands for one scope, now.
+
+    Amounts are in the budget's unit: micro-dollars for ``"usd"``, tokens for
+    ``"tokens"``.
+    """
+
+    budget: str
+    key: str
+    unit: Unit
+    limit: int
+    spent: int
+    reserved: int
+    window_ends: float | None
+
+    __module__ = "allowance"
+
+    @property
+    def remaining(self) -> int:
+        """What is left before the limit, counting reservations in flight."""
+        return max(0, self.limit - self.spent - self.reserved)
+
+    @property
+    def ratio(self) -> float:
+        """Committed plus reserved spend as a share of the limit."""
+        return (self.spent + self.reserved) / self.limit if self.limit else 1.0
+
+    def describe(self) -> str:
+        """Return a one-line summary for people."""
+        return (
+            f"{self.budget} [{self.key}]: spent {format_amount(self.spent, self.unit)}"
+            f", reserved {format_amount(self.reserved, self.unit)}"
+            f", limit {format_amount(self.limit, self.unit)}"
+        )

@@ -2,7 +2,7 @@
 
 Every adapter drives calls through ``Guard.begin``/``abegin`` and the returned
 ``Ticket``. The decision logic is written once, as generators that yield ledger
-operations (``_Op``); a sync and an async driver run them, so the sync and
+operations (``Op``); a sync and an async driver run them, so the sync and
 async paths cannot drift apart.
 """
 
@@ -14,14 +14,12 @@ import threading
 import time
 import warnings
 from collections import deque
-from collections.abc import Generator, Iterable, Mapping
-from dataclasses import dataclass
 from decimal import Decimal
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TypeVar, cast, final
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
 from allowance import plugins
-from allowance._budget import MICROS_PER_USD, Budget, format_amount, parse_limit
+from allowance._budget import MICROS_PER_USD, Budget, BudgetStatus, format_amount
 from allowance._errors import (
     BudgetExceeded,
     BudgetThresholdWarning,
@@ -33,23 +31,23 @@ from allowance._errors import (
 )
 from allowance._events import call_safely, webhooks
 from allowance._ledger import DEFAULT_LEDGER_URL, open_ledger
-from allowance._policy import Fail, OnLimit, Policy, shorthand_thresholds
+from allowance._policy import Fail, OnLimit, Policy, budgets_from_shorthand
 from allowance._pricing import prices
 from allowance._scope import current_budgets, current_scope, new_id, validate_scope
+from allowance._ticket import FAILED, NO_LAYOUT, Layout, Line, Op, Ticket
 from allowance.typing import CallRecord, Estimate, Event, KeyState, ReserveItem, Usage
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Generator, Iterable, Mapping
 
     from allowance._budget import Threshold
     from allowance.typing import Ledger, Outcome, ReserveResult, Unit
 
-__all__ = ["BudgetStatus", "Guard", "Ticket"]
+__all__ = ["BudgetStatus", "Guard", "Ticket"]  # BudgetStatus, Ticket: re-exported
 
 logger = logging.getLogger("allowance")
 
 T = TypeVar("T")
-_NO_KWARGS: Mapping[str, Any] = MappingProxyType({})
 _BUFFER_LIMIT = 10_000
 _LINES_CACHE_SIZE = 4096
 _LEDGER_SCHEMES = (
@@ -59,302 +57,6 @@ _LEDGER_SCHEMES = (
     "rediss://",
     "redis+sentinel://",
 )
-
-
-@final
-@dataclass(frozen=True, slots=True)
-class BudgetStatus:
-    """Where one budget stands for one scope, now.
-
-    Amounts are in the budget's unit: micro-dollars for ``"usd"``, tokens for
-    ``"tokens"``.
-    """
-
-    budget: str
-    key: str
-    unit: Unit
-    limit: int
-    spent: int
-    reserved: int
-    window_ends: float | None
-
-    __module__ = "allowance"
-
-    @property
-    def remaining(self) -> int:
-        """What is left before the limit, counting reservations in flight."""
-        return max(0, self.limit - self.spent - self.reserved)
-
-    @property
-    def ratio(self) -> float:
-        """Committed plus reserved spend as a share of the limit."""
-        return (self.spent + self.reserved) / self.limit if self.limit else 1.0
-
-    def describe(self) -> str:
-        """Return a one-line summary for people."""
-        return (
-            f"{self.budget} [{self.key}]: spent {format_amount(self.spent, self.unit)}"
-            f", reserved {format_amount(self.reserved, self.unit)}"
-            f", limit {format_amount(self.limit, self.unit)}"
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class _Layout:
-    """The ledger lines of calls in one scope, with what the call path must know."""
-
-    lines: tuple[_Line, ...]
-    applicable: tuple[Budget, ...]
-    valid_until: float
-    needs_usd: bool
-    alerts: bool  # some budget has a warn or webhook threshold
-    degrade_to: str | None  # the first degrade threshold's own target
-
-
-@dataclass(slots=True)
-class _Line:
-    """One ledger key a call draws on, with the budgets that count it."""
-
-    key: str
-    unit: Unit
-    budgets: list[Budget]
-    limit: int
-    gate: int | None = None
-
-
-_NO_LAYOUT = _Layout((), (), -math.inf, needs_usd=False, alerts=False, degrade_to=None)
-
-
-class _Op(NamedTuple):
-    """One ledger operation a plan asks its driver to run."""
-
-    name: Literal["reserve", "commit", "release", "claim", "record"]
-    args: tuple[Any, ...] = ()
-    kwargs: Mapping[str, Any] = _NO_KWARGS
-
-
-_FAILED = object()
-
-
-@final
-class Ticket:
-    """One admitted (or stopped, or let-through) call, until it is settled.
-
-    Adapters read ``model`` (the model to call: the fallback when degraded) and
-    ``stopped`` (return a synthetic response instead of calling), then settle
-    with exactly one of ``commit``, ``commit_partial``, ``keep`` or ``release``
-    (or their ``a``-prefixed twins). Settling twice does nothing.
-    """
-
-    __module__ = "allowance"
-    __slots__ = (
-        "_guard",
-        "_lines",
-        "_reserved",
-        "adapters",
-        "call_id",
-        "estimate",
-        "estimate_micros",
-        "model",
-        "requested_model",
-        "scope",
-        "settled",
-        "started",
-        "stopped",
-        "violations",
-    )
-
-    def __init__(
-        self,
-        guard: Guard,
-        *,
-        call_id: str,
-        scope: Mapping[str, str],
-        estimate: Estimate,
-        model: str,
-        lines: tuple[_Line, ...],
-        reserved: Mapping[str, int] | None,
-        estimate_micros: int | None,
-        adapters: tuple[str, ...],
-        violations: tuple[Violation, ...] = (),
-        stopped: bool = False,
-        requested_model: str | None = None,
-    ) -> None:
-        """Create a ticket; only ``Guard.begin`` does."""
-        self._guard = guard
-        self.call_id = call_id
-        self.scope = scope
-        self.estimate = estimate
-        self.requested_model = requested_model or estimate.model
-        self.model = model
-        self._lines = lines
-        self._reserved = reserved
-        self.estimate_micros = estimate_micros
-        self.adapters = adapters
-        self.violations = violations
-        self.stopped = stopped
-        self.settled = False
-        self.started = time.time()
-
-    @property
-    def degraded(self) -> bool:
-        """True when the guard swapped the model for a cheaper one."""
-        return self.model != self.requested_model
-
-    @property
-    def reserved(self) -> Mapping[str, int]:
-        """What this call holds on each ledger key (empty when nothing is held)."""
-        return MappingProxyType(dict(self._reserved or {}))
-
-    # -- settling ---------------------------------------------------------------
-
-    def commit(self, usage: Usage, *, response_model: str | None = None) -> None:
-        """Charge the actual ``usage`` and return the rest of the reservation."""
-        self._guard._drive(self._commit_plan(usage, response_model, partial=False))
-
-    async def acommit(self, usage: Usage, *, response_model: str | None = None) -> None:
-        """Async twin of ``commit``."""
-        await self._guard._adrive(
-            self._commit_plan(usage, response_model, partial=False)
-        )
-
-    def commit_partial(
-        self, usage: Usage, *, response_model: str | None = None
-    ) -> None:
-        """Charge what a stream cut short produced (``usage`` as counted so far)."""
-        self._guard._drive(self._commit_plan(usage, response_model, partial=True))
-
-    async def acommit_partial(
-        self, usage: Usage, *, response_model: str | None = None
-    ) -> None:
-        """Async twin of ``commit_partial``."""
-        await self._guard._adrive(
-            self._commit_plan(usage, response_model, partial=True)
-        )
-
-    def keep(self, *, outcome: Outcome = "unmetered") -> None:
-        """Charge the whole reservation: the usage is unknown (no usage, a timeout)."""
-        self._guard._drive(self._keep_plan(outcome))
-
-    async def akeep(self, *, outcome: Outcome = "unmetered") -> None:
-        """Async twin of ``keep``."""
-        await self._guard._adrive(self._keep_plan(outcome))
-
-    def release(self, *, outcome: Outcome = "error") -> None:
-        """Charge nothing: the call failed before the provider did any work."""
-        self._guard._drive(self._release_plan(outcome))
-
-    async def arelease(self, *, outcome: Outcome = "error") -> None:
-        """Async twin of ``release``."""
-        await self._guard._adrive(self._release_plan(outcome))
-
-    # -- plans --------------------------------------------------------------------
-
-    def _outcome(self, partial: bool) -> Outcome:  # noqa: FBT001
-        if partial:
-            return "partial"
-        if self.violations:
-            return "warned"
-        return "degraded" if self.degraded else "ok"
-
-    def _record(
-        self,
-        usage: Usage,
-        cost: int | None,
-        outcome: Outcome,
-        model: str | None = None,
-    ) -> CallRecord:
-        return CallRecord(
-            call_id=self.call_id,
-            ts=self.started,
-            scope=self.scope,
-            provider=self.estimate.provider,
-            model=model or self.model,
-            requested_model=self.requested_model,
-            usage=usage,
-            cost_micros=cost,
-            adapters=self.adapters,
-            outcome=outcome,
-            estimate_tokens=self.estimate.total_tokens,
-            estimate_micros=self.estimate_micros,
-            latency_ms=(time.time() - self.started) * 1000.0,
-        )
-
-    def _commit_plan(
-        self, usage: Usage, response_model: str | None, *, partial: bool
-    ) -> Generator[_Op, Any, None]:
-        if self.settled:
-            return
-        self.settled = True
-        guard = self._guard
-        provider = self.estimate.provider
-        cost = guard._cost(provider, response_model, self.model, usage)
-        amounts: dict[str, int] = {}
-        for line in self._lines:
-            if line.unit == "tokens":
-                amounts[line.key] = usage.total_tokens
-            elif cost is None:  # pragma: no cover - a USD line was priced at begin
-                raise PricingError(self.model, provider)
-            else:
-                amounts[line.key] = cost
-        record = self._record(usage, cost, self._outcome(partial), response_model)
-        if usage.total_tokens > self.estimate.total_tokens:
-            guard.estimate_misses += 1
-            guard._emit(
-                "estimate_missed",
-                self.scope,
-                {
-                    "model": self.model,
-                    "estimated_tokens": self.estimate.total_tokens,
-                    "actual_tokens": usage.total_tokens,
-                },
-            )
-        op = self._settle_op("commit", amounts, record)
-        if (yield op) is _FAILED and op.name == "commit":
-            guard._buffer(self.call_id, amounts, record)
-        guard._emit("committed", self.scope, {"record": record})
-
-    def _keep_plan(self, outcome: Outcome) -> Generator[_Op, Any, None]:
-        if self.settled:
-            return
-        self.settled = True
-        guard = self._guard
-        amounts = dict(self._reserved or {})
-        if not amounts and self._lines:
-            # Let through with nothing held (on_limit="warn", fail-open): charge the
-            # worst case that was estimated.
-            worst = self._worst_amounts()
-            amounts = {line.key: worst[line.unit] for line in self._lines}
-        record = self._record(
-            Usage(self.estimate.input_tokens, self.estimate.output_tokens),
-            self.estimate_micros,
-            outcome,
-        )
-        yield from guard._settle(self._settle_op("commit", amounts, record))
-
-    def _settle_op(
-        self,
-        name: Literal["commit", "release"],
-        amounts: dict[str, int],
-        record: CallRecord,
-    ) -> _Op:
-        """Return the ledger operation that settles this call and logs ``record``."""
-        if not self._lines or (name == "release" and self._reserved is None):
-            return _Op("record", (record,))  # nothing was held: only log the call
-        if name == "release":
-            return _Op("release", (self.call_id,), {"record": record})
-        return _Op("commit", (self.call_id, amounts), {"record": record})
-
-    def _worst_amounts(self) -> dict[Unit, int]:
-        return {"tokens": self.estimate.total_tokens, "usd": self.estimate_micros or 0}
-
-    def _release_plan(self, outcome: Outcome) -> Generator[_Op, Any, None]:
-        if self.settled:
-            return
-        self.settled = True
-        record = self._record(Usage(), 0, outcome)
-        yield from self._guard._settle(self._settle_op("release", {}, record))
-        self._guard._emit("released", self.scope, {"record": record})
 
 
 class Guard:
@@ -429,7 +131,7 @@ class Guard:
                 raise ConfigurationError("policy", policy, "an allowance.Policy")
         else:
             policy = Policy(
-                _budgets_from(budget, per, window, threshold, fallback),
+                budgets_from_shorthand(budget, per, window, threshold, fallback),
                 on_limit=on_limit,
                 fallback=fallback,
                 fail=fail,
@@ -467,9 +169,9 @@ class Guard:
         prices.preload()
         self._fired: set[str] = set()
         self._last_scope: tuple[object, Mapping[str, str]] = (None, {})
-        self._last_layout: tuple[object, object, _Layout] = (None, None, _NO_LAYOUT)
+        self._last_layout: tuple[object, object, Layout] = (None, None, NO_LAYOUT)
         self._layouts: dict[
-            tuple[tuple[tuple[str, str], ...], tuple[Budget, ...]], _Layout
+            tuple[tuple[tuple[str, str], ...], tuple[Budget, ...]], Layout
         ] = {}
         self._pending: deque[tuple[str, Mapping[str, int], CallRecord]] = deque()
         self.estimate_misses = 0
@@ -518,7 +220,7 @@ class Guard:
         self._last_scope = (ambient, merged)
         return merged
 
-    def _lines(self, scope: Mapping[str, str], now: float) -> _Layout:
+    def _lines(self, scope: Mapping[str, str], now: float) -> Layout:
         """Return the ledger lines a call in ``scope`` draws on (cached per window)."""
         extra = current_budgets()
         last = self._last_layout
@@ -536,10 +238,10 @@ class Guard:
 
     def _build_layout(
         self, scope: Mapping[str, str], extra: tuple[Budget, ...], now: float
-    ) -> _Layout:
+    ) -> Layout:
         applicable = [b for b in self.policy.budgets if b.per in scope]
         applicable.extend(b for b in extra if b.per in scope)
-        lines: dict[str, _Line] = {}
+        lines: dict[str, Line] = {}
         valid_until = math.inf
         for b in applicable:
             key = b.key(scope, now)
@@ -555,13 +257,13 @@ class Guard:
                     gate = math.ceil(t.at * b.limit) - 1
             line = lines.get(key)
             if line is None:
-                lines[key] = _Line(key, b.unit, [b], limit, gate)
+                lines[key] = Line(key, b.unit, [b], limit, gate)
             else:
                 line.budgets.append(b)
                 line.limit = min(line.limit, limit)
                 if gate is not None:
                     line.gate = gate if line.gate is None else min(line.gate, gate)
-        return _Layout(
+        return Layout(
             lines=tuple(lines.values()),
             applicable=tuple(applicable),
             valid_until=valid_until,
@@ -625,7 +327,7 @@ class Guard:
         estimate: Estimate,
         adapters: tuple[str, ...],
         reestimate: Callable[[str], Estimate] | None,
-    ) -> Generator[_Op, Any, Ticket]:
+    ) -> Generator[Op, Any, Ticket]:
         if self._pending:
             yield from self._flush_plan()
         now = self._clock()
@@ -680,12 +382,12 @@ class Guard:
                     for line in lines
                 ]
             )
-        result = yield _Op(
+        result = yield Op(
             "reserve",
             (plans,),
             {"reservation_id": call_id, "lease_seconds": self.policy.lease_seconds},
         )
-        if result is _FAILED:  # fail-open: let through, charge at commit
+        if result is FAILED:  # fail-open: let through, charge at commit
             return ticket()
         result = cast("ReserveResult", result)
         if result.plan is None:
@@ -780,7 +482,7 @@ class Guard:
         worst_micros: int | None,
         adapters: tuple[str, ...],
         call_id: str,
-    ) -> Generator[_Op, Any, None]:
+    ) -> Generator[Op, Any, None]:
         on_limit = self.policy.on_limit
         message = BudgetExceeded(violations, model=estimate.model).args[0]
         if on_limit == "warn":
@@ -808,7 +510,7 @@ class Guard:
             estimate_micros=worst_micros,
         )
         logger.info("allowance: %s", message)
-        yield from self._settle(_Op("record", (record,)))
+        yield from self._settle(Op("record", (record,)))
         self._emit(
             "blocked",
             scope,
@@ -818,11 +520,11 @@ class Guard:
 
     def _threshold_plan(
         self,
-        lines: tuple[_Line, ...],
+        lines: tuple[Line, ...],
         before: Mapping[str, KeyState],
         scope: Mapping[str, str],
         model: str,
-    ) -> Generator[_Op, Any, list[str]]:
+    ) -> Generator[Op, Any, list[str]]:
         """Fire the warn/webhook thresholds crossed; return the warnings to issue."""
         # Like degrade gates: committed + in-flight spend before this call.
         crossed: list[str] = []
@@ -835,7 +537,7 @@ class Guard:
                     marker = f"{line.key}#{t.action}@{t.at}"
                     if marker in self._fired:
                         continue
-                    claimed = yield _Op("claim", (marker,))
+                    claimed = yield Op("claim", (marker,))
                     self._remember(marker)
                     if claimed is True:
                         message = self._fire(
@@ -860,7 +562,7 @@ class Guard:
         *,
         threshold: Threshold,
         budget: Budget,
-        line: _Line,
+        line: Line,
         used: int,
         scope: Mapping[str, str],
         model: str,
@@ -905,10 +607,10 @@ class Guard:
 
     # -- settling and failure handling ------------------------------------------------
 
-    def _settle(self, op: _Op) -> Generator[_Op, Any, None]:
+    def _settle(self, op: Op) -> Generator[Op, Any, None]:
         """Yield a commit/release/record; on ledger failure keep it for later."""
         result = yield op
-        if result is _FAILED and op.name == "commit":
+        if result is FAILED and op.name == "commit":
             call_id, amounts = op.args
             self._buffer(call_id, amounts, op.kwargs["record"])
 
@@ -924,11 +626,11 @@ class Guard:
             raise LedgerUnavailableError(msg, fail_open=self.policy.fail == "open")
         self._pending.append((call_id, amounts, record))
 
-    def _flush_plan(self) -> Generator[_Op, Any, None]:
+    def _flush_plan(self) -> Generator[Op, Any, None]:
         while self._pending:
             call_id, amounts, record = self._pending[0]
-            result = yield _Op("commit", (call_id, amounts), {"record": record})
-            if result is _FAILED:
+            result = yield Op("commit", (call_id, amounts), {"record": record})
+            if result is FAILED:
                 return
             self._pending.popleft()
             logger.warning("allowance: wrote a charge held in memory (%s)", call_id)
@@ -946,7 +648,7 @@ class Guard:
         spec = self._ledger_spec
         return repr(spec if isinstance(spec, str) else spec.url)
 
-    def _on_ledger_error(self, op: _Op, err: LedgerError) -> object:
+    def _on_ledger_error(self, op: Op, err: LedgerError) -> object:
         self.ledger_failures += 1
         settling = op.name in {"commit", "release", "record"}
         if op.name == "claim":
@@ -967,26 +669,26 @@ class Guard:
                 else "ignored",
             )
             self._emit("ledger_failure", {}, {"op": op.name, "error": str(err)})
-            return _FAILED
+            return FAILED
         if isinstance(err, LedgerUnavailableError):
             raise err
         msg = f"ledger {self._describe_ledger()} failed on {op.name}: {err}"
         raise LedgerUnavailableError(msg) from err
 
-    def _run(self, op: _Op) -> object:
+    def _run(self, op: Op) -> object:
         try:
             return getattr(self._ledger or self.ledger, op.name)(*op.args, **op.kwargs)
         except LedgerError as err:
             return self._on_ledger_error(op, err)
 
-    async def _arun(self, op: _Op) -> object:
+    async def _arun(self, op: Op) -> object:
         try:
             method = getattr(self._ledger or self.ledger, "a" + op.name)
             return await method(*op.args, **op.kwargs)
         except LedgerError as err:
             return self._on_ledger_error(op, err)
 
-    def _drive(self, plan: Generator[_Op, Any, T]) -> T:
+    def _drive(self, plan: Generator[Op, Any, T]) -> T:
         try:
             op = next(plan)
             while True:
@@ -994,7 +696,7 @@ class Guard:
         except StopIteration as stop:
             return cast("T", stop.value)
 
-    async def _adrive(self, plan: Generator[_Op, Any, T]) -> T:
+    async def _adrive(self, plan: Generator[Op, Any, T]) -> T:
         try:
             op = next(plan)
             while True:
@@ -1067,7 +769,7 @@ def _amount(amount: int, unit: Unit) -> Decimal | int:
     return Decimal(amount) / MICROS_PER_USD if unit == "usd" else amount
 
 
-def _violation(line: _Line, item: ReserveItem, state: KeyState) -> Violation:
+def _violation(line: Line, item: ReserveItem, state: KeyState) -> Violation:
     b = line.budgets[0]
     return Violation(
         budget=b.label,
@@ -1077,35 +779,4 @@ def _violation(line: _Line, item: ReserveItem, state: KeyState) -> Violation:
         requested=item.amount,
         limit=line.limit,
         unit=line.unit,
-    )
-
-
-def _budgets_from(
-    budget: int | str | Budget | Iterable[Budget] | None,
-    per: str,
-    window: Literal["hour", "day", "week", "month"] | None,
-    threshold: float | None,
-    fallback: str | Mapping[str, str] | None,
-) -> list[Budget]:
-    thresholds = shorthand_thresholds(threshold, fallback)
-    if budget is None:
-        if threshold is not None:
-            raise ConfigurationError(
-                "threshold", threshold, "a budget to take the ratio of (budget=...)"
-            )
-        return []
-    if isinstance(budget, Budget):
-        return [budget]
-    if isinstance(budget, int | str) and not isinstance(budget, bool):
-        parse_limit(budget)
-        return [Budget(budget, per=per, window=window, thresholds=thresholds)]
-    if isinstance(budget, Iterable):
-        items: list[object] = list(budget)
-        budgets = [b for b in items if isinstance(b, Budget)]
-        if len(budgets) == len(items):
-            return budgets
-    raise ConfigurationError(
-        "budget",
-        budget,
-        '"$<amount>", an int, "<n>k tokens", a Budget or a list of Budgets',
     )

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Literal, get_args
 
-from allowance._budget import Budget, Threshold
+from allowance._budget import Budget, Threshold, parse_limit
 from allowance._errors import ConfigurationError
 
-__all__ = ["Fail", "OnLimit", "Policy", "provider_of"]
+__all__ = ["Fail", "OnLimit", "Policy", "budgets_from_shorthand", "provider_of"]
 
 OnLimit = Literal["raise", "stop", "warn"]
 Fail = Literal["closed", "open"]
@@ -165,3 +165,35 @@ def shorthand_thresholds(
     if threshold is None:
         return ()
     return (Threshold(threshold, "degrade" if fallback is not None else "warn"),)
+
+
+def budgets_from_shorthand(
+    budget: int | str | Budget | Iterable[Budget] | None,
+    per: str,
+    window: Literal["hour", "day", "week", "month"] | None,
+    threshold: float | None,
+    fallback: str | Mapping[str, str] | None,
+) -> list[Budget]:
+    """Build the budgets of ``Guard``/``wrap``/``patch``'s shorthand arguments."""
+    thresholds = shorthand_thresholds(threshold, fallback)
+    if budget is None:
+        if threshold is not None:
+            raise ConfigurationError(
+                "threshold", threshold, "a budget to take the ratio of (budget=...)"
+            )
+        return []
+    if isinstance(budget, Budget):
+        return [budget]
+    if isinstance(budget, int | str) and not isinstance(budget, bool):
+        parse_limit(budget)
+        return [Budget(budget, per=per, window=window, thresholds=thresholds)]
+    if isinstance(budget, Iterable):
+        items: list[object] = list(budget)
+        budgets = [b for b in items if isinstance(b, Budget)]
+        if len(budgets) == len(items):
+            return budgets
+    raise ConfigurationError(
+        "budget",
+        budget,
+        '"$<amount>", an int, "<n>k tokens", a Budget or a list of Budgets',
+    )
