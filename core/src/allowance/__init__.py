@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from importlib.metadata import version as _version
 
-from allowance._budget import Budget, Threshold
+from allowance._budget import Budget, BudgetStatus, Threshold
 from allowance._errors import (
     AdapterUnavailableError,
     AllowanceError,
@@ -27,11 +27,12 @@ from allowance._errors import (
     UsageError,
     Violation,
 )
-from allowance._guard import BudgetStatus, Guard, Ticket
+from allowance._guard import Guard
 from allowance._ledger import open_ledger
 from allowance._policy import Policy
 from allowance._pricing import prices
 from allowance._scope import budget, current_scope, scope, seen_by
+from allowance._ticket import Ticket
 from allowance._wrap import ClientAllowance, active_guard, patch, unpatch, unwrap, wrap
 from allowance.plugins import hookimpl
 from allowance.typing import CallRecord, Estimate, Event, Usage

@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from allowance._budget import Threshold
     from allowance.typing import Ledger, Outcome, ReserveResult, Unit
 
-__all__ = ["BudgetStatus", "Guard", "Ticket"]  # BudgetStatus, Ticket: re-exported
+__all__ = ["Guard"]
 
 logger = logging.getLogger("allowance")
 

@@ -15,8 +15,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping
     from decimal import Decimal
 
-    from allowance._budget import Budget
-    from allowance._guard import BudgetStatus
+    from allowance._budget import Budget, BudgetStatus
     from allowance._policy import Fail, OnLimit, Policy
     from allowance._sdk._adapter import SdkAdapter
     from allowance.typing import Adapter, Ledger

@@ -28,7 +28,8 @@ from allowance._scope import current_adapters
 from allowance.typing import Usage
 
 if TYPE_CHECKING:
-    from allowance._guard import Guard, Ticket
+    from allowance._guard import Guard
+    from allowance._ticket import Ticket
     from allowance.typing import Estimate, ProviderCodec, StreamAccumulator
 
 __all__ = ["SdkBinding", "claimed", "make_async_interceptor", "make_sync_interceptor"]
