@@ -362,3 +362,22 @@ def test_keep_charges_the_whole_reservation() -> None:
     ticket.keep()
     assert guard.status()[0].spent == 7_500
     assert guard.ledger.calls()[0].outcome == "unmetered"
+
+
+def test_charges_held_in_memory_are_written_once_by_concurrent_calls() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    ledger = FlakyLedger()
+    guard = Guard(budget=100_000, fail="open", ledger=ledger, scope={"session": "s"})
+    ledger.down = True
+    for _ in range(50):
+        guard.begin(est(inp=10, out=0)).commit(Usage(10, 0))  # 50 charges held
+    ledger.down = False
+
+    def one(_: int) -> None:
+        guard.begin(est(inp=1, out=0)).commit(Usage(1, 0))
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(one, range(40)))
+    assert guard.status()[0].spent == 50 * 10 + 40
+    assert not guard._pending

@@ -627,12 +627,19 @@ class Guard:
         self._pending.append((call_id, amounts, record))
 
     def _flush_plan(self) -> Generator[Op, Any, None]:
-        while self._pending:
-            call_id, amounts, record = self._pending[0]
+        # Take before writing, put back on failure: concurrent flushers (threads,
+        # tasks) each write distinct charges. A charge written twice would be
+        # harmless anyway: commits are idempotent per call id.
+        while True:
+            try:
+                item = self._pending.popleft()
+            except IndexError:
+                return
+            call_id, amounts, record = item
             result = yield Op("commit", (call_id, amounts), {"record": record})
             if result is FAILED:
+                self._pending.appendleft(item)
                 return
-            self._pending.popleft()
             logger.warning("allowance: wrote a charge held in memory (%s)", call_id)
 
     def _flush_pending(self) -> None:
