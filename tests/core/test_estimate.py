@@ -669,3 +669,80 @@ def test_estimate_rejects_unknown_api():
     with pytest.raises(ConfigurationError) as info:
         estimate("openai", "completions", "gpt-4o", {})
     assert info.value.what == "api"
+
+
+# -- exact counting only where it changes the decision --------------------------
+
+
+def test_exact_count_admits_a_call_the_bound_would_refuse(fake_encoding, fake_provider):
+    import openai
+
+    import allowance
+    from allowance._sdk.openai import CODEC
+
+    text = "the quick test of the things " * 40
+    body = {
+        "model": "test-model-1",
+        "max_tokens": 10,
+        "messages": [{"role": "user", "content": text}],
+    }
+    bound = CODEC.estimate("/chat/completions", body)
+    exact = CODEC.refine("/chat/completions", body, bound)
+    assert exact is not None
+    assert exact.exact_input
+    assert exact.total_tokens < bound.total_tokens
+    client = allowance.wrap(
+        openai.OpenAI(
+            base_url=fake_provider.openai_base_url, api_key="t", max_retries=0
+        ),
+        budget=(exact.total_tokens + bound.total_tokens) // 2,
+        ledger="memory://",
+    )
+    client.chat.completions.create(**body)
+    assert fake_provider.generation_count == 1
+    (record,) = client.allowance.guard.ledger.calls()
+    assert record.estimate_tokens == exact.total_tokens
+    client.close()
+
+
+def test_without_a_cached_encoding_the_bound_decides(no_download, fake_provider):
+    import openai
+
+    import allowance
+
+    client = allowance.wrap(
+        openai.OpenAI(
+            base_url=fake_provider.openai_base_url, api_key="t", max_retries=0
+        ),
+        budget=50,
+        ledger="memory://",
+    )
+    with pytest.raises(allowance.BudgetExceeded):
+        client.chat.completions.create(
+            model="gpt-4o",
+            max_tokens=10,
+            messages=[{"role": "user", "content": "x" * 400}],
+        )
+    assert no_download == []
+    assert fake_provider.generation_count == 0
+    client.close()
+
+
+def test_the_guard_refines_only_a_refused_call():
+    from allowance import Estimate, Guard, Usage
+
+    calls: list[int] = []
+
+    def refine() -> Estimate:
+        calls.append(1)
+        return Estimate("openai", "gpt-4o", 10, 10, exact_input=True)
+
+    guard = Guard(budget=100, ledger="memory://")
+    guard.begin(Estimate("openai", "gpt-4o", 40, 10), refine=refine).commit(
+        Usage(40, 10)
+    )
+    assert calls == []  # admitted on the bound: no counting
+    ticket = guard.begin(Estimate("openai", "gpt-4o", 80, 10), refine=refine)
+    assert calls == [1]
+    assert ticket.estimate.exact_input
+    assert guard.status()[0].reserved == 20

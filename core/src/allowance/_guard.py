@@ -50,6 +50,7 @@ logger = logging.getLogger("allowance")
 T = TypeVar("T")
 _BUFFER_LIMIT = 10_000
 _LINES_CACHE_SIZE = 4096
+_ZERO = KeyState()
 _LEDGER_SCHEMES = (
     "memory://",
     "sqlite://",
@@ -292,6 +293,7 @@ class Guard:
         *,
         adapters: tuple[str, ...] = (),
         reestimate: Callable[[str], Estimate] | None = None,
+        refine: Callable[[], Estimate | None] | None = None,
     ) -> Ticket:
         """Admit a call before it is sent: reserve its worst case on every budget.
 
@@ -300,6 +302,10 @@ class Guard:
             adapters: Names of the adapters that saw the call, outermost first.
             reestimate: Returns the worst case of the same request on another
                 model; needed to degrade. Without it the guard never degrades.
+            refine: Returns a tighter worst case (input counted exactly by a
+                tokenizer), or None. Called only when the cheap bound would
+                refuse the call: exact counting costs time only where it can
+                change the decision.
 
         Returns:
             A ``Ticket``: call ``ticket.model`` (maybe the fallback) unless
@@ -310,7 +316,7 @@ class Guard:
             PricingError: A USD budget applies and the model has no price.
             LedgerUnavailableError: The ledger failed and ``fail="closed"``.
         """
-        return self._drive(self._begin_plan(estimate, adapters, reestimate))
+        return self._drive(self._begin_plan(estimate, adapters, reestimate, refine))
 
     async def abegin(
         self,
@@ -318,15 +324,19 @@ class Guard:
         *,
         adapters: tuple[str, ...] = (),
         reestimate: Callable[[str], Estimate] | None = None,
+        refine: Callable[[], Estimate | None] | None = None,
     ) -> Ticket:
         """Async twin of ``begin``; never blocks the event loop on the ledger."""
-        return await self._adrive(self._begin_plan(estimate, adapters, reestimate))
+        return await self._adrive(
+            self._begin_plan(estimate, adapters, reestimate, refine)
+        )
 
-    def _begin_plan(  # noqa: C901
+    def _begin_plan(  # noqa: C901 - the lifecycle, in one readable place
         self,
         estimate: Estimate,
         adapters: tuple[str, ...],
         reestimate: Callable[[str], Estimate] | None,
+        refine: Callable[[], Estimate | None] | None = None,
     ) -> Generator[Op, Any, Ticket]:
         if self._pending:
             yield from self._flush_plan()
@@ -354,34 +364,21 @@ class Guard:
 
         if not lines:
             return ticket()
-        candidates: list[tuple[str, Estimate, int | None]] = [
-            (estimate.model, estimate, worst_micros)
-        ]
-        if reestimate is not None and (
-            self.policy.fallback is not None or layout.degrade_to is not None
-        ):
-            target = self.policy.fallback_for(
-                estimate.model, estimate.provider, layout.degrade_to
-            )
-            if target is not None:
-                fb_estimate = reestimate(target)
-                candidates.append(
-                    (target, fb_estimate, self._worst(fb_estimate, required=needs_usd))
+        candidates = self._candidates(estimate, worst_micros, layout, reestimate)
+        plans = [
+            [
+                ReserveItem(
+                    line.key,
+                    est.total_tokens if line.unit == "tokens" else (micros or 0),
+                    line.limit,
+                    # The requested model is gated below a degrade threshold
+                    # only when there is a fallback to go to.
+                    line.gate if index == 0 and len(candidates) > 1 else None,
                 )
-        plans: list[list[ReserveItem]] = []
-        for index, (_, est, micros) in enumerate(candidates):
-            gated = index == 0 and len(candidates) > 1
-            plans.append(
-                [
-                    ReserveItem(
-                        line.key,
-                        est.total_tokens if line.unit == "tokens" else (micros or 0),
-                        line.limit,
-                        line.gate if gated else None,
-                    )
-                    for line in lines
-                ]
-            )
+                for line in lines
+            ]
+            for index, (_, est, micros) in enumerate(candidates)
+        ]
         result = yield Op(
             "reserve",
             (plans,),
@@ -390,19 +387,12 @@ class Guard:
         if result is FAILED:  # fail-open: let through, charge at commit
             return ticket()
         result = cast("ReserveResult", result)
+        if result.plan is None and refine is not None and not estimate.exact_input:
+            exact = refine()  # nothing is held: try again with the exact count
+            if exact is not None and exact.total_tokens < estimate.total_tokens:
+                return (yield from self._begin_plan(exact, adapters, reestimate))
         if result.plan is None:
-            violations = tuple(
-                _violation(line, item, result.before.get(line.key, KeyState()))
-                for line, item in zip(lines, plans[0], strict=True)
-                if result.before.get(line.key, KeyState()).used + item.amount
-                > line.limit
-                or item.gate is not None
-            )
-            if not violations:  # the fallback did not fit either; report the primary
-                violations = tuple(
-                    _violation(line, item, result.before.get(line.key, KeyState()))
-                    for line, item in zip(lines, plans[0], strict=True)
-                )
+            violations = _violations(lines, plans[0], result.before)
             yield from self._refuse_plan(
                 estimate=estimate,
                 scope=scope,
@@ -446,6 +436,29 @@ class Guard:
                 yield from admitted._release_plan("error")
                 raise
         return admitted
+
+    def _candidates(
+        self,
+        estimate: Estimate,
+        worst_micros: int | None,
+        layout: Layout,
+        reestimate: Callable[[str], Estimate] | None,
+    ) -> list[tuple[str, Estimate, int | None]]:
+        """The models a call may go to, in order: the one asked for, the fallback."""
+        candidates = [(estimate.model, estimate, worst_micros)]
+        if reestimate is None or (
+            self.policy.fallback is None and layout.degrade_to is None
+        ):
+            return candidates
+        target = self.policy.fallback_for(
+            estimate.model, estimate.provider, layout.degrade_to
+        )
+        if target is not None:
+            fallback = reestimate(target)
+            candidates.append(
+                (target, fallback, self._worst(fallback, required=layout.needs_usd))
+            )
+        return candidates
 
     def _worst(self, estimate: Estimate, *, required: bool) -> int | None:
         try:
@@ -774,6 +787,23 @@ class Guard:
 
 def _amount(amount: int, unit: Unit) -> Decimal | int:
     return Decimal(amount) / MICROS_PER_USD if unit == "usd" else amount
+
+
+def _violations(
+    lines: tuple[Line, ...], plan: list[ReserveItem], before: Mapping[str, KeyState]
+) -> tuple[Violation, ...]:
+    """Name the budgets the requested model did not fit (all, if none stands out)."""
+    pairs = list(zip(lines, plan, strict=True))
+    over = [
+        (line, item)
+        for line, item in pairs
+        if before.get(line.key, _ZERO).used + item.amount > line.limit
+        or item.gate is not None
+    ]
+    return tuple(
+        _violation(line, item, before.get(line.key, _ZERO))
+        for line, item in over or pairs
+    )
 
 
 def _violation(line: Line, item: ReserveItem, state: KeyState) -> Violation:

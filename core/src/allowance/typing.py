@@ -383,6 +383,16 @@ class ProviderCodec(Protocol):
         """Return a copy of ``body`` asking for ``model`` instead."""
         ...
 
+    def refine(
+        self, path: str, body: Mapping[str, Any], estimate: Estimate
+    ) -> Estimate | None:
+        """Return ``estimate`` with the input counted exactly, or None if it cannot be.
+
+        Called only when the cheap bound would refuse the call; may take time
+        (a tokenizer), must never touch the network.
+        """
+        ...
+
     def usage(self, path: str, response: Any) -> Usage | None:
         """Read usage from a parsed response object, or None if it has none."""
         ...

@@ -120,6 +120,13 @@ def _reestimator(call: _Call) -> Callable[[str], Estimate]:
     return reestimate
 
 
+def _refiner(call: _Call) -> Callable[[], Estimate | None]:
+    def refine() -> Estimate | None:
+        return call.binding.codec.refine(call.path, call.body, call.estimate)
+
+    return refine
+
+
 def _outgoing_options(call: _Call, ticket: Ticket) -> Any:
     """Return the request options to send: the fallback model, stream usage on."""
     codec = call.binding.codec
@@ -221,6 +228,7 @@ def make_sync_interceptor(
             call.estimate,
             adapters=(*current_adapters(), binding.name),
             reestimate=_reestimator(call),
+            refine=_refiner(call),
         )
         if ticket.stopped:
             process, params = _synthetic(call, ticket)
@@ -268,6 +276,7 @@ def make_async_interceptor(
             call.estimate,
             adapters=(*current_adapters(), binding.name),
             reestimate=_reestimator(call),
+            refine=_refiner(call),
         )
         if ticket.stopped:
             process, params = _synthetic(call, ticket)

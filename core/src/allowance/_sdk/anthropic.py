@@ -67,6 +67,13 @@ class AnthropicCodec:
         """Return a copy of ``body`` asking for ``model``."""
         return {**body, "model": model}
 
+    def refine(
+        self, path: str, body: Mapping[str, Any], estimate: Estimate
+    ) -> Estimate | None:
+        """Anthropic has no local tokenizer for current models: the bound stands."""
+        del path, body, estimate
+        return None
+
     def usage(self, path: str, response: Any) -> Usage | None:
         """Read usage from a parsed Message (or BetaMessage)."""
         del path  # one billable endpoint

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from allowance._estimate import (
     chat_input_bound,
+    exact_input_tokens,
     output_cap,
     responses_input_bound,
     text_bytes,
@@ -100,6 +102,17 @@ class OpenAICodec:
     def with_model(self, body: Mapping[str, Any], model: str) -> dict[str, Any]:
         """Return a copy of ``body`` asking for ``model``."""
         return {**body, "model": model}
+
+    def refine(
+        self, path: str, body: Mapping[str, Any], estimate: Estimate
+    ) -> Estimate | None:
+        """Count the input with tiktoken when its encoding is cached locally."""
+        if _api(path) == _EMBEDDINGS:
+            return None
+        exact = exact_input_tokens("openai", estimate.model, body)
+        if exact is None:
+            return None
+        return replace(estimate, input_tokens=exact, exact_input=True)
 
     def usage(self, path: str, response: Any) -> Usage | None:
         """Read usage from a parsed ChatCompletion, Response or embeddings list."""
