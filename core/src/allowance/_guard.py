@@ -348,19 +348,28 @@ class Guard:
         needs_usd = layout.needs_usd
         worst_micros = self._worst(estimate, required=needs_usd)
 
-        def ticket(**changes: Any) -> Ticket:
-            fields: dict[str, Any] = {
-                "call_id": call_id,
-                "scope": scope,
-                "estimate": estimate,
-                "model": estimate.model,
-                "lines": lines,
-                "reserved": None,
-                "estimate_micros": worst_micros,
-                "adapters": adapters,
-            }
-            fields.update(changes)
-            return Ticket(self, **fields)
+        def ticket(
+            chosen: Estimate = estimate,
+            reserved: dict[str, int] | None = None,
+            micros: int | None = worst_micros,
+            *,
+            held: tuple[Line, ...] = lines,
+            violations: tuple[Violation, ...] = (),
+            stopped: bool = False,
+        ) -> Ticket:
+            return Ticket(
+                self,
+                call_id,
+                scope,
+                chosen,
+                held,
+                reserved,
+                micros,
+                adapters,
+                violations,
+                stopped,
+                estimate.model,
+            )
 
         if not lines:
             return ticket()
@@ -405,7 +414,7 @@ class Guard:
             if on_limit == "raise":
                 raise BudgetExceeded(violations, model=estimate.model)
             return ticket(
-                lines=lines if on_limit == "warn" else (),
+                held=lines if on_limit == "warn" else (),
                 violations=violations,
                 stopped=on_limit == "stop",
             )
@@ -422,13 +431,7 @@ class Guard:
             if layout.alerts
             else ()
         )
-        admitted = ticket(
-            estimate=chosen,
-            requested_model=estimate.model,
-            model=model,
-            reserved=reserved,
-            estimate_micros=micros,
-        )
+        admitted = ticket(chosen, reserved, micros)
         for message in crossed:
             try:
                 warnings.warn(message, BudgetThresholdWarning, stacklevel=2)

@@ -94,29 +94,31 @@ class Ticket:
         "violations",
     )
 
-    def __init__(
+    def __init__(  # noqa: PLR0917 - built in one place, positionally (hot path)
         self,
         guard: Guard,
-        *,
         call_id: str,
         scope: Mapping[str, str],
         estimate: Estimate,
-        model: str,
         lines: tuple[Line, ...],
         reserved: Mapping[str, int] | None,
         estimate_micros: int | None,
         adapters: tuple[str, ...],
         violations: tuple[Violation, ...] = (),
-        stopped: bool = False,
+        stopped: bool = False,  # noqa: FBT001, FBT002
         requested_model: str | None = None,
     ) -> None:
-        """Create a ticket; only ``Guard.begin`` does."""
+        """Create a ticket; only ``Guard.begin`` does.
+
+        ``estimate`` is the worst case reserved; its model is the model to call
+        (the fallback when degraded), ``requested_model`` the one asked for.
+        """
         self._guard = guard
         self.call_id = call_id
         self.scope = scope
         self.estimate = estimate
         self.requested_model = requested_model or estimate.model
-        self.model = model
+        self.model = estimate.model
         self._lines = lines
         self._reserved = reserved
         self.estimate_micros = estimate_micros
