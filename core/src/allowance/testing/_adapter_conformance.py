@@ -32,6 +32,7 @@ import pytest
 import allowance
 from allowance import plugins
 from allowance.testing._fake_models import FakeReply, FakeUsage
+from allowance.testing._suite import unmarked_overrides
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -42,11 +43,6 @@ if TYPE_CHECKING:
 __all__ = ["AdapterConformance"]
 
 _MAX_TOKENS = 16
-
-
-def _is_xfail_with_reason(function: object) -> bool:
-    marks = getattr(function, "pytestmark", [])
-    return any(mark.name == "xfail" and mark.kwargs.get("reason") for mark in marks)
 
 
 class AdapterConformance:
@@ -123,15 +119,7 @@ class AdapterConformance:
         If this fails: remove the override, or mark it
         ``@pytest.mark.xfail(reason="...")`` saying why the adapter differs.
         """
-        problems = []
-        for name, original in vars(AdapterConformance).items():
-            if not name.startswith("test_"):
-                continue
-            mine = getattr(type(self), name, None)
-            if not callable(mine):
-                problems.append(f"{name} was deleted")
-            elif mine is not original and not _is_xfail_with_reason(mine):
-                problems.append(f"{name} is overridden without xfail(reason=...)")
+        problems = unmarked_overrides(AdapterConformance, type(self))
         assert not problems, "; ".join(problems)
 
     # -- the behaviour --------------------------------------------------------

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 import pytest
 
 from allowance import AllowanceError, ConfigurationError
+from allowance.testing._suite import unmarked_overrides
 from allowance.typing import CallRecord, KeyState, Ledger, ReserveItem, Usage
 
 if TYPE_CHECKING:
@@ -202,11 +203,6 @@ def _record(call_id: str, ts: float, **changes: Any) -> CallRecord:
     return CallRecord(**fields)
 
 
-def _is_xfail_with_reason(function: object) -> bool:
-    marks = getattr(function, "pytestmark", [])
-    return any(mark.name == "xfail" and mark.kwargs.get("reason") for mark in marks)
-
-
 class LedgerConformance:
     """The behaviour every ``allowance.typing.Ledger`` must show.
 
@@ -272,15 +268,7 @@ class LedgerConformance:
         If this fails: remove the override, or mark it
         ``@pytest.mark.xfail(reason="...")`` saying why the backend differs.
         """
-        problems = []
-        for name, original in vars(LedgerConformance).items():
-            if not name.startswith("test_"):
-                continue
-            mine = getattr(type(self), name, None)
-            if not callable(mine):
-                problems.append(f"{name} was deleted")
-            elif mine is not original and not _is_xfail_with_reason(mine):
-                problems.append(f"{name} is overridden without xfail(reason=...)")
+        problems = unmarked_overrides(LedgerConformance, type(self))
         assert not problems, "; ".join(problems)
 
     # -- the protocol ---------------------------------------------------------
