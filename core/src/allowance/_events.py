@@ -77,17 +77,6 @@ class WebhookSender:
                     )
                     self._thread.start()
 
-    def flush(self, timeout: float = 10.0) -> bool:
-        """Wait until every queued event was attempted; True if it finished in time."""
-        done = threading.Event()
-
-        def waiter() -> None:
-            self._queue.join()
-            done.set()
-
-        threading.Thread(target=waiter, daemon=True).start()
-        return done.wait(timeout)
-
     def _run(self) -> None:
         while True:
             item = self._queue.get()

@@ -80,6 +80,16 @@ class _Call:
     estimate: Estimate
     hide_usage_only: bool = False
 
+    def reestimate(self, model: str) -> Estimate:
+        """The worst case of the same request on another model (to degrade)."""
+        codec = self.binding.codec
+        est = codec.estimate(self.path, codec.with_model(self.body, model))
+        return replace(est, provider=self.estimate.provider)
+
+    def refine(self) -> Estimate | None:
+        """The worst case with the input counted exactly, if the codec can."""
+        return self.binding.codec.refine(self.path, self.body, self.estimate)
+
 
 def _bind(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any, bool, Any]:
     cast_to = args[0] if args else kwargs["cast_to"]
@@ -108,23 +118,6 @@ def _prepare(
     return _Call(
         binding, client, path, body, cast_to, options, stream, stream_cls, estimate
     )
-
-
-def _reestimator(call: _Call) -> Callable[[str], Estimate]:
-    codec = call.binding.codec
-
-    def reestimate(model: str) -> Estimate:
-        est = codec.estimate(call.path, codec.with_model(call.body, model))
-        return replace(est, provider=call.estimate.provider)
-
-    return reestimate
-
-
-def _refiner(call: _Call) -> Callable[[], Estimate | None]:
-    def refine() -> Estimate | None:
-        return call.binding.codec.refine(call.path, call.body, call.estimate)
-
-    return refine
 
 
 def _outgoing_options(call: _Call, ticket: Ticket) -> Any:
@@ -227,8 +220,8 @@ def make_sync_interceptor(
         ticket = guard.begin(
             call.estimate,
             adapters=(*current_adapters(), binding.name),
-            reestimate=_reestimator(call),
-            refine=_refiner(call),
+            reestimate=call.reestimate,
+            refine=call.refine,
         )
         if ticket.stopped:
             process, params = _synthetic(call, ticket)
@@ -275,8 +268,8 @@ def make_async_interceptor(
         ticket = await guard.abegin(
             call.estimate,
             adapters=(*current_adapters(), binding.name),
-            reestimate=_reestimator(call),
-            refine=_refiner(call),
+            reestimate=call.reestimate,
+            refine=call.refine,
         )
         if ticket.stopped:
             process, params = _synthetic(call, ticket)
