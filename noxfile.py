@@ -25,11 +25,19 @@ ROOT = Path(__file__).parent
 PYPROJECT = nox.project.load_toml(ROOT / "core" / "pyproject.toml")
 PYTHONS = nox.project.python_versions(PYPROJECT)
 nox.options.pythons = [PYTHONS[0]]
-nox.options.sessions = ["lint", "typecheck", "tests", "demo"]
+nox.options.sessions = ["lint", "typecheck", "tests", "integration", "demo"]
 
 # SDK majors: openai 3.x / anthropic 2.x, and openai 2.x / anthropic 0.73 (what
 # CrewAI and LlamaIndex pin).
 SDKS = {"latest": "sdk-latest", "legacy": "sdk-legacy"}
+
+# Each framework integration in its own environment: the package, its framework
+# and the SDKs its tests drive (CrewAI and LlamaIndex bring openai 2.x).
+INTEGRATIONS = {
+    "langchain": ("langchain", "sdk-latest"),
+    "crewai": ("crewai",),
+    "llamaindex": ("llamaindex",),
+}
 
 
 def sync(session: nox.Session, *groups: str) -> None:
@@ -56,7 +64,26 @@ def sync(session: nox.Session, *groups: str) -> None:
 def tests(session: nox.Session, sdk: str) -> None:
     """Run the core's tests against one SDK major."""
     sync(session, "test", SDKS[sdk])
-    session.run("pytest", *(session.posargs or ["tests"]), env={"PYTHONHASHSEED": "0"})
+    ignore = [f"--ignore=tests/{name}" for name in INTEGRATIONS]
+    session.run(
+        "pytest", *(session.posargs or ["tests", *ignore]), env={"PYTHONHASHSEED": "0"}
+    )
+
+
+@nox.session(python=PYTHONS[0])
+@nox.parametrize("framework", list(INTEGRATIONS))
+def integration(session: nox.Session, framework: str) -> None:
+    """Type-check and test one framework integration, alone in its environment."""
+    sync(session, "test", "typecheck", *INTEGRATIONS[framework])
+    package = ROOT / "integrations" / framework / "src"
+    session.run(
+        "mypy", str(package / f"allowance_{framework}"), env={"MYPYPATH": str(package)}
+    )
+    session.run(
+        "pytest",
+        *(session.posargs or [f"tests/{framework}"]),
+        env={"PYTHONHASHSEED": "0"},
+    )
 
 
 @nox.session(python=PYTHONS[0])

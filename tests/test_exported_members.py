@@ -15,6 +15,7 @@ PUBLIC_MODULES = [
     "allowance.typing",
     "allowance.testing",
     "allowance.hookspecs",
+    "allowance.integration",
     "allowance.plugins",
 ]
 
@@ -30,7 +31,7 @@ def test_all_is_sorted_and_resolves(name: str) -> None:
 
 def test_every_public_name_is_exported() -> None:
     public = {n for n in dir(allowance) if not n.startswith("_")}
-    modules = {"hookspecs", "plugins", "typing", "testing"}
+    modules = {"hookspecs", "integration", "plugins", "typing", "testing"}
     assert public - modules - {"annotations"} <= set(allowance.__all__)
 
 

@@ -23,11 +23,14 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
     from types import TracebackType
 
+    from allowance._guard import Guard
+
 __all__ = [
     "MAX_SCOPE_VALUE_LENGTH",
     "budget",
     "current_adapters",
     "current_budgets",
+    "current_route",
     "current_scope",
     "new_id",
     "scope",
@@ -49,6 +52,9 @@ _budgets: contextvars.ContextVar[tuple[Budget, ...]] = contextvars.ContextVar(
 )
 _adapters: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar(
     "allowance_adapters", default=()
+)
+_route: contextvars.ContextVar[tuple[Guard, bool] | None] = contextvars.ContextVar(
+    "allowance_route", default=None
 )
 _counter = itertools.count(1)
 _prefix = ""
@@ -78,37 +84,75 @@ def current_adapters() -> tuple[str, ...]:
     return _adapters.get()
 
 
+def current_route() -> tuple[Guard, bool] | None:
+    """Return ``(guard, charged)`` set by ``seen_by(guard=...)`` here, or None."""
+    return _route.get()
+
+
 class seen_by:  # noqa: N801 - used like a function
-    """Mark calls made inside as seen by a framework adapter (for the call log).
+    """Mark calls made inside as seen by a framework adapter.
 
     Framework adapters enter it around a model call, with the scope they know
-    (agent role, run id, ...); the SDK layer beneath then charges the call once,
+    (agent role, run id, ...). The SDK layer beneath then charges the call once,
     attributed to that scope and tagged with every adapter that saw it.
+
+    Args:
+        name: The adapter's name (written to the call log).
+        guard: Charge calls made inside to this guard, whatever guard the SDK
+            layer was installed with (a framework handler built with its own
+            budget routes its model's calls to it).
+        charged: The adapter charges the call itself (a model whose SDK
+            ``allowance`` does not patch): SDK layers beneath pass calls for
+            ``guard`` through, so nothing is charged twice. Needs ``guard``.
+        **dimensions: Scope dimensions to add (``agent="writer"``).
+
+    Raises:
+        ConfigurationError: A dimension is malformed, or ``charged`` without
+            ``guard``.
+
+    Example:
+        >>> with allowance.seen_by("my-framework", guard=guard, agent="writer"):
+        ...     client.chat.completions.create(...)
     """
 
     __module__ = "allowance"
-    __slots__ = ("_name", "_scope", "_tokens")
+    __slots__ = ("_name", "_route", "_scope", "_tokens")
 
-    def __init__(self, name: str, **dimensions: str | int) -> None:
-        """Remember the adapter name and the dimensions to add."""
+    def __init__(
+        self,
+        name: str,
+        *,
+        guard: Guard | None = None,
+        charged: bool = False,
+        **dimensions: str | int,
+    ) -> None:
+        """Remember the adapter name, the guard and the dimensions to add."""
+        if charged and guard is None:
+            raise ConfigurationError(
+                "charged", charged, "charged=True together with guard=<the Guard>"
+            )
         self._name = name
+        self._route = None if guard is None else (guard, charged)
         self._scope = validate_scope(dimensions)
-        self._tokens: list[tuple[contextvars.Token[tuple[str, ...]], Any]] = []
+        self._tokens: list[tuple[contextvars.Token[tuple[str, ...]], Any, Any]] = []
 
     def __enter__(self) -> None:
-        """Push the adapter name (and scope) for calls made inside."""
+        """Push the adapter name (and scope, and guard) for calls made inside."""
         scope_token = (
             _scope.set(MappingProxyType({**_scope.get(), **self._scope}))
             if self._scope
             else None
         )
+        route_token = None if self._route is None else _route.set(self._route)
         self._tokens.append(
-            (_adapters.set((*_adapters.get(), self._name)), scope_token)
+            (_adapters.set((*_adapters.get(), self._name)), scope_token, route_token)
         )
 
     def __exit__(self, *exc: object) -> None:
         """Pop what ``__enter__`` pushed."""
-        token, scope_token = self._tokens.pop()
+        token, scope_token, route_token = self._tokens.pop()
+        if route_token is not None:
+            _route.reset(route_token)
         _adapters.reset(token)
         if scope_token is not None:
             _scope.reset(scope_token)

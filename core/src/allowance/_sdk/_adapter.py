@@ -80,7 +80,7 @@ class SdkAdapter:
     @property
     def installed(self) -> bool:
         """True between ``install`` and ``uninstall``."""
-        return bool(self._originals)
+        return self._guard is not None
 
     @property
     def guard(self) -> Guard | None:
@@ -107,20 +107,36 @@ class SdkAdapter:
                     "allowance: adapter %r already installed; guard replaced", self.name
                 )
                 return
-            binding = self.get_binding()
-            base = importlib.import_module(self.base_module)
+            self._hook()
 
-            def guard_for(_: object) -> Guard | None:
-                return self._guard
+    def hook(self) -> None:
+        """Wrap ``request`` for routed calls only, if not installed already.
 
-            interceptors = (
-                make_sync_interceptor(binding, guard_for),
-                make_async_interceptor(binding, guard_for),
-            )
-            for name, interceptor in zip(_CLASSES, interceptors, strict=True):
-                cls = getattr(base, name)
-                self._originals[name] = cls.__dict__["request"]
-                wrapt.wrap_function_wrapper(cls, "request", interceptor)
+        Calls pass through untouched unless a framework adapter routes them to
+        its guard (``seen_by(guard=...)``). ``uninstall`` unhooks.
+        """
+        if self._originals:
+            return
+        with self._lock:
+            if not self._originals:
+                self._hook()
+
+    def _hook(self) -> None:
+        """Wrap both ``request`` methods (the caller holds the lock)."""
+        binding = self.get_binding()
+        base = importlib.import_module(self.base_module)
+
+        def guard_for(_: object) -> Guard | None:
+            return self._guard
+
+        interceptors = (
+            make_sync_interceptor(binding, guard_for),
+            make_async_interceptor(binding, guard_for),
+        )
+        for name, interceptor in zip(_CLASSES, interceptors, strict=True):
+            cls = getattr(base, name)
+            self._originals[name] = cls.__dict__["request"]
+            wrapt.wrap_function_wrapper(cls, "request", interceptor)
 
     def uninstall(self) -> None:
         """Restore the original ``request`` functions; a no-op when not installed."""

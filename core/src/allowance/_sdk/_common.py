@@ -7,7 +7,9 @@ for ``patch``) sees every generation path once: ``create``, ``parse``,
 ``.stream()`` helpers, ``with_raw_response``, ``with_options``, beta resources.
 
 One call, one charge: the first layer that sees a call claims it in a context
-variable; layers beneath pass it through.
+variable; layers beneath pass it through. A framework adapter may route the
+calls it sees to its own guard, or say it charges them itself
+(``allowance.seen_by(name, guard=..., charged=...)``).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import wrapt
 
-from allowance._scope import current_adapters
+from allowance._scope import current_adapters, current_route
 from allowance.typing import Usage
 
 if TYPE_CHECKING:
@@ -213,7 +215,13 @@ def make_sync_interceptor(
     ) -> Any:
         if _claimed.get():
             return wrapped(*args, **kwargs)
-        guard = guard_for(instance)
+        route = current_route()
+        if route is None:
+            guard = guard_for(instance)
+        elif route[1]:  # a framework adapter charges this call itself
+            return wrapped(*args, **kwargs)
+        else:
+            guard = route[0]
         call = None if guard is None else _prepare(binding, instance, args, kwargs)
         if call is None or guard is None:
             return wrapped(*args, **kwargs)
@@ -261,7 +269,13 @@ def make_async_interceptor(
     ) -> Any:
         if _claimed.get():
             return await wrapped(*args, **kwargs)
-        guard = guard_for(instance)
+        route = current_route()
+        if route is None:
+            guard = guard_for(instance)
+        elif route[1]:  # a framework adapter charges this call itself
+            return await wrapped(*args, **kwargs)
+        else:
+            guard = route[0]
         call = None if guard is None else _prepare(binding, instance, args, kwargs)
         if call is None or guard is None:
             return await wrapped(*args, **kwargs)

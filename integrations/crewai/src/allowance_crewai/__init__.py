@@ -1,0 +1,1 @@
+"""allowance for CrewAI (work in progress)."""

@@ -1,0 +1,1 @@
+"""allowance for LangChain (work in progress)."""

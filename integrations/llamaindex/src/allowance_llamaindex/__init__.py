@@ -1,0 +1,1 @@
+"""allowance for LlamaIndex (work in progress)."""

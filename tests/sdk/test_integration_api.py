@@ -1,0 +1,124 @@
+"""The public contract for framework adapters (``allowance.integration``).
+
+A framework adapter routes a call to its own guard with ``seen_by(guard=...)``
+(the SDK layer beneath charges it, exactly, once), or charges the call itself
+with ``seen_by(guard=..., charged=True)`` (the SDK layer passes it through).
+"""
+
+from __future__ import annotations
+
+import pytest
+from tests.sdk.conftest import GPT, USER
+
+import allowance
+from allowance import integration, plugins
+from allowance.testing import FakeUsage
+
+
+@pytest.fixture(autouse=True)
+def _unpatched():
+    yield
+    allowance.unpatch()
+
+
+def guard(limit: int = 100_000) -> allowance.Guard:
+    return allowance.Guard(budget=limit, ledger="memory://")
+
+
+def test_sdk_layer_hooks_the_sdk_without_a_guard(fake_provider, openai_client):
+    assert integration.sdk_layer("openai")
+    assert integration.sdk_layer("OpenAI")  # idempotent, case-insensitive
+    adapter = plugins.adapters()["openai"]
+    assert not adapter.installed  # hooked for routed calls only
+    openai_client.chat.completions.create(model=GPT, messages=USER)
+    assert fake_provider.generation_count == 1  # passed through, nothing to charge
+
+
+def test_routed_calls_are_charged_to_the_adapters_guard(fake_provider, openai_client):
+    fake_provider.usage = FakeUsage(input_tokens=30, output_tokens=5)
+    mine = guard()
+    integration.sdk_layer("openai")
+    with allowance.seen_by("myframework", guard=mine, agent="writer"):
+        openai_client.chat.completions.create(model=GPT, messages=USER)
+    (record,) = mine.ledger.calls()
+    assert record.adapters == ("myframework", "openai")
+    assert record.scope["agent"] == "writer"
+    assert record.usage.total_tokens == 35
+
+
+def test_a_routed_call_over_budget_sends_nothing(fake_provider, openai_client):
+    integration.sdk_layer("openai")
+    with (
+        allowance.seen_by("myframework", guard=guard(1)),
+        pytest.raises(allowance.BudgetExceeded),
+    ):
+        openai_client.chat.completions.create(model=GPT, messages=USER)
+    assert fake_provider.generation_count == 0
+
+
+def test_routing_wins_over_the_patched_guard(fake_provider, openai_client):
+    patched = allowance.patch(budget=100_000, ledger="memory://", adapters=["openai"])
+    mine = guard()
+    with allowance.seen_by("myframework", guard=mine):
+        openai_client.chat.completions.create(model=GPT, messages=USER)
+    assert len(mine.ledger.calls()) == 1
+    assert patched.ledger.calls() == []
+
+
+def test_a_call_the_adapter_charges_itself_is_not_charged_again(
+    fake_provider, openai_client
+):
+    patched = allowance.patch(budget=100_000, ledger="memory://", adapters=["openai"])
+    mine = guard()
+    with allowance.seen_by("myframework", guard=mine, charged=True):
+        openai_client.chat.completions.create(model=GPT, messages=USER)
+    assert patched.ledger.calls() == []
+    assert mine.ledger.calls() == []  # the adapter's own ticket would charge it
+
+
+def test_the_route_ends_with_the_block(fake_provider, openai_client):
+    patched = allowance.patch(budget=100_000, ledger="memory://", adapters=["openai"])
+    with allowance.seen_by("myframework", guard=guard()):
+        pass
+    openai_client.chat.completions.create(model=GPT, messages=USER)
+    assert len(patched.ledger.calls()) == 1
+    assert integration.current_route() is None
+
+
+def test_charged_needs_a_guard():
+    with pytest.raises(allowance.ConfigurationError, match="charged"):
+        allowance.seen_by("x", charged=True)
+
+
+@pytest.mark.parametrize("provider", ["google", "ollama", "bedrock"])
+def test_providers_without_an_sdk_layer(provider):
+    assert not integration.sdk_layer(provider)
+
+
+def test_estimate_chat_bounds_input_and_caps_output():
+    est = integration.estimate_chat(
+        "google",
+        "gemini-2.0-flash",
+        [{"role": "system", "content": "Be brief."}, "Hello there"],
+        max_output_tokens=100,
+    )
+    assert (est.provider, est.model, est.output_tokens) == (
+        "google",
+        "gemini-2.0-flash",
+        100,
+    )
+    assert est.input_tokens >= len("Be brief.") + len("Hello there")
+    assert not est.exact_input
+
+
+def test_estimate_chat_counts_tools_and_refuses_a_bad_cap():
+    plain = integration.estimate_chat("google", "m", ["hi"], max_output_tokens=1)
+    tools = [{"type": "function", "function": {"name": "search", "parameters": {}}}]
+    with_tools = integration.estimate_chat(
+        "google", "m", ["hi"], max_output_tokens=1, tools=tools
+    )
+    assert with_tools.input_tokens > plain.input_tokens
+    with pytest.raises(allowance.ConfigurationError, match="max_tokens"):
+        integration.estimate_chat("google", "m", ["hi"], max_output_tokens=-1)
+    with pytest.raises(allowance.ConfigurationError, match="model"):
+        integration.estimate_chat("google", "", ["hi"])
