@@ -16,7 +16,13 @@ from pluggy import HookspecMarker
 if TYPE_CHECKING:
     from allowance.typing import Adapter, Event, ProviderCodec
 
-__all__ = ["allowance_adapters", "allowance_event", "allowance_providers", "hookspec"]
+__all__ = [
+    "allowance_adapters",
+    "allowance_demo_scenes",
+    "allowance_event",
+    "allowance_providers",
+    "hookspec",
+]
 
 F = TypeVar("F", bound=Callable[..., object])
 hookspec: Callable[[F], F] = HookspecMarker("allowance")
@@ -50,3 +56,15 @@ def allowance_event(event: Event) -> None:
     hand slow work to a thread. Exceptions are logged and dropped; an observer
     can never block or break a call (only the guard raises ``BudgetExceeded``).
     """
+
+
+@hookspec
+def allowance_demo_scenes() -> Sequence[Callable[..., None]]:
+    """Return scenes for ``allowance demo`` (an integration shows its framework).
+
+    A scene is called as ``scene(console, fake, ledger, number)``: a
+    ``rich.console.Console``, the running ``allowance.testing.FakeProvider``,
+    the demo's ledger URL (every scene charges the same ledger) and the
+    scene's number for its heading. It prints what happens as it goes.
+    """
+    raise NotImplementedError
