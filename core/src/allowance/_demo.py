@@ -1,7 +1,9 @@
 """``allowance demo``: the library at work on the real SDKs, offline.
 
 Starts the fake provider on 127.0.0.1 and runs five short scenes against one
-SQLite ledger, printing what happens as it goes, then the report.
+SQLite ledger, then one scene per installed framework integration (LangChain,
+CrewAI, LlamaIndex: the ``allowance_demo_scenes`` hook) on the same ledger,
+printing what happens as it goes, then the report.
 """
 
 from __future__ import annotations
@@ -303,6 +305,7 @@ def run_demo(console: Console, *, ledger_path: Path | None = None) -> int:
             scene_stop,
         ):
             scene(console, fake, ledger)
+        failed = _framework_scenes(console, fake, ledger, first=6)
     console.print()
     console.rule("[bold]Report")
     print_report(console, ledger)
@@ -310,4 +313,36 @@ def run_demo(console: Console, *, ledger_path: Path | None = None) -> int:
         f"\nDone in {time.perf_counter() - started:.1f} s. "
         f"See it again: [bold]allowance report --ledger {ledger}[/]"
     )
-    return 0
+    return 1 if failed else 0
+
+
+def _framework_scenes(
+    console: Console, fake: FakeProvider, ledger: str, *, first: int
+) -> list[str]:
+    """Run the scenes installed integrations add; return the ones that failed."""
+    from allowance import plugins  # noqa: PLC0415
+
+    scenes = sorted(
+        (
+            scene
+            for group in plugins.get_plugin_manager().hook.allowance_demo_scenes()
+            for scene in group
+        ),
+        key=lambda scene: str(getattr(scene, "__module__", "")),
+    )
+    if not scenes:
+        console.print(
+            "\n[dim]No framework integration is installed "
+            "(allowance-langchain, allowance-crewai, allowance-llamaindex): "
+            "their scenes are skipped.[/]"
+        )
+    failed = []
+    for number, scene in enumerate(scenes, start=first):
+        try:
+            scene(console, fake, ledger, number)
+        except Exception:  # noqa: BLE001 - show it, finish the demo, exit non-zero
+            name = getattr(scene, "__module__", repr(scene))
+            console.print(f"[bold red]The scene from {name} failed:[/]")
+            console.print_exception(max_frames=5)
+            failed.append(name)
+    return failed
