@@ -77,7 +77,12 @@ def test_hookspecs_are_keyword_only_and_few() -> None:
 
     pm.add_hookspecs(hookspecs)
     names = sorted(n for n in dir(pm.hook) if n.startswith("allowance_"))
-    assert names == ["allowance_adapters", "allowance_event", "allowance_providers"]
+    assert names == [
+        "allowance_adapters",
+        "allowance_demo_scenes",
+        "allowance_event",
+        "allowance_providers",
+    ]
 
 
 def test_patch_and_unpatch_restore_the_originals(fresh_plugins: None) -> None:

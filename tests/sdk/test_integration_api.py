@@ -122,3 +122,20 @@ def test_estimate_chat_counts_tools_and_refuses_a_bad_cap():
         integration.estimate_chat("google", "m", ["hi"], max_output_tokens=-1)
     with pytest.raises(allowance.ConfigurationError, match="model"):
         integration.estimate_chat("google", "", ["hi"])
+
+
+def test_a_route_ended_from_another_context_is_inert(fake_provider, openai_client):
+    import contextvars
+
+    patched = allowance.patch(budget=100_000, ledger="memory://", adapters=["openai"])
+    mine = guard()
+    seen = allowance.seen_by("myframework", guard=mine)
+    seen.__enter__()
+    contextvars.copy_context().run(seen.end)
+    openai_client.chat.completions.create(model=GPT, messages=USER)
+    assert mine.ledger.calls() == []
+    assert len(patched.ledger.calls()) == 1
+    seen.__exit__(None, None, None)
+    with seen:  # entering again routes again
+        openai_client.chat.completions.create(model=GPT, messages=USER)
+    assert len(mine.ledger.calls()) == 1

@@ -53,7 +53,10 @@ _budgets: contextvars.ContextVar[tuple[Budget, ...]] = contextvars.ContextVar(
 _adapters: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar(
     "allowance_adapters", default=()
 )
-_route: contextvars.ContextVar[tuple[Guard, bool] | None] = contextvars.ContextVar(
+# (guard, charged, live): ``live[0]`` turns False when the adapter ends the route
+# from a context other than the one it was entered in (``seen_by.end``).
+_Route = tuple["Guard", bool, list[bool]]
+_route: contextvars.ContextVar[_Route | None] = contextvars.ContextVar(
     "allowance_route", default=None
 )
 _counter = itertools.count(1)
@@ -86,7 +89,10 @@ def current_adapters() -> tuple[str, ...]:
 
 def current_route() -> tuple[Guard, bool] | None:
     """Return ``(guard, charged)`` set by ``seen_by(guard=...)`` here, or None."""
-    return _route.get()
+    route = _route.get()
+    if route is None or not route[2][0]:
+        return None
+    return route[0], route[1]
 
 
 class seen_by:  # noqa: N801 - used like a function
@@ -116,7 +122,7 @@ class seen_by:  # noqa: N801 - used like a function
     """
 
     __module__ = "allowance"
-    __slots__ = ("_name", "_route", "_scope", "_tokens")
+    __slots__ = ("_live", "_name", "_route", "_scope", "_tokens")
 
     def __init__(
         self,
@@ -132,12 +138,18 @@ class seen_by:  # noqa: N801 - used like a function
                 "charged", charged, "charged=True together with guard=<the Guard>"
             )
         self._name = name
-        self._route = None if guard is None else (guard, charged)
+        self._live = [True]
+        self._route: _Route | None = (
+            None if guard is None else (guard, charged, self._live)
+        )
         self._scope = validate_scope(dimensions)
         self._tokens: list[tuple[contextvars.Token[tuple[str, ...]], Any, Any]] = []
 
     def __enter__(self) -> None:
         """Push the adapter name (and scope, and guard) for calls made inside."""
+        if self._route is not None and not self._live[0]:  # entered again after end
+            self._live = [True]
+            self._route = (self._route[0], self._route[1], self._live)
         scope_token = (
             _scope.set(MappingProxyType({**_scope.get(), **self._scope}))
             if self._scope
@@ -147,6 +159,15 @@ class seen_by:  # noqa: N801 - used like a function
         self._tokens.append(
             (_adapters.set((*_adapters.get(), self._name)), scope_token, route_token)
         )
+
+    def end(self) -> None:
+        """Stop routing calls to ``guard``, from any context.
+
+        For framework callbacks that finish a call outside the context the
+        route was entered in (where ``__exit__`` cannot reset it): calls made
+        afterwards in that context go to the SDK layer's own guard again.
+        """
+        self._live[0] = False
 
     def __exit__(self, *exc: object) -> None:
         """Pop what ``__enter__`` pushed."""

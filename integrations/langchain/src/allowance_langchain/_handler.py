@@ -1,0 +1,715 @@
+# ruff: noqa: ARG002 - LangChain's callback signatures, used in part
+"""``AllowanceCallbackHandler``: budgets for any LangChain chat model or LLM.
+
+A LangChain callback handler sees every model call with its attribution (run
+id, parent run, tags, metadata) before the call is sent, and its usage after.
+Two paths, one charge per call:
+
+- OpenAI, Azure OpenAI and Anthropic models (``ls_provider``): the SDK layer of
+  ``allowance`` beneath LangChain estimates, reserves, blocks, degrades and
+  commits the provider's exact usage; the handler only routes the call to its
+  guard and attributes it (``allowance.seen_by``).
+- Any other model: the handler estimates the call, reserves it when the model
+  starts (``BudgetExceeded`` there stops it before the request) and commits the
+  ``usage_metadata`` LangChain reports at the end.
+
+The handler is synchronous with ``raise_error = True`` (so LangChain lets
+``BudgetExceeded`` out of the start callback) and ``run_inline = True`` (so,
+under ``ainvoke`` and ``astream`` too, it runs in the caller's context, where
+the context variables it sets reach the HTTP request).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, cast
+
+from langchain_core.callbacks import BaseCallbackHandler
+
+import allowance
+from allowance import integration
+from allowance_langchain import _compat
+from allowance_langchain._compat import ADAPTER_NAME
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Mapping, Sequence
+    from uuid import UUID
+
+    from langchain_core.messages import BaseMessage
+    from langchain_core.outputs import ChatGenerationChunk, GenerationChunk, LLMResult
+
+    from allowance.typing import Ledger
+
+__all__ = ["ADAPTER_NAME", "AllowanceCallbackHandler"]
+
+Window = Literal["hour", "day", "week", "month"]
+OnLimit = Literal["raise", "stop", "warn"]
+Fail = Literal["closed", "open"]
+
+_MAX_VALUE = 256
+_MAX_LEAKED = 4096
+_ROLES = {
+    "human": "user",
+    "ai": "assistant",
+    "system": "system",
+    "tool": "tool",
+    "function": "function",
+    "developer": "developer",
+    "chat": "user",
+}
+_OUTPUT_CAPS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+
+
+_claimed: set[UUID] = set()
+"""Runs a handler from the run's config charges (the global handler steps aside)."""
+
+_here: contextvars.ContextVar[object] = contextvars.ContextVar(
+    "allowance_langchain_here", default=None
+)
+"""Set with each start: resetting its token tells whether we are in that context."""
+
+
+@dataclass(eq=False, slots=True)
+class _Call:
+    """One model run between its start and end callbacks."""
+
+    run_id: UUID
+    seen: allowance.seen_by
+    key: tuple[int, int]
+    here: contextvars.Token[object]
+    context: contextvars.Context | None = None
+    ticket: allowance.Ticket | None = None
+    closed: bool = False
+
+
+@dataclass(slots=True)
+class _Runs:
+    """What the handler knows about runs in flight (shared by all threads)."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    calls: dict[UUID, _Call] = field(default_factory=dict)
+    stacks: dict[tuple[int, int], list[_Call]] = field(default_factory=dict)
+    roots: dict[UUID, UUID] = field(default_factory=dict)
+    leaked: OrderedDict[str, _Call] = field(default_factory=OrderedDict)
+
+
+def _context_key() -> tuple[int, int]:
+    """Identify where a callback runs: the thread, and the asyncio task if any."""
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:
+        task = None
+    return threading.get_ident(), id(task) if task is not None else 0
+
+
+def _make_guard(
+    *,
+    guard: allowance.Guard | None,
+    policy: allowance.Policy | None,
+    budget: int | str | allowance.Budget | Iterable[allowance.Budget] | None,
+    per: str,
+    window: Window | None,
+    fallback: str | Mapping[str, str] | None,
+    threshold: float | None,
+    on_limit: OnLimit,
+    fail: Fail,
+    ledger: str | Ledger | None,
+    session: str | None,
+) -> allowance.Guard:
+    if guard is not None:
+        others = (policy, budget, fallback, threshold, ledger, window, session)
+        if (
+            any(x is not None for x in others)
+            or on_limit != "raise"
+            or fail != "closed"
+            or per != "session"
+        ):
+            raise allowance.ConfigurationError(
+                "guard",
+                guard,
+                "either guard=Guard(...) or the budget arguments, not both",
+            )
+        if not isinstance(guard, allowance.Guard):
+            raise allowance.ConfigurationError("guard", guard, "an allowance.Guard")
+        return guard
+    # Like allowance.wrap: the handler's calls form one session of their own,
+    # unless a session id is given (to share a budget across handlers).
+    bound = {"session": session if session is not None else _new_session()}
+    if policy is not None:
+        return allowance.Guard(policy, ledger=ledger, scope=bound)
+    return allowance.Guard(
+        ledger=ledger,
+        budget=budget,
+        per=per,
+        window=window,
+        fallback=fallback,
+        threshold=threshold,
+        on_limit=on_limit,
+        fail=fail,
+        scope=bound,
+    )
+
+
+def _new_session() -> str:
+    import uuid  # noqa: PLC0415 - only when a handler is built
+
+    return f"lc-{uuid.uuid4().hex[:16]}"
+
+
+def _check_dimensions(
+    metadata_dimensions: Mapping[str, str] | None, run_dimension: str | None
+) -> dict[str, str]:
+    given = cast("dict[object, object]", dict(metadata_dimensions or {}))
+    mapping = {
+        k: v for k, v in given.items() if isinstance(k, str) and isinstance(v, str)
+    }
+    for key, dim in given.items():
+        if not isinstance(key, str) or mapping.get(key) != dim or not dim:
+            raise allowance.ConfigurationError(
+                "metadata_dimensions",
+                metadata_dimensions,
+                "a mapping of LangChain metadata key -> scope dimension name "
+                '(e.g. {"user_id": "user"})',
+            )
+    # Validates every dimension name now, where it was written.
+    allowance.scope(**dict.fromkeys(mapping.values(), "x"))
+    if run_dimension is not None:
+        name: object = run_dimension
+        if not isinstance(name, str) or not name:
+            raise allowance.ConfigurationError(
+                "run_dimension", run_dimension, "a scope dimension name, or None"
+            )
+        allowance.scope(**{run_dimension: "x"})
+    return mapping
+
+
+class AllowanceCallbackHandler(BaseCallbackHandler):
+    """Enforce an ``allowance`` budget on the LangChain runs it is attached to.
+
+    Pass it in a run's ``config={"callbacks": [handler]}`` (or bind it with
+    ``with_config``); ``allowance.patch()`` attaches one to every run in the
+    process instead. The budget arguments are those of ``allowance.wrap``.
+
+    Args:
+        budget: ``"$1.00"``, an int of tokens, ``"50k tokens"``, or ``Budget``s.
+        per: Dimension of ``budget``: ``"session"`` (default; every call through
+            this handler, see ``session``), ``"run"`` (each chain invocation:
+            the root LangChain run), or any scope dimension (``"user"``...).
+        window: ``"hour"``, ``"day"``, ``"week"`` or ``"month"``.
+        fallback: Cheaper model to degrade to (OpenAI and Anthropic models: the
+            SDK layer really calls it).
+        threshold: Ratio at which to degrade (or warn, without ``fallback``).
+        on_limit: ``"raise"`` (default), ``"stop"`` or ``"warn"``.
+        fail: ``"closed"`` (default) or ``"open"`` on ledger failure.
+        ledger: Ledger URL or object; default ``sqlite:///allowance.db``.
+        session: Session id of this handler's calls; default a new id per
+            handler. Pass a fixed id to share a budget across handlers.
+        policy: A full ``Policy`` instead of the shorthand arguments.
+        guard: An existing ``Guard`` to share (then no other budget argument).
+        metadata_dimensions: LangChain metadata keys -> scope dimensions, e.g.
+            ``{"user_id": "user", "tenant_id": "tenant"}``: a run invoked with
+            ``config={"metadata": {"user_id": "u-7"}}`` is charged to
+            ``user="u-7"``.
+        run_dimension: Scope dimension that gets the root run id of each chain
+            invocation (default ``"run"``); None for none.
+
+    Raises:
+        ConfigurationError: An argument is malformed.
+
+    Example:
+        >>> handler = AllowanceCallbackHandler(budget="$1.00", fallback="gpt-4o-mini",
+        ...                                    threshold=0.8)
+        >>> chain.invoke(inputs, config={"callbacks": [handler]})
+    """
+
+    __module__ = "allowance_langchain"
+
+    raise_error: bool = True
+    """Let ``BudgetExceeded`` out of the start callback: the call is not sent."""
+    run_inline: bool = True
+    """Run in the caller's context under ``ainvoke``/``astream`` too."""
+
+    guard: allowance.Guard | None
+    """The guard calls are charged to; None makes the handler do nothing."""
+
+    def __init__(
+        self,
+        budget: int | str | allowance.Budget | Iterable[allowance.Budget] | None = None,
+        *,
+        per: str = "session",
+        window: Window | None = None,
+        fallback: str | Mapping[str, str] | None = None,
+        threshold: float | None = None,
+        on_limit: OnLimit = "raise",
+        fail: Fail = "closed",
+        ledger: str | Ledger | None = None,
+        session: str | None = None,
+        policy: allowance.Policy | None = None,
+        guard: allowance.Guard | None = None,
+        metadata_dimensions: Mapping[str, str] | None = None,
+        run_dimension: str | None = "run",
+    ) -> None:
+        """Build the guard (or take ``guard``); see the class docstring."""
+        super().__init__()
+        self.metadata_dimensions = _check_dimensions(metadata_dimensions, run_dimension)
+        self.run_dimension = run_dimension
+        self.guard = _make_guard(
+            guard=guard,
+            policy=policy,
+            budget=budget,
+            per=per,
+            window=window,
+            fallback=fallback,
+            threshold=threshold,
+            on_limit=on_limit,
+            fail=fail,
+            ledger=ledger,
+            session=session,
+        )
+        self._runs = _Runs()
+        self._global = False
+
+    @classmethod
+    def _unbound(cls) -> AllowanceCallbackHandler:
+        """A handler with no guard yet (the adapter binds one on install)."""
+        handler = cls.__new__(cls)
+        BaseCallbackHandler.__init__(handler)
+        handler.metadata_dimensions = {}
+        handler.run_dimension = "run"
+        handler.guard = None
+        handler._runs = _Runs()  # noqa: SLF001 - our own class
+        handler._global = True  # noqa: SLF001
+        return handler
+
+    def __repr__(self) -> str:
+        """Show the guard."""
+        return f"<AllowanceCallbackHandler guard={self.guard!r}>"
+
+    # -- runs that are not model calls: remember the root of each tree ---------------
+
+    def _enter_run(self, run_id: UUID, parent_run_id: UUID | None) -> None:
+        if self.guard is None:
+            return
+        runs = self._runs
+        runs.roots[run_id] = (
+            run_id
+            if parent_run_id is None
+            else runs.roots.get(parent_run_id, parent_run_id)
+        )
+
+    def _exit_run(self, run_id: UUID) -> None:
+        self._runs.roots.pop(run_id, None)
+
+    def on_chain_start(
+        self,
+        serialized: dict[str, Any] | None,
+        inputs: Any,
+        *,
+        run_id: UUID,
+        parent_run_id: UUID | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Remember the chain's root run."""
+        self._enter_run(run_id, parent_run_id)
+
+    def on_chain_end(self, outputs: Any, *, run_id: UUID, **kwargs: Any) -> None:
+        """Forget the chain."""
+        self._exit_run(run_id)
+
+    def on_chain_error(
+        self, error: BaseException, *, run_id: UUID, **kwargs: Any
+    ) -> None:
+        """Forget the chain."""
+        self._exit_run(run_id)
+
+    def on_tool_start(
+        self,
+        serialized: dict[str, Any] | None,
+        input_str: str,
+        *,
+        run_id: UUID,
+        parent_run_id: UUID | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Remember the tool's root run (models called inside a tool share it)."""
+        self._enter_run(run_id, parent_run_id)
+
+    def on_tool_end(self, output: Any, *, run_id: UUID, **kwargs: Any) -> None:
+        """Forget the tool run."""
+        self._exit_run(run_id)
+
+    def on_tool_error(
+        self, error: BaseException, *, run_id: UUID, **kwargs: Any
+    ) -> None:
+        """Forget the tool run."""
+        self._exit_run(run_id)
+
+    # -- model calls ------------------------------------------------------------------
+
+    def on_chat_model_start(
+        self,
+        serialized: dict[str, Any] | None,
+        messages: list[list[BaseMessage]],
+        *,
+        run_id: UUID,
+        parent_run_id: UUID | None = None,
+        tags: list[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Admit the chat call (or raise ``BudgetExceeded``) and route it."""
+        if self.guard is None:
+            return
+        rows: list[dict[str, Any]] = [
+            _message_row(m) for message_list in messages for m in message_list
+        ]
+        self._start(serialized, rows, run_id, parent_run_id, tags, metadata, kwargs)
+
+    def on_llm_start(
+        self,
+        serialized: dict[str, Any] | None,
+        prompts: list[str],
+        *,
+        run_id: UUID,
+        parent_run_id: UUID | None = None,
+        tags: list[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Admit the completion call (or raise ``BudgetExceeded``) and route it."""
+        if self.guard is None:
+            return
+        rows = [{"role": "user", "content": p} for p in prompts]
+        self._start(serialized, rows, run_id, parent_run_id, tags, metadata, kwargs)
+
+    def on_llm_new_token(
+        self,
+        token: str | list[str | dict[str, Any]],
+        *,
+        chunk: GenerationChunk | ChatGenerationChunk | None = None,
+        run_id: UUID,
+        parent_run_id: UUID | None = None,
+        tags: list[str] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """On a stream's last chunk, stop routing: this runs in the caller's context.
+
+        (The end callback of an async stream runs in a task of its own, where
+        the context variables set at the start cannot be reset.)
+        """
+        message = getattr(chunk, "message", None)
+        if getattr(message, "chunk_position", None) != "last":
+            return
+        with self._runs.lock:
+            call = self._runs.calls.get(run_id)
+        if call is not None:
+            self._close(call)
+
+    def on_llm_end(self, response: LLMResult, *, run_id: UUID, **kwargs: Any) -> None:
+        """Commit the usage LangChain reports (when this handler charges the call)."""
+        call = self._pop(run_id)
+        if call is None:
+            return
+        try:
+            if call.ticket is not None:
+                _settle(call.ticket, response)
+        finally:
+            self._close(call)
+
+    def on_llm_error(
+        self, error: BaseException, *, run_id: UUID, **kwargs: Any
+    ) -> None:
+        """Release the reservation: the call failed."""
+        call = self._pop(run_id)
+        if call is None:
+            return
+        try:
+            if call.ticket is not None:
+                call.ticket.release()
+        finally:
+            self._close(call)
+
+    # -- the mechanism ----------------------------------------------------------------
+
+    def _start(  # noqa: PLR0917 - the callback's arguments, passed on
+        self,
+        serialized: Mapping[str, Any] | None,
+        rows: list[dict[str, Any]],
+        run_id: UUID,
+        parent_run_id: UUID | None,
+        tags: Sequence[str] | None,
+        metadata: Mapping[str, Any] | None,
+        extra: Mapping[str, Any],
+    ) -> None:
+        guard = self.guard
+        if guard is None:
+            return
+        if self._global:
+            if run_id in _claimed:
+                return  # a handler passed in the run's config charges this call
+        else:
+            _claimed.add(run_id)
+        self._drop_leaked()
+        metadata = metadata or {}
+        params: Mapping[str, Any] = extra.get("invocation_params") or {}
+        provider = _provider(serialized, metadata, params)
+        dims = self._dimensions(run_id, parent_run_id, tags, metadata)
+        through_sdk = integration.sdk_layer(provider)
+        seen = allowance.seen_by(
+            ADAPTER_NAME, guard=guard, charged=not through_sdk, **dims
+        )
+        seen.__enter__()
+        call = _Call(
+            run_id,
+            seen,
+            _context_key(),
+            _here.set(object()),
+            _compat.current_task_context(),
+        )
+        try:
+            if not through_sdk:
+                call.ticket = self._admit(guard, provider, rows, params, metadata)
+        except BaseException:
+            _undo(call)
+            _claimed.discard(run_id)
+            raise
+        runs = self._runs
+        with runs.lock:
+            runs.calls[run_id] = call
+            runs.stacks.setdefault(call.key, []).append(call)
+
+    def _admit(
+        self,
+        guard: allowance.Guard,
+        provider: str,
+        rows: list[dict[str, Any]],
+        params: Mapping[str, Any],
+        metadata: Mapping[str, Any],
+    ) -> allowance.Ticket:
+        model = str(
+            params.get("model")
+            or params.get("model_name")
+            or metadata.get("ls_model_name")
+            or provider
+        )
+        cap = next(
+            (params[k] for k in _OUTPUT_CAPS if isinstance(params.get(k), int)),
+            metadata.get("ls_max_tokens"),
+        )
+        tools = params.get("tools")
+        estimate = integration.estimate_chat(
+            provider,
+            model,
+            rows,
+            max_output_tokens=cap if isinstance(cap, int) and cap >= 0 else None,
+            tools=tools if isinstance(tools, list) else None,
+        )
+        ticket = guard.begin(estimate, adapters=integration.current_adapters())
+        if ticket.stopped:
+            # A callback cannot answer for the model: stopping means not sending.
+            ticket.release(outcome="blocked")
+            raise allowance.BudgetExceeded(ticket.violations, model=model)
+        return ticket
+
+    def _dimensions(
+        self,
+        run_id: UUID,
+        parent_run_id: UUID | None,
+        tags: Sequence[str] | None,
+        metadata: Mapping[str, Any],
+    ) -> dict[str, str | int]:
+        dims: dict[str, str | int] = {}
+        if (
+            self.run_dimension is not None
+            and self.run_dimension not in allowance.current_scope()
+        ):
+            root = (
+                run_id
+                if parent_run_id is None
+                else self._runs.roots.get(parent_run_id, parent_run_id)
+            )
+            dims[self.run_dimension] = str(root)
+        dims["langchain_run"] = str(run_id)
+        if parent_run_id is not None:
+            dims["langchain_parent"] = str(parent_run_id)
+        if tags:
+            dims["langchain_tags"] = ",".join(tags)[:_MAX_VALUE]
+        for key, dim in self.metadata_dimensions.items():
+            value = metadata.get(key)
+            if (
+                isinstance(value, str | int)
+                and not isinstance(value, bool)
+                and value != ""
+            ):
+                dims[dim] = value
+        return dims
+
+    def _pop(self, run_id: UUID) -> _Call | None:
+        if not self._global:
+            _claimed.discard(run_id)
+        runs = self._runs
+        with runs.lock:
+            return runs.calls.pop(run_id, None)
+
+    def _close(self, call: _Call) -> None:
+        """Undo what the start set, innermost first, where the start set it."""
+        runs = self._runs
+        with runs.lock:
+            if call.closed:
+                return
+            call.closed = True
+        # The route stops now, whatever context this end callback runs in; the
+        # context variables themselves are reset below where possible.
+        call.seen.end()
+        with runs.lock:
+            stack = runs.stacks.get(call.key, [])
+            done: list[_Call] = []
+            while stack and stack[-1].closed:
+                done.append(stack.pop())
+            if not stack:
+                runs.stacks.pop(call.key, None)
+        for entry in done:
+            if not _undo(entry):
+                # The end callback runs in another context than the start (an
+                # async run's end is shielded in a task of its own): undone at
+                # the next model start in the original context, see _drop_leaked.
+                with runs.lock:
+                    runs.leaked[str(entry.run_id)] = entry
+                    while len(runs.leaked) > _MAX_LEAKED:
+                        runs.leaked.popitem(last=False)
+
+    def _drop_leaked(self) -> None:
+        """Undo routes a finished call left in this context (async end callbacks)."""
+        runs = self._runs
+        if not runs.leaked:
+            return
+        while True:
+            run = allowance.current_scope().get("langchain_run")
+            if run is None:
+                return
+            with runs.lock:
+                entry = runs.leaked.pop(run, None)
+            if entry is None or not _undo(entry):
+                return
+
+
+def _undo(call: _Call) -> bool:
+    """Undo what the start set in its context; return False if that is not possible."""
+    if _undo_here(call):
+        return True
+    if call.context is None:
+        return False
+    # An async end callback runs in a task of its own while the caller's task
+    # waits for it: its context (Python 3.12+) can be entered from here.
+    try:
+        return call.context.run(_undo_here, call)
+    except RuntimeError:  # that context is running right now
+        return False
+
+
+def _undo_here(call: _Call) -> bool:
+    try:
+        _here.reset(call.here)
+    except ValueError:  # the token was created in a different Context
+        return False
+    except RuntimeError:  # undone already
+        return True
+    call.seen.__exit__()
+    return True
+
+
+def _message_row(message: BaseMessage) -> dict[str, Any]:
+    role = _ROLES.get(message.type, "user")
+    content: Any = message.content
+    row: dict[str, Any] = {"role": role, "content": content}
+    tool_calls = getattr(message, "tool_calls", None)
+    if tool_calls:
+        row["tool_calls"] = [
+            {
+                "type": "function",
+                "function": {"name": c["name"], "arguments": str(c["args"])},
+            }
+            for c in tool_calls
+        ]
+    return row
+
+
+def _provider(
+    serialized: Mapping[str, Any] | None,
+    metadata: Mapping[str, Any],
+    params: Mapping[str, Any],
+) -> str:
+    provider = metadata.get("ls_provider")
+    if isinstance(provider, str) and provider:
+        return provider.lower()
+    ident = (serialized or {}).get("id") or [params.get("_type") or ""]
+    name = str(ident[-1] if isinstance(ident, list) and ident else ident).lower()
+    if "azure" in name:
+        return "azure"
+    if "openai" in name:
+        return "openai"
+    if "anthropic" in name:
+        return "anthropic"
+    return name or "unknown"
+
+
+def _settle(ticket: allowance.Ticket, response: LLMResult) -> None:
+    """Commit the run's usage; release a cache hit; keep the worst case if unknown."""
+    usages: list[Mapping[str, Any]] = []
+    model: str | None = None
+    cached = False
+    for generations in response.generations:
+        for generation in generations:
+            message = getattr(generation, "message", None)
+            usage = getattr(message, "usage_metadata", None)
+            if isinstance(usage, dict):
+                if usage.get("total_cost") == 0:
+                    # langchain-core zeroes the cost of answers from its LLM cache.
+                    cached = True
+                    continue
+                usages.append(usage)
+            meta = getattr(message, "response_metadata", None) or {}
+            model = model or meta.get("model_name") or meta.get("model")
+    if not usages and isinstance(response.llm_output, dict):
+        token_usage = response.llm_output.get("token_usage") or response.llm_output.get(
+            "usage"
+        )
+        if isinstance(token_usage, dict):
+            usages.append(
+                {
+                    "input_tokens": token_usage.get(
+                        "prompt_tokens", token_usage.get("input_tokens", 0)
+                    ),
+                    "output_tokens": token_usage.get(
+                        "completion_tokens", token_usage.get("output_tokens", 0)
+                    ),
+                }
+            )
+    if usages:
+        ticket.commit(_usage(usages), response_model=model)
+    elif cached:
+        ticket.commit(allowance.Usage(), response_model=model)
+    else:
+        ticket.keep()
+
+
+def _usage(usages: Iterable[Mapping[str, Any]]) -> allowance.Usage:
+    total = [0, 0, 0, 0, 0]
+    for u in usages:
+        inputs = cast("Mapping[str, Any]", u.get("input_token_details") or {})
+        outputs = cast("Mapping[str, Any]", u.get("output_token_details") or {})
+        for i, value in enumerate(
+            (
+                u.get("input_tokens"),
+                u.get("output_tokens"),
+                inputs.get("cache_read"),
+                inputs.get("cache_creation"),
+                outputs.get("reasoning"),
+            )
+        ):
+            total[i] += value if isinstance(value, int) else 0
+    return allowance.Usage(*total)
