@@ -110,7 +110,6 @@ class Violation:
         )
 
 
-@final
 class BudgetExceeded(AllowanceError):  # noqa: N818 - a signal, named as users say it
     """Raised before a call is sent when it would push a budget over its limit.
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+import sys
 import threading
 from typing import TYPE_CHECKING, Literal, TypeVar, final
+
+import wrapt
 
 from allowance import plugins
 from allowance._errors import AdapterUnavailableError, ConfigurationError, UsageError
@@ -30,6 +34,9 @@ Window = Literal["hour", "day", "week", "month"]
 _lock = threading.RLock()
 _active: Guard | None = None
 _installed: dict[str, Adapter] = {}
+# Adapters whose framework is not imported yet: installed when it is.
+_waiting: dict[str, tuple[Adapter, Guard]] = {}
+_import_hooks: set[str] = set()
 
 
 @final
@@ -235,7 +242,9 @@ def patch(
     Installs every available adapter (the OpenAI and Anthropic SDKs, and the
     LangChain, CrewAI and LlamaIndex integrations when installed), or only the
     ones named in ``adapters``. Clients built before the call are covered too.
-    Calling it again replaces the guard.
+    An adapter whose SDK or framework is not imported yet is installed when
+    the program imports it: ``patch()`` imports nothing the program does not
+    use. Calling it again replaces the guard.
 
     Args:
         budget: ``"$5.00"``, an int of tokens, ``"50k tokens"``, or ``Budget``s.
@@ -305,10 +314,48 @@ def patch(
             chosen.append(adapter)
     with _lock:
         for adapter in chosen:
-            adapter.install(the_guard)
-            _installed[adapter.name] = adapter
+            _install_when_imported(adapter, the_guard)
         _active = the_guard
     return the_guard
+
+
+def _install_when_imported(adapter: Adapter, guard: Guard) -> None:
+    """Install ``adapter`` now if its module is imported, else when it is.
+
+    ``patch()`` must not import frameworks (or SDKs) the program does not use:
+    an adapter that names its top-level ``module`` waits for its import.
+    """
+    module = getattr(adapter, "module", None)
+    if not isinstance(module, str) or module in sys.modules:
+        adapter.install(guard)
+        _installed[adapter.name] = adapter
+        return
+    _waiting[adapter.name] = (adapter, guard)
+    if module not in _import_hooks:
+        _import_hooks.add(module)
+        wrapt.register_post_import_hook(functools.partial(_on_import, module), module)
+
+
+def _on_import(module: str, _imported: object) -> None:
+    """Install the adapters waiting for ``module`` (runs right after its import)."""
+    with _lock:
+        _import_hooks.discard(module)
+        for name, (adapter, guard) in list(_waiting.items()):
+            if getattr(adapter, "module", None) != module:
+                continue
+            del _waiting[name]
+            try:
+                adapter.install(guard)
+            except Exception:
+                # Raising here would fail the user's import statement instead.
+                logger.exception(
+                    "allowance: installing the %r adapter after %s was imported "
+                    "failed; its calls are NOT guarded",
+                    name,
+                    module,
+                )
+                continue
+            _installed[name] = adapter
 
 
 def unpatch() -> None:
@@ -318,4 +365,5 @@ def unpatch() -> None:
         for adapter in list(_installed.values()):
             adapter.uninstall()
         _installed.clear()
+        _waiting.clear()
         _active = None

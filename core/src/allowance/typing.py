@@ -426,6 +426,10 @@ class Adapter(Protocol):
     Attributes:
         name: Short name, unique across plugins (``"openai"``, ``"langchain"``).
         requires: PEP 508 requirements of the supported framework versions.
+        module: Optional: the module whose import the adapter hooks
+            (``"crewai"``). When it is not imported yet, ``patch()`` installs
+            the adapter right after the program imports it, so ``patch()``
+            never imports a framework the program does not use.
     """
 
     @property

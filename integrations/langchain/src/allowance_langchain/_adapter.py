@@ -27,6 +27,7 @@ class LangChainAdapter:
 
     name = _compat.ADAPTER_NAME
     requires = (_compat.LANGCHAIN_CORE_REQUIREMENT,)
+    module = "langchain_core"  # patch() installs it once the program imports this
 
     def __init__(self) -> None:
         """Create the adapter, not installed."""

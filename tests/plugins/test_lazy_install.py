@@ -1,0 +1,92 @@
+"""``patch()`` imports nothing the program does not use: adapters wait for imports."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import allowance
+from allowance import plugins
+
+
+class WaitingAdapter:
+    name = "waiting"
+    requires = ()
+
+    def __init__(self, module: str) -> None:
+        self.module = module
+        self.guards: list[allowance.Guard | None] = []
+
+    def available(self) -> bool:
+        return True
+
+    def install(self, guard: allowance.Guard) -> None:
+        self.guards.append(guard)
+
+    def uninstall(self) -> None:
+        self.guards.append(None)
+
+
+@pytest.fixture
+def framework(tmp_path, monkeypatch):
+    """A module nobody has imported yet, and an adapter waiting for it."""
+    name = f"fake_framework_{tmp_path.name.replace('-', '_')}"
+    (tmp_path / f"{name}.py").write_text("VALUE = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    adapter = WaitingAdapter(name)
+
+    class Plugin:
+        @allowance.hookimpl
+        def allowance_adapters(self):
+            return [adapter]
+
+    plugin = Plugin()
+    plugins.register(plugin)
+    yield name, adapter
+    allowance.unpatch()
+    plugins.unregister(plugin)
+    sys.modules.pop(name, None)
+
+
+def test_an_adapter_is_installed_when_its_module_is_imported(framework):
+    name, adapter = framework
+    guard = allowance.patch(budget=10, ledger="memory://", adapters=["waiting"])
+    assert adapter.guards == []
+    assert name not in sys.modules
+    __import__(name)
+    assert adapter.guards == [guard]
+    allowance.unpatch()
+    assert adapter.guards == [guard, None]
+
+
+def test_the_latest_guard_wins_and_unpatch_cancels_the_wait(framework):
+    name, adapter = framework
+    allowance.patch(budget=10, ledger="memory://", adapters=["waiting"])
+    second = allowance.patch(budget=20, ledger="memory://", adapters=["waiting"])
+    allowance.unpatch()
+    __import__(name)
+    assert adapter.guards == []  # unpatched before the import: nothing installed
+    third = allowance.patch(budget=30, ledger="memory://", adapters=["waiting"])
+    assert adapter.guards == [third]  # imported now: installed at once
+    assert second is not third
+
+
+def test_patch_imports_no_sdk_the_program_does_not_use():
+    code = textwrap.dedent(
+        """
+        import sys, allowance
+        allowance.patch(budget=1000, ledger="memory://")
+        print(sorted({"openai", "anthropic"} & set(sys.modules)))
+        import openai
+        from openai._base_client import SyncAPIClient
+        print(hasattr(SyncAPIClient.request, "__wrapped__"))
+        print("anthropic" in sys.modules)
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.split() == ["[]", "True", "False"]
