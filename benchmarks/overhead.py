@@ -7,7 +7,9 @@ first) against the fake provider with no delay, so both see the same machine
 state. "added" is the median of the per-round differences of wall time,
 "added CPU" the same for the calling thread's CPU time (``thread_time``: what
 the guard itself costs, without the scheduling noise of a shared machine); p99
-is the guarded call's 99th percentile. The fake provider runs in its own process: in this one
+is the guarded call's 99th percentile. The Redis row runs against a throwaway
+``redis-server`` on a free local port (skipped when none is installed): its
+"added" is two round trips (reserve, commit) plus the client's work. The fake provider runs in its own process: in this one
 its server thread would compete with the client for the GIL and blur the
 figures.
 """
@@ -30,6 +32,7 @@ from rich.console import Console
 from rich.table import Table
 
 import allowance
+from allowance.testing import RedisServer
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -78,7 +81,7 @@ def measure(
 
 
 def sync_scenarios(
-    fake: RemoteProvider, rounds: int, tmp: Path
+    fake: RemoteProvider, rounds: int, tmp: Path, redis_url: str | None = None
 ) -> list[tuple[str, dict[str, float]]]:
     results = []
     raw_client = openai.OpenAI(
@@ -90,10 +93,13 @@ def sync_scenarios(
             model="gpt-4o-mini", messages=MESSAGES, max_tokens=16
         )
 
-    for name, ledger in (
+    ledgers = [
         ("chat, memory ledger", "memory://"),
         ("chat, SQLite ledger", f"sqlite:///{tmp / 'bench.db'}"),
-    ):
+    ]
+    if redis_url is not None:
+        ledgers.append(("chat, Redis ledger (local server)", redis_url))
+    for name, ledger in ledgers:
         client = allowance.wrap(
             openai.OpenAI(base_url=fake.openai_base_url, api_key="x", max_retries=0),
             budget="$1000",
@@ -217,13 +223,19 @@ def main() -> None:
     args = parser.parse_args()
     console = Console(width=max(120, Console().width))
     fake = RemoteProvider()
+    # A throwaway redis-server on a free local port, when one is installed.
+    redis = RedisServer().start() if RedisServer.available() else None
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            rows = sync_scenarios(fake, args.rounds, Path(tmp))
+            rows = sync_scenarios(
+                fake, args.rounds, Path(tmp), redis.url if redis else None
+            )
         fake.start(latency=0.02)
         raw_wall, guarded_wall = concurrency(fake, args.concurrent)
     finally:
         fake.stop()
+        if redis is not None:
+            redis.close()
     table = Table(title=f"allowance overhead, N={args.rounds} interleaved rounds (µs)")
     for column in (
         "scenario",

@@ -17,6 +17,8 @@ PUBLIC_MODULES = [
     "allowance.hookspecs",
     "allowance.integration",
     "allowance.plugins",
+    "allowance.telemetry",
+    "allowance.webhooks",
 ]
 
 
@@ -31,7 +33,15 @@ def test_all_is_sorted_and_resolves(name: str) -> None:
 
 def test_every_public_name_is_exported() -> None:
     public = {n for n in dir(allowance) if not n.startswith("_")}
-    modules = {"hookspecs", "integration", "plugins", "typing", "testing"}
+    modules = {
+        "hookspecs",
+        "integration",
+        "plugins",
+        "telemetry",
+        "testing",
+        "typing",
+        "webhooks",
+    }
     assert public - modules - {"annotations"} <= set(allowance.__all__)
 
 

@@ -381,3 +381,13 @@ def test_charges_held_in_memory_are_written_once_by_concurrent_calls() -> None:
         list(pool.map(one, range(40)))
     assert guard.status()[0].spent == 50 * 10 + 40
     assert not guard._pending
+
+
+def test_the_guard_never_shows_a_ledger_password():
+    guard = allowance.Guard(
+        budget=1, ledger="REDIS://user:s3cret@localhost:1/0?sentinel_password=x2"
+    )
+    text = repr(guard)
+    assert "s3cret" not in text
+    assert "x2" not in text
+    assert "user:***@" in text

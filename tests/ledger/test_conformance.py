@@ -1,7 +1,8 @@
-"""The ledger conformance suite, run against the memory and SQLite backends."""
+"""The ledger conformance suite: one suite, parametrized over memory, SQLite and Redis."""
 
 from __future__ import annotations
 
+import uuid
 from typing import TYPE_CHECKING
 
 import pytest
@@ -18,20 +19,45 @@ if TYPE_CHECKING:
 DAY = 86_400.0
 
 
+BACKENDS = ("memory", "sqlite", "redis")
+
+
+class TestLedger(LedgerConformance):
+    """Every conformance test, once per backend (``test_x[redis]``)."""
+
+    backend: str
+    redis_base: str
+
+    @pytest.fixture(autouse=True, params=BACKENDS)
+    def _backend(self, request: pytest.FixtureRequest) -> None:
+        self.backend = request.param
+        if self.backend == "redis":
+            self.redis_base = request.getfixturevalue("redis_server").url
+
+    def _url(self) -> str:
+        if self.backend == "memory":
+            return "memory://"
+        if self.backend == "sqlite":
+            return f"sqlite:///{self.tmp_path / 'ledger.db'}"
+        return f"{self.redis_base}?prefix=t-{uuid.uuid4().hex}"
+
+    def make_ledger(self) -> Ledger:
+        return open_ledger(self._url())
+
+    def make_ledger_with_clock(self, clock: Callable[[], float]) -> Ledger:
+        return open_ledger(self._url(), clock=clock)
+
+
 class TestMemoryLedger(LedgerConformance):
+    """A plain subclass, as third-party ledgers write them (for TestTheGuard)."""
+
+    __test__ = False
+
     def make_ledger(self) -> Ledger:
         return open_ledger("memory://")
 
     def make_ledger_with_clock(self, clock: Callable[[], float]) -> Ledger:
         return open_ledger("memory://", clock=clock)
-
-
-class TestSQLiteLedger(LedgerConformance):
-    def make_ledger(self) -> Ledger:
-        return open_ledger(f"sqlite:///{self.tmp_path / 'ledger.db'}")
-
-    def make_ledger_with_clock(self, clock: Callable[[], float]) -> Ledger:
-        return open_ledger(f"sqlite:///{self.tmp_path / 'ledger.db'}", clock=clock)
 
 
 class TestTheGuard:
@@ -108,13 +134,16 @@ def test_backends_are_the_expected_classes(tmp_path) -> None:
 # -- beyond the suite: what each backend does on its own ---------------------------
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=BACKENDS)
 def clocked_backend(request, tmp_path):
     clock = ManualClock()
     if request.param == "memory":
         yield MemoryLedger(clock), clock
         return
-    ledger = SQLiteLedger(tmp_path / "purge.db", clock=clock)
+    if request.param == "redis":
+        ledger = open_ledger(request.getfixturevalue("redis_url"), clock=clock)
+    else:
+        ledger = SQLiteLedger(tmp_path / "purge.db", clock=clock)
     yield ledger, clock
     ledger.close()
 

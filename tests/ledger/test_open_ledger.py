@@ -200,11 +200,100 @@ def test_sqlite_rejects_a_bad_busy_timeout_option(tmp_path) -> None:
 # -- other schemes and values ----------------------------------------------------------
 
 
-@pytest.mark.parametrize("url", ["redis://localhost:6379/0", "rediss://cache:6380/1"])
-def test_redis_is_not_available_yet(url: str) -> None:
+# -- redis ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://localhost:6379/0", "redis://localhost:6379/0"),
+        ("redis://localhost", "redis://localhost"),
+        ("REDIS://cache:6380/3?prefix=team-a", "redis://cache:6380/3?prefix=team-a"),
+        ("rediss://:s3cret@cache:6380/1", "rediss://:***@cache:6380/1"),
+        ("redis://bob:s3cret@cache/2?socket_timeout=0.5", "redis://bob:***@cache/2"),
+        (
+            "redis+sentinel://:pw@s1:26379,s2/mymaster/2?sentinel_password=x",
+            "redis+sentinel://:***@s1:26379,s2/mymaster/2?sentinel_password=%2A%2A%2A",
+        ),
+    ],
+)
+def test_redis_urls_open_lazily_and_hide_passwords(url: str, shown: str) -> None:
+    from allowance._ledger._redis import RedisLedger
+
+    ledger = open_ledger(url)  # nothing listens there: opening does not connect
+    try:
+        assert isinstance(ledger, RedisLedger)
+        assert ledger.url.startswith(shown.partition("?")[0])
+        assert "s3cret" not in ledger.url
+        assert "s3cret" not in repr(ledger)
+    finally:
+        ledger.close()
+
+
+def test_redis_prefix_and_options() -> None:
+    ledger = open_ledger("redis://h/0?prefix=a", prefix="b", max_calls=10)
+    assert ledger.prefix == "b"  # type: ignore[attr-defined]
+    assert ledger._keys[0] == b"{b}:spent"  # type: ignore[attr-defined]
+    assert ledger._max_calls == "10"  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("redis://", "redis://[[user]:password@]host"),
+        ("redis://host:99999/0", "redis://[[user]:password@]host"),
+        ("redis://host:port/0", "redis://[[user]:password@]host"),
+        ("redis://host/zero", "redis://[[user]:password@]host"),
+        ("redis://host/0/1", "redis://[[user]:password@]host"),
+        ("redis://host/0#frag", "redis://[[user]:password@]host"),
+        ("redis://host/0?nope=1", "query options: client_name"),
+        ("redis://host/0?prefix=a&prefix=b", "each once"),
+        ("redis://host/0?max_calls=0", "max_calls=<an int > 0>"),
+        ("redis://host/0?max_calls=many", "max_calls=<an int > 0>"),
+        ("redis://host/0?socket_timeout=-1", "socket_timeout=<seconds >= 0>"),
+        ("redis://host/0?socket_timeout=inf", "socket_timeout=<seconds >= 0>"),
+        ("redis://host/0?max_connections=0", "max_connections=<an int > 0>"),
+        ("redis://host/0?sentinel_password=x", "query options"),
+        ("redis+sentinel://s1:26379", "redis+sentinel://"),
+        ("redis+sentinel://s1:26379/", "redis+sentinel://"),
+        ("redis+sentinel://s1:26379/svc/x", "redis+sentinel://"),
+        ("redis+sentinel://s1:0/svc", "redis+sentinel://"),
+        ("redis+sentinel://s1,:1/svc", "redis+sentinel://"),
+    ],
+)
+def test_redis_rejects_malformed_urls(url: str, expected: str) -> None:
     with pytest.raises(ConfigurationError, match=_named(url)) as caught:
         open_ledger(url)
-    assert "Redis ledger is not available" in str(caught.value)
+    assert expected in caught.value.expected
+    assert caught.value.value == url
+
+
+@pytest.mark.parametrize("prefix", ["", "a{b", "c}"])
+def test_redis_rejects_a_bad_prefix(prefix: str) -> None:
+    with pytest.raises(ConfigurationError, match="ledger prefix"):
+        open_ledger("redis://h/0", prefix=prefix)
+
+
+def test_redis_rejects_unknown_options() -> None:
+    with pytest.raises(
+        ConfigurationError, match="ledger option='busy_timeout'"
+    ) as caught:
+        open_ledger("redis://h/0", busy_timeout=1)
+    assert "clock, max_calls, prefix" in str(caught.value)
+    with pytest.raises(ConfigurationError, match="clock"):
+        open_ledger("redis://h/0", clock="now")
+
+
+def test_redis_without_redis_py_names_the_extra(monkeypatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "redis", None)  # import redis fails
+    monkeypatch.delitem(sys.modules, "allowance._ledger._redis", raising=False)
+    url = "redis://localhost:6379/0"
+    with pytest.raises(ConfigurationError, match=_named(url)) as caught:
+        open_ledger(url)
+    assert "pip install 'allowance[redis]'" in str(caught.value)
+    assert isinstance(caught.value.__cause__, ModuleNotFoundError)
 
 
 @pytest.mark.parametrize(

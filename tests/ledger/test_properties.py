@@ -1,12 +1,14 @@
-"""Ledger invariants under random operations, and SQLite == memory step by step."""
+"""Ledger invariants under random operations; SQLite and Redis == memory step by step."""
 
 from __future__ import annotations
 
 import shutil
 import tempfile
+import uuid
 from itertools import count
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -19,7 +21,7 @@ from hypothesis.stateful import (
     rule,
 )
 
-from allowance._ledger import MemoryLedger, SQLiteLedger
+from allowance._ledger import MemoryLedger, SQLiteLedger, open_ledger
 from allowance._ledger._admission import choose_plan, fold_amounts
 from allowance.testing.conformance import ManualClock
 from allowance.typing import KeyState, ReserveItem
@@ -257,3 +259,49 @@ LedgerMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestLedgerMachine = LedgerMachine.TestCase
+
+
+# -- the same steps on Redis --------------------------------------------------------
+
+_redis: dict[str, str] = {}
+
+
+@pytest.fixture
+def _redis_for_the_machine(redis_server):
+    _redis["url"] = redis_server.url
+    yield
+    _redis.clear()
+
+
+class RedisLedgerMachine(LedgerMachine):
+    """Memory, SQLite and Redis (on the test's redis-server) driven step by step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        url = f"{_redis['url']}?prefix=p-{uuid.uuid4().hex}"
+        self.redis = open_ledger(url, clock=self.clock)
+
+    def _ledgers(self):
+        return (self.memory, self.sqlite, self.redis)
+
+    @invariant()
+    def redis_agrees(self):
+        assert self.redis.keys() == self.memory.keys()
+
+    def teardown(self):
+        try:
+            super().teardown()
+        finally:
+            self.redis.reset()
+            self.redis.close()
+
+
+RedisLedgerMachine.TestCase.settings = settings(
+    max_examples=40,
+    stateful_step_count=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+TestRedisLedgerMachine = pytest.mark.usefixtures("_redis_for_the_machine")(
+    RedisLedgerMachine.TestCase
+)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import warnings
+from pathlib import Path
 
 import pytest
 
@@ -205,3 +206,57 @@ def test_a_forked_child_opens_its_own_connection(ledger) -> None:
     assert ledger.state(["k"])["k"] == KeyState(spent=5, reserved=0)
     ledger.commit("parent", {"k": 2})  # settled by the child
     assert ledger.state(["k"])["k"] == KeyState(spent=5, reserved=0)
+
+
+def test_read_only_directory_for_everyone() -> None:
+    """/proc/self refuses new files even to root: a typed error, never a silent zero."""
+    target = "/proc/self/allowance-ledger.db"
+    if not Path("/proc/self").is_dir():
+        pytest.skip("needs Linux /proc")
+    with pytest.raises(LedgerUnavailableError) as caught:
+        open_ledger(f"sqlite:///{target}")
+    assert target in str(caught.value)
+    assert "cannot open the database" in str(caught.value)
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "geteuid") or os.geteuid() == 0,
+    reason="root writes to read-only directories (the /proc test covers root)",
+)
+def test_read_only_directory(tmp_path) -> None:
+    directory = tmp_path / "ro"
+    directory.mkdir()
+    directory.chmod(0o555)
+    try:
+        with pytest.raises(LedgerUnavailableError, match=str(directory)):
+            SQLiteLedger(directory / "x.db")
+    finally:
+        directory.chmod(0o755)
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "geteuid") or os.geteuid() == 0,
+    reason="root writes to read-only files",
+)
+def test_database_that_became_read_only(path) -> None:
+    ledger = SQLiteLedger(path)
+    ledger.reserve(PLAN, reservation_id="r1", lease_seconds=60)
+    ledger.close()
+    for file in path.parent.iterdir():
+        file.chmod(0o444)
+    path.parent.chmod(0o555)
+
+    def commit_again() -> None:
+        again = SQLiteLedger(path)  # may already fail here
+        try:
+            again.commit("r1", {"k": 5})
+        finally:
+            again.close()
+
+    try:
+        with pytest.raises(LedgerError):
+            commit_again()
+    finally:
+        path.parent.chmod(0o755)
+        for file in path.parent.iterdir():
+            file.chmod(0o644)

@@ -152,6 +152,13 @@ class Threshold:
             ``fallback``), or the URL for ``webhook``.
         callback: Called with the ``Event`` for ``warn`` and ``webhook``; its
             errors are logged, never raised.
+        secret: For ``webhook``: signs each POST with HMAC-SHA256 (headers
+            ``X-Allowance-Timestamp`` and ``X-Allowance-Signature:
+            sha256=<hex of HMAC(secret, "<timestamp>.<body>")>``); default the
+            ``ALLOWANCE_WEBHOOK_SECRET`` environment variable, else unsigned.
+        allow_http: For ``webhook``: allow a plain ``http://`` URL to a host
+            other than the loopback (``localhost``, ``127.0.0.1``, ``::1``);
+            without it such a URL is refused: events carry scope identifiers.
 
     Warn and webhook fire once per crossing per window (a ledger marker makes
     that hold across processes).
@@ -165,6 +172,8 @@ class Threshold:
     action: Action = "warn"
     to: str | None = None
     callback: Callable[[Event], object] | None = field(default=None, compare=False)
+    secret: str | None = field(default=None, compare=False, repr=False)
+    allow_http: bool = field(default=False, repr=False)
 
     __module__ = "allowance"
 
@@ -182,12 +191,15 @@ class Threshold:
             raise ConfigurationError(
                 "threshold action", self.action, f"one of {', '.join(_ACTIONS)}"
             )
-        if self.action == "webhook" and not (
-            isinstance(self.to, str) and self.to.startswith(("http://", "https://"))
-        ):
-            raise ConfigurationError(
-                "webhook threshold to", self.to, "an http:// or https:// URL"
-            )
+        if self.action == "webhook":
+            from allowance._events import check_webhook_url  # noqa: PLC0415
+
+            check_webhook_url(self.to, allow_http=self.allow_http)
+            secret: object = self.secret
+            if secret is not None and (not isinstance(secret, str) or not secret):
+                raise ConfigurationError(
+                    "webhook secret", "<hidden>", "a non-empty str"
+                )
         if self.action == "degrade" and self.to is not None and not self.to.strip():
             raise ConfigurationError("degrade threshold to", self.to, "a model name")
         if self.callback is not None and not callable(self.callback):

@@ -1,22 +1,51 @@
-"""Events to observers and webhooks: never on the call path, never raising into it."""
+"""Events to observers and webhooks: never on the call path, never raising into it.
+
+Webhooks are POSTed as JSON from one daemon thread through a bounded queue:
+``send`` returns at once, a full queue drops the event (logged), each POST has a
+timeout, and a failed POST (connection error, 408, 425, 429 or 5xx) is retried
+with exponential backoff and jitter. Each POST carries ``X-Allowance-Event-Id``
+(the same on every retry, so a receiver can drop duplicates) and, with a
+secret, ``X-Allowance-Timestamp`` and ``X-Allowance-Signature: sha256=<hex>``,
+the HMAC-SHA256 of ``"<timestamp>.<body>"``: check it with ``verify_signature``.
+"""
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
+import os
 import queue
 import threading
-import urllib.request
+import time
 from typing import TYPE_CHECKING, Any
 
+from allowance._errors import ConfigurationError
+
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Mapping
 
     from allowance.typing import Event
 
-__all__ = ["WebhookSender", "call_safely", "event_payload", "webhooks"]
+__all__ = [
+    "WebhookSender",
+    "call_safely",
+    "check_webhook_url",
+    "event_payload",
+    "sign",
+    "verify_signature",
+    "webhooks",
+]
 
 logger = logging.getLogger("allowance")
+
+SECRET_ENV = "ALLOWANCE_WEBHOOK_SECRET"  # noqa: S105 - a variable name
+SIGNATURE_HEADER = "X-Allowance-Signature"
+TIMESTAMP_HEADER = "X-Allowance-Timestamp"
+EVENT_ID_HEADER = "X-Allowance-Event-Id"
+_LOOPBACK = {"localhost", "127.0.0.1", "::1"}
+_RETRY_STATUS = {408, 425, 429}
+_SERVER_ERROR = 500
 
 
 def call_safely(func: Callable[[Event], object], event: Event, *, what: str) -> None:
@@ -41,41 +70,171 @@ def _jsonable(value: object) -> bool:
     return isinstance(value, str | int | float | bool | type(None) | list | dict)
 
 
+def check_webhook_url(url: object, *, allow_http: bool = False) -> str:
+    """Return ``url`` if a webhook may be sent there, else raise.
+
+    ``https://`` always; ``http://`` to the loopback, or anywhere with
+    ``allow_http=True``.
+
+    Raises:
+        ConfigurationError: Not an http(s) URL, or plain http to another host
+            without ``allow_http``.
+    """
+    from urllib.parse import urlsplit  # noqa: PLC0415 - only webhooks parse URLs
+
+    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+        raise ConfigurationError("webhook threshold to", url, "an https:// URL")
+    parts = urlsplit(url)
+    if not parts.hostname:
+        raise ConfigurationError("webhook threshold to", url, "a URL with a host")
+    if parts.scheme == "http" and not allow_http and parts.hostname not in _LOOPBACK:
+        raise ConfigurationError(
+            "webhook threshold to",
+            url,
+            "an https:// URL (plain http:// only to localhost, "
+            "or with Threshold(..., allow_http=True))",
+        )
+    return url
+
+
+def sign(secret: str, timestamp: str, body: bytes) -> str:
+    """Return the signature header value: ``sha256=<hex HMAC of "<ts>.<body>">``."""
+    import hashlib  # noqa: PLC0415 - loaded only when used
+    import hmac  # noqa: PLC0415 - loaded only when used
+
+    mac = hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256)
+    return "sha256=" + mac.hexdigest()
+
+
+def verify_signature(
+    secret: str,
+    body: bytes,
+    timestamp: str,
+    signature: str,
+    *,
+    tolerance: float = 300.0,
+    now: float | None = None,
+) -> bool:
+    """Check a webhook's signature and that its timestamp is recent.
+
+    Args:
+        secret: The shared secret.
+        body: The raw request body, as received.
+        timestamp: The ``X-Allowance-Timestamp`` header.
+        signature: The ``X-Allowance-Signature`` header.
+        tolerance: The most seconds the timestamp may be off (replays).
+        now: The current time (tests).
+    """
+    import hmac  # noqa: PLC0415 - loaded only when used
+
+    try:
+        sent = float(timestamp)
+    except ValueError:
+        return False
+    current = time.time() if now is None else now
+    if abs(current - sent) > tolerance:
+        return False
+    return hmac.compare_digest(sign(secret, timestamp, body), signature)
+
+
+class _Delivery:
+    __slots__ = ("body", "event_id", "secret", "url")
+
+    def __init__(
+        self, url: str, body: bytes, event_id: str, secret: str | None
+    ) -> None:
+        self.url = url
+        self.body = body
+        self.event_id = event_id
+        self.secret = secret
+
+
 class WebhookSender:
     """POSTs events as JSON from one daemon thread, through a bounded queue.
 
-    A full queue drops the event (logged); a failed POST is logged. Neither ever
-    reaches the LLM call that caused the event.
+    A full queue drops the event (logged); a failed POST is retried
+    ``retries`` times with exponential backoff (``backoff * 2**n`` seconds, with
+    jitter, at most ``max_backoff``), then logged. Nothing ever reaches the
+    LLM call that caused the event.
+
+    Args:
+        maxsize: The most events waiting to be sent.
+        timeout: Seconds for one POST (connect and read).
+        retries: Extra attempts after a failed POST.
+        backoff: The first retry's delay, in seconds.
+        max_backoff: The longest delay between attempts.
     """
 
-    def __init__(self, *, maxsize: int = 1000, timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        *,
+        maxsize: int = 1000,
+        timeout: float = 5.0,
+        retries: int = 3,
+        backoff: float = 0.5,
+        max_backoff: float = 30.0,
+    ) -> None:
         """Create the sender; its thread starts on the first event."""
-        self._queue: queue.Queue[tuple[str, bytes] | None] = queue.Queue(maxsize)
-        self._timeout = timeout
+        self._queue: queue.Queue[_Delivery | None] = queue.Queue(maxsize)
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff = backoff
+        self.max_backoff = max_backoff
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self.sent = 0
         self.failed = 0
         self.dropped = 0
+        self.retried = 0
 
-    def send(self, url: str, event: Event) -> None:
-        """Queue ``event`` for ``url``; returns at once."""
-        body = json.dumps(event_payload(event), default=str).encode()
+    def send(
+        self,
+        url: str,
+        event: Event,
+        *,
+        secret: str | None = None,
+        allow_http: bool = False,
+    ) -> None:
+        """Queue ``event`` for ``url``; returns at once, never raises."""
         try:
-            self._queue.put_nowait((url, body))
+            check_webhook_url(url, allow_http=allow_http)
+            body = json.dumps(event_payload(event), default=str).encode()
+            delivery = _Delivery(
+                url, body, os.urandom(16).hex(), secret or os.environ.get(SECRET_ENV)
+            )
+            self._queue.put_nowait(delivery)
         except queue.Full:
             self.dropped += 1
             logger.error(  # noqa: TRY400 - no traceback to show
                 "allowance: webhook queue full; event %r dropped", event.kind
             )
             return
-        if self._thread is None:
-            with self._lock:
-                if self._thread is None:
-                    self._thread = threading.Thread(
-                        target=self._run, name="allowance-webhook", daemon=True
-                    )
-                    self._thread.start()
+        except Exception:
+            self.dropped += 1
+            logger.exception("allowance: webhook event %r not sent", event.kind)
+            return
+        self._start()
+
+    def _start(self) -> None:
+        if self._thread is not None:
+            return
+        with self._lock:
+            if self._thread is None:
+                thread = threading.Thread(
+                    target=self._run, name="allowance-webhook", daemon=True
+                )
+                thread.start()
+                self._thread = thread
+                atexit.register(self.flush, 2.0)
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until every queued event is sent or given up; True if done in time."""
+        deadline = time.monotonic() + timeout
+        while self._queue.unfinished_tasks:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
+        return True
 
     def _run(self) -> None:
         while True:
@@ -83,21 +242,68 @@ class WebhookSender:
             try:
                 if item is None:
                     return
-                self._post(*item)
+                self._deliver(item)
+            except Exception:
+                logger.exception("allowance: webhook delivery failed")
             finally:
                 self._queue.task_done()
 
-    def _post(self, url: str, body: bytes) -> None:
-        request = urllib.request.Request(  # noqa: S310 - the URL scheme is checked by Threshold
-            url, data=body, headers={"content-type": "application/json"}, method="POST"
+    def _deliver(self, item: _Delivery) -> None:
+        import random  # noqa: PLC0415 - loaded on the sender's thread
+
+        for attempt in range(self.retries + 1):
+            retry, reason = self._post(item)
+            if not retry:
+                return
+            if attempt == self.retries:
+                break
+            self.retried += 1
+            delay = min(self.max_backoff, self.backoff * 2**attempt)
+            time.sleep(delay * (0.5 + random.random() / 2))  # noqa: S311 - jitter
+        self.failed += 1
+        logger.warning(
+            "allowance: webhook POST to %s failed after %d attempts: %s",
+            item.url,
+            self.retries + 1,
+            reason,
+        )
+
+    def _post(self, item: _Delivery) -> tuple[bool, str]:
+        """POST once; return (retry?, why it failed)."""
+        import urllib.error  # noqa: PLC0415 - loaded only when used
+        import urllib.request  # noqa: PLC0415 - loaded only when used
+
+        headers: Mapping[str, str] = {
+            "content-type": "application/json",
+            "user-agent": "allowance-webhook",
+            EVENT_ID_HEADER: item.event_id,
+        }
+        if item.secret:
+            stamp = str(int(time.time()))
+            headers = {
+                **headers,
+                TIMESTAMP_HEADER: stamp,
+                SIGNATURE_HEADER: sign(item.secret, stamp, item.body),
+            }
+        request = urllib.request.Request(  # noqa: S310 - http(s) checked on send
+            item.url, data=item.body, headers=dict(headers), method="POST"
         )
         try:
-            with urllib.request.urlopen(request, timeout=self._timeout) as response:  # noqa: S310
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:  # noqa: S310 - idem
                 response.read()
-            self.sent += 1
-        except Exception as err:  # noqa: BLE001 - a webhook failure is logged, never raised
-            self.failed += 1
-            logger.warning("allowance: webhook POST to %s failed: %s", url, err)
+        except urllib.error.HTTPError as err:
+            err.close()
+            retry = err.code in _RETRY_STATUS or err.code >= _SERVER_ERROR
+            if not retry:
+                self.failed += 1
+                logger.warning(
+                    "allowance: webhook POST to %s refused: HTTP %d", item.url, err.code
+                )
+            return retry, f"HTTP {err.code}"
+        except (OSError, ValueError) as err:
+            return True, str(err)
+        self.sent += 1
+        return False, ""
 
 
 webhooks = WebhookSender()

@@ -8,8 +8,10 @@ async paths cannot drift apart.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
+import re
 import threading
 import time
 import warnings
@@ -18,6 +20,7 @@ from decimal import Decimal
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
+from allowance import _telemetry as telemetry
 from allowance import plugins
 from allowance._budget import MICROS_PER_USD, Budget, BudgetStatus, format_amount
 from allowance._errors import (
@@ -51,6 +54,15 @@ T = TypeVar("T")
 _BUFFER_LIMIT = 10_000
 _LINES_CACHE_SIZE = 4096
 _ZERO = KeyState()
+_PASSWORD_IN_URL = re.compile(r"(?<=://)([^:/@]*):[^@/]*@")
+_PASSWORD_PARAM = re.compile(r"(password=)[^&]*", re.IGNORECASE)
+
+
+def masked_url(url: str) -> str:
+    """Return ``url`` with its password (and ``*password=`` options) as ``***``."""
+    return _PASSWORD_PARAM.sub(r"\1***", _PASSWORD_IN_URL.sub(r"\1:***@", url))
+
+
 _LEDGER_SCHEMES = (
     "memory://",
     "sqlite://",
@@ -149,9 +161,9 @@ class Guard:
         self._ledger_spec: str | Ledger = (
             ledger if ledger is not None else DEFAULT_LEDGER_URL
         )
-        if isinstance(self._ledger_spec, str) and not self._ledger_spec.startswith(
-            _LEDGER_SCHEMES
-        ):
+        if isinstance(
+            self._ledger_spec, str
+        ) and not self._ledger_spec.lower().startswith(_LEDGER_SCHEMES):
             # Opened lazily, but a typo fails here, where it was written.
             raise ConfigurationError(
                 "ledger",
@@ -179,13 +191,8 @@ class Guard:
         self.ledger_failures = 0
 
     def __repr__(self) -> str:
-        """Show the policy and the ledger."""
-        spec = (
-            self._ledger_spec
-            if isinstance(self._ledger_spec, str)
-            else self._ledger_spec.url
-        )
-        return f"Guard({self.policy!r}, ledger={spec!r})"
+        """Show the policy and the ledger (passwords masked)."""
+        return f"Guard({self.policy!r}, ledger={self._describe_ledger()})"
 
     # -- the ledger ---------------------------------------------------------------
 
@@ -340,6 +347,16 @@ class Guard:
     ) -> Generator[Op, Any, Ticket]:
         if self._pending:
             yield from self._flush_plan()
+            if len(self._pending) >= _BUFFER_LIMIT:
+                # The ledger is still down and the buffer is full: refuse
+                # before sending, so no charge is ever dropped.
+                msg = (
+                    f"ledger {self._describe_ledger()} is unavailable and"
+                    f" {len(self._pending)} charges are held in memory, the"
+                    f" most allowed ({_BUFFER_LIMIT}); refusing calls until"
+                    " they are written"
+                )
+                raise LedgerUnavailableError(msg, fail_open=self.policy.fail == "open")
         now = self._clock()
         scope = self.current_scope()
         layout = self._lines(scope, now)
@@ -420,6 +437,8 @@ class Guard:
             )
         model, chosen, micros = candidates[result.plan]
         reserved = {item.key: item.amount for item in plans[result.plan]}
+        if telemetry.active() or plugins.has_observers():
+            self._emit_admitted(scope, lines, reserved, result.before, call_id)
         if result.plan > 0:
             self._emit(
                 "degraded",
@@ -530,7 +549,12 @@ class Guard:
         self._emit(
             "blocked",
             scope,
-            {"message": message, "model": estimate.model, "outcome": outcome},
+            {
+                "message": message,
+                "model": estimate.model,
+                "outcome": outcome,
+                "violations": [dataclasses.asdict(v) for v in violations],
+            },
             budget=violations[0].budget if violations else None,
         )
 
@@ -606,9 +630,39 @@ class Guard:
         if threshold.callback is not None:
             call_safely(threshold.callback, event, what="threshold callback")
         if threshold.action == "webhook" and threshold.to:
-            webhooks.send(threshold.to, event)
+            webhooks.send(
+                threshold.to,
+                event,
+                secret=threshold.secret,
+                allow_http=threshold.allow_http,
+            )
+        if telemetry.active():
+            telemetry.observe(event.kind, event.budget, event.scope, event.data)
         plugins.emit(event)
         return message
+
+    def _emit_admitted(
+        self,
+        scope: Mapping[str, str],
+        lines: tuple[Line, ...],
+        reserved: Mapping[str, int],
+        before: Mapping[str, KeyState],
+        call_id: str,
+    ) -> None:
+        """Tell observers a call holds a reservation, and where each budget stands."""
+        ratios = tuple(
+            (
+                b.label,
+                (before.get(line.key, _ZERO).used + reserved.get(line.key, 0)) / b.limit
+                if b.limit
+                else 1.0,
+            )
+            for line in lines
+            for b in line.budgets
+        )
+        self._emit(
+            "admitted", scope, {"call_id": call_id, "held": True, "ratios": ratios}
+        )
 
     def _emit(
         self,
@@ -618,6 +672,8 @@ class Guard:
         *,
         budget: str | None = None,
     ) -> None:
+        if telemetry.active():
+            telemetry.observe(kind, budget, scope, data)
         if plugins.has_observers():
             plugins.emit(Event(kind=kind, budget=budget, scope=dict(scope), data=data))
 
@@ -633,14 +689,17 @@ class Guard:
     def _buffer(
         self, call_id: str, amounts: Mapping[str, int], record: CallRecord
     ) -> None:
-        if len(self._pending) >= _BUFFER_LIMIT:
-            msg = (
-                f"ledger {self._describe_ledger()} has failed for "
-                f"{_BUFFER_LIMIT} charges "
-                "in a row; refusing to hold more in memory"
-            )
-            raise LedgerUnavailableError(msg, fail_open=self.policy.fail == "open")
+        # Always kept: the provider already did the work. The buffer stays
+        # bounded because ``begin`` refuses new calls once it is full (calls
+        # in flight at that moment may add one charge each).
         self._pending.append((call_id, amounts, record))
+        if len(self._pending) == _BUFFER_LIMIT:
+            logger.error(
+                "allowance: ledger %s: %d charges held in memory, the most"
+                " allowed; new calls are refused until the ledger is back",
+                self._describe_ledger(),
+                _BUFFER_LIMIT,
+            )
 
     def _flush_plan(self) -> Generator[Op, Any, None]:
         # Take before writing, put back on failure: concurrent flushers (threads,
@@ -668,8 +727,9 @@ class Guard:
                 )
 
     def _describe_ledger(self) -> str:
+        """The ledger's URL for messages and logs, with any password masked."""
         spec = self._ledger_spec
-        return repr(spec if isinstance(spec, str) else spec.url)
+        return repr(masked_url(spec if isinstance(spec, str) else spec.url))
 
     def _on_ledger_error(self, op: Op, err: LedgerError) -> object:
         self.ledger_failures += 1

@@ -244,7 +244,9 @@ class Ticket:
         op = self._settle_op("commit", amounts, record)
         if (yield op) is FAILED and op.name == "commit":
             guard._buffer(self.call_id, amounts, record)
-        guard._emit("committed", self.scope, {"record": record})
+        guard._emit(
+            "committed", self.scope, {"record": record, "held": bool(self._reserved)}
+        )
 
     def _keep_plan(self, outcome: Outcome) -> Generator[Op, Any, None]:
         if self.settled:
@@ -263,6 +265,9 @@ class Ticket:
             outcome,
         )
         yield from guard._settle(self._settle_op("commit", amounts, record))
+        guard._emit(
+            "committed", self.scope, {"record": record, "held": bool(self._reserved)}
+        )
 
     def _settle_op(
         self,
@@ -286,4 +291,6 @@ class Ticket:
         self.settled = True
         record = self._record(Usage(), 0, outcome)
         yield from self._guard._settle(self._settle_op("release", {}, record))
-        self._guard._emit("released", self.scope, {"record": record})
+        self._guard._emit(
+            "released", self.scope, {"record": record, "held": bool(self._reserved)}
+        )

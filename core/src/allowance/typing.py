@@ -209,8 +209,11 @@ class Event:
     """Something an observer may want to know: a threshold, a block, a charge.
 
     Attributes:
-        kind: ``"threshold"``, ``"blocked"``, ``"degraded"``, ``"committed"``,
-            ``"released"``, ``"estimate_missed"``, ``"ledger_failure"``.
+        kind: ``"admitted"`` (a reservation is held; ``data["ratios"]`` has
+            each budget's used ratio), ``"threshold"``, ``"blocked"``
+            (``data["violations"]``), ``"degraded"``, ``"committed"``,
+            ``"released"`` (both with ``data["held"]``: whether a reservation
+            was held), ``"estimate_missed"``, ``"ledger_failure"``.
         budget: Name of the budget concerned, if any.
         scope: The call's scope.
         data: Details (threshold ratio, used, limit, model, record, ...).

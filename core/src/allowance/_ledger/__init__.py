@@ -5,10 +5,23 @@
 | ``memory://`` | a fresh in-process ledger (``MemoryLedger``) |
 | ``memory://NAME`` | the in-process ledger called NAME, shared within the process |
 | ``sqlite:///relative/path.db``, ``sqlite:////absolute/path.db`` | ``SQLiteLedger`` |
-| ``redis://host:port/db`` | the Redis ledger, when available |
+| ``redis://[[user]:password@]host[:port][/db]`` | ``RedisLedger`` |
+| ``rediss://...`` | ``RedisLedger`` over TLS |
+| ``redis+sentinel://[[user]:pw@]host[:port][,host...]/service[/db]`` | Sentinel |
+
+A Sentinel URL lists the Sentinels (port 26379 unless given) and names the
+service whose master holds the ledger.
 
 ``sqlite`` URLs follow SQLAlchemy: three slashes then the path, so an absolute
 path gives four. They accept ``?busy_timeout=SECONDS``.
+
+``redis`` URLs need redis-py (``pip install 'allowance[redis]'``). They accept
+``?prefix=NAME`` (the namespace: every Redis key is ``{NAME}:...``, default
+``allowance``), ``max_calls=N`` (the call log's size), and redis-py's
+``socket_timeout``, ``socket_connect_timeout``, ``health_check_interval``,
+``max_connections``, ``client_name`` and TLS options (``ssl_cert_reqs``,
+``ssl_ca_certs``, ...); Sentinel URLs also ``sentinel_password``. See
+``_redis`` for the key layout.
 """
 
 from __future__ import annotations
@@ -54,8 +67,10 @@ def open_ledger(url_or_ledger: str | Ledger, **options: Any) -> Ledger:
             implementing ``allowance.typing.Ledger``.
         **options: Backend options, overriding the URL's query: ``clock`` (a
             callable returning Unix time, for tests) for every backend, and
-            ``busy_timeout`` (seconds) for SQLite. A named memory ledger takes
-            them when it is first opened.
+            ``busy_timeout`` (seconds) for SQLite, ``prefix`` and
+            ``max_calls`` for Redis (whose leases use the server's clock
+            unless a ``clock`` is given). A named memory ledger takes them
+            when it is first opened.
 
     Returns:
         The ledger.
@@ -138,21 +153,15 @@ def _open_sqlite(url: str, options: dict[str, Any]) -> Ledger:
 
 
 def _open_redis(url: str, options: dict[str, Any]) -> Ledger:
-    # The hook for the Redis backend: a module ``allowance._ledger._redis``
-    # exposing ``open_redis_ledger(url, **options) -> Ledger``.
     try:
         module = importlib.import_module("allowance._ledger._redis")
     except ModuleNotFoundError as err:
-        if err.name == "allowance._ledger._redis":
-            expected = (
-                "memory:// or sqlite:///<path> (the Redis ledger is not"
-                " available in this version of allowance)"
-            )
-        else:
-            expected = (
-                f"memory:// or sqlite:///<path> (the Redis ledger needs the"
-                f" {err.name!r} package, which is not installed)"
-            )
+        if err.name is None or not err.name.startswith("redis"):
+            raise
+        expected = (
+            "memory:// or sqlite:///<path> (the Redis ledger needs redis-py,"
+            " which is not installed: pip install 'allowance[redis]')"
+        )
         raise _bad_url(url, expected) from err
     ledger: Ledger = module.open_redis_ledger(url, **options)
     return ledger
@@ -163,6 +172,7 @@ _OPENERS: Final[dict[str, Callable[[str, dict[str, Any]], Ledger]]] = {
     "sqlite": _open_sqlite,
     "redis": _open_redis,
     "rediss": _open_redis,
+    "redis+sentinel": _open_redis,
 }
 
 

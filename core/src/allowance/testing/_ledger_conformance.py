@@ -947,6 +947,37 @@ class LedgerConformance:
 
         asyncio.run(main())
 
+    def test_async_twins_from_several_event_loops(self, ledger: Ledger) -> None:
+        """One ledger serves one ``asyncio.run`` after another, and loops in threads.
+
+        If this fails: a connection (or client) was bound to the first event
+        loop that used it; keep one per loop, or none.
+        """
+        errors: list[BaseException] = []
+
+        async def pair() -> None:
+            reservation_id = _rid()
+            await ledger.areserve(
+                [_plan(("k", 1, 100))], reservation_id=reservation_id, lease_seconds=60
+            )
+            await ledger.acommit(reservation_id, {"k": 1})
+
+        def in_a_thread() -> None:
+            try:
+                asyncio.run(pair())
+            except BaseException as err:  # noqa: BLE001 - reported below
+                errors.append(err)
+
+        for _ in range(3):
+            asyncio.run(pair())
+        threads = [threading.Thread(target=in_a_thread) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert not errors, errors
+        assert ledger.state(["k"])["k"] == KeyState(spent=7, reserved=0)
+
     def test_async_reserve_cancelled_keeps_nothing(self, ledger: Ledger) -> None:
         """A task cancelled while ``areserve`` runs leaves no hold behind.
 

@@ -1,0 +1,1 @@
+"""The directory ``allowance run`` puts first on ``PYTHONPATH`` (``sitecustomize``)."""

@@ -1,0 +1,271 @@
+"""``allowance report`` from a real SQLite call log: windows, formats, HTML."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from allowance import CallRecord, Usage, open_ledger
+from allowance._report import build_report, print_report, render_html
+
+DAY1 = datetime(2026, 11, 20, 9, tzinfo=UTC).timestamp()
+DAY2 = datetime(2026, 11, 21, 15, tzinfo=UTC).timestamp()
+
+
+def record(
+    n: int,
+    ts: float,
+    tenant: str,
+    *,
+    model: str = "gpt-4o",
+    requested: str | None = None,
+    cost: int = 10_000,
+    outcome: str = "ok",
+) -> CallRecord:
+    blocked = outcome == "blocked"
+    return CallRecord(
+        call_id=f"c{n}",
+        ts=ts,
+        scope={"tenant": tenant, "user": f"u{n % 2}", "session": "s"},
+        provider="openai",
+        model=model,
+        requested_model=requested or model,
+        usage=Usage() if blocked else Usage(1000, 100),
+        cost_micros=0 if blocked else cost,
+        adapters=("openai",),
+        outcome=outcome,  # type: ignore[arg-type]
+    )
+
+
+@pytest.fixture
+def ledger_url(tmp_path: Path) -> str:
+    url = f"sqlite:///{tmp_path / 'spend.db'}"
+    ledger = open_ledger(url)
+    records = [
+        record(1, DAY1, "acme"),
+        record(2, DAY1 + 60, "acme", cost=20_000),
+        record(3, DAY1 + 120, "globex"),
+        record(4, DAY2, "acme", outcome="blocked"),
+        record(
+            5, DAY2 + 60, "globex", model="gpt-4o-mini", requested="gpt-4o", cost=1_000
+        ),
+        record(6, DAY2 + 120, "acme", cost=40_000),
+    ]
+    for item in records:
+        ledger.record(item)
+    ledger.close()
+    return url
+
+
+def run_cli(
+    *args: str, cwd: Path, columns: int = 120
+) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "COLUMNS": str(columns)}
+    env.pop("NO_COLOR", None)
+    env.pop("FORCE_COLOR", None)
+    return subprocess.run(
+        [sys.executable, "-m", "allowance._cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_spend_by_tenant_per_day(ledger_url: str, tmp_path: Path) -> None:
+    result = run_cli(
+        "report",
+        "--ledger",
+        ledger_url,
+        "--by",
+        "tenant",
+        "--window",
+        "day",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "Spend by tenant per day" in out
+    assert "2026-11-20" in out
+    assert "2026-11-21" in out
+    assert "Spend by model" in out
+    assert "Blocked calls (latest 1 of 1)" in out
+    assert "Degraded calls (latest 1 of 1)" in out
+    assert "gpt-4o -> gpt-4o-mini" in out
+    assert "6 calls, $0.081 spent, 1 refused before sending, 1 degraded." in out
+    assert "\x1b[" not in out  # piped: plain text
+
+
+def test_output_follows_the_terminal_width(ledger_url: str, tmp_path: Path) -> None:
+    narrow = run_cli("report", "--ledger", ledger_url, cwd=tmp_path, columns=60)
+    wide = run_cli("report", "--ledger", ledger_url, cwd=tmp_path, columns=160)
+    assert max(len(line) for line in narrow.stdout.splitlines()) <= 60
+    assert max(len(line) for line in wide.stdout.splitlines()) > 60
+
+
+def test_json(ledger_url: str, tmp_path: Path) -> None:
+    result = run_cli(
+        "report",
+        "--ledger",
+        ledger_url,
+        "--by",
+        "tenant",
+        "--window",
+        "day",
+        "--format",
+        "json",
+        cwd=tmp_path,
+    )
+    data = json.loads(result.stdout)
+    groups = {(g["window"], g["tenant"]): g for g in data["groups"]}
+    assert groups["2026-11-20", "acme"]["cost_usd"] == pytest.approx(0.03)
+    assert groups["2026-11-20", "acme"]["calls"] == 2
+    assert groups["2026-11-21", "acme"]["blocked"] == 1
+    assert groups["2026-11-21", "globex"]["degraded"] == 1
+    assert data["totals"]["calls"] == 6
+    assert data["top_models"][0]["model"] == "gpt-4o"
+    assert data["blocked"]["count"] == 1
+    assert data["blocked"]["latest"][0]["scope"]["tenant"] == "acme"
+    assert data["degraded"]["latest"][0]["requested_model"] == "gpt-4o"
+
+
+def test_csv_by_two_dimensions(ledger_url: str, tmp_path: Path) -> None:
+    result = run_cli(
+        "report",
+        "--ledger",
+        ledger_url,
+        "--by",
+        "tenant,user",
+        "--format",
+        "csv",
+        cwd=tmp_path,
+    )
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert {(r["tenant"], r["user"]) for r in rows} == {
+        ("acme", "u0"),
+        ("acme", "u1"),
+        ("globex", "u1"),
+    }
+    assert sum(int(r["calls"]) for r in rows) == 6
+    assert list(rows[0])[:3] == ["tenant", "user", "calls"]
+
+
+def test_since_and_until(ledger_url: str, tmp_path: Path) -> None:
+    result = run_cli(
+        "report",
+        "--ledger",
+        ledger_url,
+        "--since",
+        "2026-11-21",
+        "--format",
+        "json",
+        cwd=tmp_path,
+    )
+    assert json.loads(result.stdout)["totals"]["calls"] == 3
+    result = run_cli(
+        "report",
+        "--ledger",
+        ledger_url,
+        "--until",
+        "2026-11-21T00:00Z",
+        "--format",
+        "json",
+        cwd=tmp_path,
+    )
+    assert json.loads(result.stdout)["totals"]["calls"] == 3
+    bad = run_cli("report", "--ledger", ledger_url, "--since", "soon", cwd=tmp_path)
+    assert bad.returncode == 2
+    assert "ISO date" in bad.stdout
+
+
+def test_progress_is_shown_on_a_terminal_only(ledger_url: str) -> None:
+    out, err = io.StringIO(), io.StringIO()
+    terminal = Console(file=err, force_terminal=True, width=100)
+    print_report(Console(file=out, width=100), ledger_url, status=terminal)
+    assert "summarising calls" in err.getvalue()
+    piped = io.StringIO()
+    print_report(Console(file=io.StringIO()), ledger_url, status=Console(file=piped))
+    assert piped.getvalue() == ""
+
+
+def test_html_is_self_contained(ledger_url: str, tmp_path: Path) -> None:
+    page = tmp_path / "report.html"
+    result = run_cli(
+        "report",
+        "--ledger",
+        ledger_url,
+        "--by",
+        "tenant",
+        "--html",
+        str(page),
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    text = page.read_text()
+    assert text.startswith("<!DOCTYPE html>")
+    assert "<svg" in text
+    assert "Spend over time by tenant" in text
+    assert "<script" not in text
+    assert "<link" not in text
+    assert "http://" not in text.replace('xmlns="http://www.w3.org/2000/svg"', "")
+    assert "https://" not in text
+    assert "globex" in text
+
+
+def test_html_escapes_scope_values(tmp_path: Path) -> None:
+    hostile = record(1, DAY1, "<script>alert(1)</script>")
+    text = render_html(build_report([hostile], by=("tenant",)))
+    assert "<script>" not in text
+    assert "&lt;script&gt;" in text
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="Debian's chromium is not installed (apt-get install chromium): "
+    "the HTML report cannot be rendered headless here",
+)
+def test_html_renders_in_headless_chromium(ledger_url: str, tmp_path: Path) -> None:
+    page = tmp_path / "report.html"
+    run_cli("report", "--ledger", ledger_url, "--html", str(page), cwd=tmp_path)
+    shot = tmp_path / "report.png"
+    assert CHROMIUM is not None
+    result = subprocess.run(
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            f"--screenshot={shot}",
+            "--window-size=1200,900",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    png = shot.read_bytes()
+    assert png.startswith(b"\x89PNG")
+    assert len(png) > 10_000  # a blank page is a few kB; the charts are more

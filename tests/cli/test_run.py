@@ -1,0 +1,224 @@
+"""``allowance run``: a real agent script in a real subprocess, on the fake provider.
+
+The script does not import allowance; the bootstrap ``sitecustomize`` guards
+its OpenAI client before its first line.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+import pytest
+
+from allowance import open_ledger
+from allowance._run import EXIT_BUDGET_EXCEEDED, child_env
+from allowance.testing import FakeProvider
+
+AGENT = """
+import os, sys
+import openai
+
+client = openai.OpenAI(base_url=os.environ["FAKE_OPENAI_URL"], api_key="test",
+                       max_retries=0)
+calls, code = int(sys.argv[1]), int(sys.argv[2])
+for i in range(calls):
+    answer = client.chat.completions.create(
+        model=os.environ.get("AGENT_MODEL", "gpt-4o"),
+        messages=[{"role": "user", "content": "Plan the next step."}],
+        max_tokens=100,
+    )
+    print("step", i, answer.model, flush=True)
+print("done", flush=True)
+sys.exit(code)
+"""
+
+
+@pytest.fixture
+def agent(tmp_path: Path) -> Path:
+    path = tmp_path / "agent.py"
+    path.write_text(AGENT)
+    return path
+
+
+def allowance_run(
+    *args: str,
+    cwd: Path,
+    fake: FakeProvider,
+    env: Mapping[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    full_env = {**os.environ, "FAKE_OPENAI_URL": fake.openai_base_url, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "allowance._cli", "run", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=full_env,
+        timeout=90,
+        check=False,
+    )
+
+
+def test_the_exit_code_passes_through(
+    agent: Path, tmp_path: Path, fake_provider: FakeProvider
+) -> None:
+    url = f"sqlite:///{tmp_path / 'run.db'}"
+    result = allowance_run(
+        "--budget", "$5", "--ledger", url, "--run-id", "nightly-1",
+        "--scope", "tenant=acme",
+        "--", sys.executable, str(agent), "2", "7",
+        cwd=tmp_path, fake=fake_provider,
+    )  # fmt: skip
+    assert result.returncode == 7, result.stderr
+    assert "done" in result.stdout
+    ledger = open_ledger(url)
+    try:
+        calls = ledger.calls()
+        keys = ledger.keys()
+    finally:
+        ledger.close()
+    assert len(calls) == 2
+    assert {c.scope["run"] for c in calls} == {"nightly-1"}
+    assert {c.scope["tenant"] for c in calls} == {"acme"}
+    assert {c.outcome for c in calls} == {"ok"}
+    assert keys["usd:run=nightly-1"].spent > 0
+
+
+def test_budget_exceeded_ends_the_program_with_a_clear_message(
+    agent: Path, tmp_path: Path, fake_provider: FakeProvider
+) -> None:
+    url = f"sqlite:///{tmp_path / 'run.db'}"
+    result = allowance_run(
+        "--budget", "$0.002", "--ledger", url, "--adapters", "openai",
+        "--", sys.executable, str(agent), "20", "0",
+        cwd=tmp_path, fake=fake_provider,
+    )  # fmt: skip
+    assert result.returncode == EXIT_BUDGET_EXCEEDED, result.stderr
+    assert "step 0" in result.stdout
+    assert "done" not in result.stdout
+    assert "allowance: budget exceeded, the program was stopped" in result.stderr
+    assert "Traceback" not in result.stderr
+    ledger = open_ledger(url)
+    try:
+        outcomes = [c.outcome for c in ledger.calls()]
+    finally:
+        ledger.close()
+    assert outcomes[-1] == "blocked"
+    assert fake_provider.count("/chat/completions") == outcomes.count("ok")
+
+
+def test_fallback_degrades_instead_of_stopping(
+    agent: Path, tmp_path: Path, fake_provider: FakeProvider
+) -> None:
+    result = allowance_run(
+        "--budget", "$0.0012", "--adapters", "openai", "--fallback", "gpt-4o-mini", "--threshold", "0.5",
+        "--ledger", "memory://", "--", sys.executable, str(agent), "8", "0",
+        cwd=tmp_path, fake=fake_provider,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "gpt-4o-mini" in result.stdout
+
+
+def test_options_come_from_the_environment(
+    agent: Path, tmp_path: Path, fake_provider: FakeProvider
+) -> None:
+    url = f"sqlite:///{tmp_path / 'env.db'}"
+    result = allowance_run(
+        "--", sys.executable, str(agent), "1", "0",
+        cwd=tmp_path, fake=fake_provider,
+        env={"ALLOWANCE_BUDGET": "50k tokens", "ALLOWANCE_LEDGER": url,
+             "ALLOWANCE_PER": "tenant", "ALLOWANCE_SCOPE": "tenant=globex",
+             "ALLOWANCE_ADAPTERS": "openai"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    ledger = open_ledger(url)
+    try:
+        keys = ledger.keys()
+    finally:
+        ledger.close()
+    assert keys["tokens:tenant=globex"].spent > 0
+
+
+def test_a_child_python_process_is_guarded_too(
+    tmp_path: Path, fake_provider: FakeProvider, agent: Path
+) -> None:
+    parent = tmp_path / "parent.py"
+    parent.write_text(
+        "import subprocess, sys\n"
+        f"sys.exit(subprocess.call([sys.executable, {str(agent)!r}, '1', '5']))\n"
+    )
+    url = f"sqlite:///{tmp_path / 'child.db'}"
+    result = allowance_run(
+        "--budget", "$1", "--ledger", url, "--run-id", "r", "--adapters", "openai",
+        "--", sys.executable, str(parent),
+        cwd=tmp_path, fake=fake_provider,
+    )  # fmt: skip
+    assert result.returncode == 5, result.stderr
+    ledger = open_ledger(url)
+    try:
+        assert [c.scope["run"] for c in ledger.calls()] == ["r"]
+    finally:
+        ledger.close()
+
+
+def test_a_bad_option_is_refused_before_the_program_starts(
+    agent: Path, tmp_path: Path, fake_provider: FakeProvider
+) -> None:
+    result = allowance_run(
+        "--budget", "five dollars", "--", sys.executable, str(agent), "1", "0",
+        cwd=tmp_path, fake=fake_provider,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "five dollars" in result.stdout
+    assert fake_provider.count() == 0
+
+
+def test_a_bad_environment_variable_stops_the_program(
+    agent: Path, tmp_path: Path, fake_provider: FakeProvider
+) -> None:
+    env = {
+        **os.environ,
+        **child_env({}),
+        "ALLOWANCE_BUDGET": "lots",
+        "FAKE_OPENAI_URL": fake_provider.openai_base_url,
+    }
+    result = subprocess.run(
+        [sys.executable, str(agent), "1", "0"],
+        capture_output=True, text=True, env=env, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "allowance run:" in result.stderr
+    assert "lots" in result.stderr
+    assert fake_provider.count() == 0
+
+
+def test_no_command_is_a_usage_error(
+    tmp_path: Path, fake_provider: FakeProvider
+) -> None:
+    result = allowance_run("--budget", "$1", cwd=tmp_path, fake=fake_provider)
+    assert result.returncode == 2
+    assert "needs a command" in result.stdout
+
+
+def test_an_unknown_command_is_a_usage_error(
+    tmp_path: Path, fake_provider: FakeProvider
+) -> None:
+    result = allowance_run(
+        "--", "no-such-program-xyz", cwd=tmp_path, fake=fake_provider
+    )
+    assert result.returncode == 2
+    assert "no-such-program-xyz" in result.stdout
+
+
+def test_child_env_puts_the_bootstrap_first_once() -> None:
+    env = child_env({"budget": "$1"}, base={"PYTHONPATH": "/x"})
+    first, rest = env["PYTHONPATH"].split(os.pathsep, 1)
+    assert first.endswith("_bootstrap")
+    assert rest == "/x"
+    again = child_env({}, base=env)
+    assert again["PYTHONPATH"] == env["PYTHONPATH"]
+    assert again["ALLOWANCE_BUDGET"] == "$1"
+    assert again["ALLOWANCE_RUN_ID"] == env["ALLOWANCE_RUN_ID"]

@@ -1,0 +1,278 @@
+"""Webhooks against a real HTTP server on 127.0.0.1: retries, signatures, bounds."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+
+import allowance
+from allowance import Budget, Estimate, Guard, Policy, Threshold, Usage
+from allowance._events import (
+    EVENT_ID_HEADER,
+    SIGNATURE_HEADER,
+    TIMESTAMP_HEADER,
+    WebhookSender,
+    verify_signature,
+)
+from allowance.typing import Event
+
+
+@dataclass
+class Received:
+    body: bytes
+    headers: dict[str, str]
+
+
+@dataclass
+class Receiver:
+    url: str
+    received: list[Received] = field(default_factory=list)
+    statuses: list[int] = field(default_factory=list)  # answered in order, then 204
+    hold: threading.Event | None = None
+
+    def json(self, index: int = 0) -> Any:
+        return json.loads(self.received[index].body)
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    state = Receiver(url="")
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            length = int(self.headers["content-length"])
+            state.received.append(
+                Received(self.rfile.read(length), dict(self.headers.items()))
+            )
+            if state.hold is not None:
+                state.hold.wait(10)
+            status = state.statuses.pop(0) if state.statuses else 204
+            self.send_response(status)
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    state.url = f"http://127.0.0.1:{server.server_port}/hook"
+    try:
+        yield state
+    finally:
+        if state.hold is not None:
+            state.hold.set()
+        server.shutdown()
+        server.server_close()
+
+
+def event(kind: str = "threshold") -> Event:
+    return Event(kind=kind, budget="b", scope={"tenant": "acme"}, data={"at": 0.5})
+
+
+def sender(**kwargs: Any) -> WebhookSender:
+    return WebhookSender(**{"backoff": 0.01, "timeout": 5.0, **kwargs})
+
+
+def test_a_500_is_retried_with_the_same_event_id(receiver: Receiver) -> None:
+    receiver.statuses = [500, 503]
+    hooks = sender()
+    hooks.send(receiver.url, event())
+    assert hooks.flush()
+    assert len(receiver.received) == 3
+    ids = {r.headers[EVENT_ID_HEADER] for r in receiver.received}
+    assert len(ids) == 1
+    assert (hooks.sent, hooks.retried, hooks.failed) == (1, 2, 0)
+    assert receiver.json(2)["data"] == {"at": 0.5}
+
+
+def test_gives_up_after_the_retries_and_logs(
+    receiver: Receiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    receiver.statuses = [500] * 10
+    hooks = sender(retries=2)
+    hooks.send(receiver.url, event())
+    assert hooks.flush()
+    assert len(receiver.received) == 3
+    assert (hooks.sent, hooks.failed) == (0, 1)
+    assert "failed after 3 attempts" in caplog.text
+
+
+def test_a_4xx_is_not_retried(receiver: Receiver) -> None:
+    receiver.statuses = [400]
+    hooks = sender()
+    hooks.send(receiver.url, event())
+    assert hooks.flush()
+    assert len(receiver.received) == 1
+    assert hooks.failed == 1
+
+
+def test_a_429_is_retried(receiver: Receiver) -> None:
+    receiver.statuses = [429]
+    hooks = sender()
+    hooks.send(receiver.url, event())
+    assert hooks.flush()
+    assert len(receiver.received) == 2
+    assert hooks.sent == 1
+
+
+def test_the_payload_is_signed(receiver: Receiver) -> None:
+    hooks = sender()
+    hooks.send(receiver.url, event(), secret="s3cret")  # noqa: S106
+    assert hooks.flush()
+    got = receiver.received[0]
+    stamp, signature = got.headers[TIMESTAMP_HEADER], got.headers[SIGNATURE_HEADER]
+    assert signature.startswith("sha256=")
+    assert verify_signature("s3cret", got.body, stamp, signature)
+    assert not verify_signature("other", got.body, stamp, signature)
+    assert not verify_signature("s3cret", got.body + b" ", stamp, signature)
+    assert not verify_signature(
+        "s3cret", got.body, stamp, signature, now=float(stamp) + 3600
+    )
+    assert not verify_signature("s3cret", got.body, "not-a-time", signature)
+
+
+def test_the_secret_may_come_from_the_environment(
+    receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ALLOWANCE_WEBHOOK_SECRET", "from-env")
+    hooks = sender()
+    hooks.send(receiver.url, event())
+    assert hooks.flush()
+    got = receiver.received[0]
+    assert verify_signature(
+        "from-env",
+        got.body,
+        got.headers[TIMESTAMP_HEADER],
+        got.headers[SIGNATURE_HEADER],
+    )
+
+
+def test_unsigned_without_a_secret(receiver: Receiver) -> None:
+    hooks = sender()
+    hooks.send(receiver.url, event())
+    assert hooks.flush()
+    assert SIGNATURE_HEADER not in receiver.received[0].headers
+
+
+def test_a_full_queue_drops_and_never_blocks(receiver: Receiver) -> None:
+    receiver.hold = threading.Event()
+    hooks = sender(maxsize=2)
+    for _ in range(10):
+        hooks.send(receiver.url, event())  # returns at once: the server is stuck
+    assert hooks.dropped >= 7
+    receiver.hold.set()
+    assert hooks.flush()
+    assert hooks.sent == 10 - hooks.dropped
+
+
+def test_a_slow_receiver_times_out(receiver: Receiver) -> None:
+    receiver.hold = threading.Event()
+    hooks = sender(timeout=0.2, retries=1)
+    hooks.send(receiver.url, event())
+    assert hooks.flush()
+    assert hooks.failed == 1
+    assert len(receiver.received) == 2
+
+
+def test_a_dead_receiver_never_fails_the_call() -> None:
+    import socket
+
+    with socket.socket() as sock:  # a port with nobody listening
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    hooks = allowance._events.webhooks
+    failed = hooks.failed
+    guard = Guard(
+        Policy(
+            [
+                Budget(
+                    100,
+                    per="tenant",
+                    thresholds=[
+                        Threshold(0.5, "webhook", to=f"http://127.0.0.1:{port}/x")
+                    ],
+                )
+            ]
+        ),
+        ledger="memory://",
+    )
+    old = (hooks.retries, hooks.backoff)
+    hooks.retries, hooks.backoff = 1, 0.01
+    try:
+        with allowance.scope(tenant="acme"):
+            guard.begin(Estimate("openai", "gpt-4o", 60, 0)).commit(Usage(60, 0))
+            guard.begin(Estimate("openai", "gpt-4o", 1, 0)).commit(Usage(1, 0))
+        assert hooks.flush()
+    finally:
+        hooks.retries, hooks.backoff = old
+    assert hooks.failed == failed + 1
+    assert guard.spent({"tenant": "acme"}) == 61
+
+
+def test_a_threshold_signs_with_its_secret(receiver: Receiver) -> None:
+    guard = Guard(
+        Policy(
+            [
+                Budget(
+                    100,
+                    per="tenant",
+                    thresholds=[
+                        Threshold(0.5, "webhook", to=receiver.url, secret="t0ps3cret")  # noqa: S106
+                    ],
+                )
+            ]
+        ),
+        ledger="memory://",
+    )
+    with allowance.scope(tenant="acme"):
+        guard.begin(Estimate("openai", "gpt-4o", 60, 0)).commit(Usage(60, 0))
+        guard.begin(Estimate("openai", "gpt-4o", 1, 0)).commit(Usage(1, 0))
+    assert allowance._events.webhooks.flush()
+    got = receiver.received[0]
+    assert verify_signature(
+        "t0ps3cret",
+        got.body,
+        got.headers[TIMESTAMP_HEADER],
+        got.headers[SIGNATURE_HEADER],
+    )
+    payload = receiver.json()
+    assert payload["kind"] == "threshold"
+    assert payload["data"]["used"] == 60
+
+
+BAD_URLS: dict[str, Callable[[], object]] = {
+    "plain http to a remote host": lambda: Threshold(
+        0.5, "webhook", to="http://hooks.example.com/x"
+    ),
+    "no host": lambda: Threshold(0.5, "webhook", to="https:///x"),
+    "empty secret": lambda: Threshold(
+        0.5, "webhook", to="https://hooks.example.com/x", secret=""
+    ),
+}
+
+
+@pytest.mark.parametrize("make", BAD_URLS.values(), ids=BAD_URLS.keys())
+def test_insecure_or_malformed_webhooks_are_refused(make: Callable[[], object]) -> None:
+    with pytest.raises(allowance.ConfigurationError, match="webhook"):
+        make()
+
+
+def test_http_is_allowed_to_the_loopback_or_when_asked() -> None:
+    Threshold(0.5, "webhook", to="http://localhost:8080/x")
+    Threshold(0.5, "webhook", to="http://[::1]:8080/x")
+    Threshold(0.5, "webhook", to="http://hooks.internal/x", allow_http=True)
+    Threshold(0.5, "webhook", to="https://hooks.example.com/x")
+
+
+def test_the_secret_is_not_shown() -> None:
+    threshold = Threshold(0.5, "webhook", to="https://h.example/x", secret="hidden!")  # noqa: S106
+    assert "hidden!" not in repr(threshold)
