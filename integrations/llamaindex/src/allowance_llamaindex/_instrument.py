@@ -1,0 +1,459 @@
+"""Root-dispatcher span and event handlers: attribution, and the routing of calls.
+
+``install(guard)`` adds one span handler and one event handler to
+llama-index-core's root instrumentation dispatcher. Spans are entered and left
+in the caller's context (sync and async), so the span handler can set context
+variables that reach the HTTP request made inside:
+
+- the outermost span of a call (``engine.query``, ``retriever.retrieve``, an
+  agent run, ``index.from_documents``, a bare ``llm.chat``) gets a fresh
+  ``query`` dimension, unless ``allowance.scope(query=...)`` names one: a
+  ``per="query"`` budget then covers every model call the query makes; nested
+  spans never start another query;
+- ``stage`` records where a call was made (``retrieve``, ``synthesize``,
+  ``agent``, ``embed``, ``query``, ``chat``);
+- around a model or embedding call through a class whose SDK ``allowance``
+  patches, ``allowance.seen_by("llamaindex", guard=guard, ...)``: the SDK layer
+  beneath blocks, degrades and charges exact usage;
+- around a chat/complete call through any other LLM class, a pending marker
+  read by ``_callbacks.AllowanceCallbackHandler`` (added to that LLM's
+  callback manager), which reserves and blocks, since the dispatcher swallows
+  its handlers' exceptions.
+
+A streaming call sends its request when the stream is iterated, after its span
+has ended: the span's context then stays set until the event handler sees the
+stream end (``LLMChatEndEvent``, or the ``ExceptionEvent`` of an abandoned
+stream). A ``StreamingResponse`` of a query is iterated inside its query's
+context.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import inspect
+import logging
+import threading
+import uuid
+import weakref
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterator
+from typing import TYPE_CHECKING, Any
+
+from llama_index.core.base.base_query_engine import BaseQueryEngine
+from llama_index.core.base.base_retriever import BaseRetriever
+from llama_index.core.base.embeddings.base import BaseEmbedding
+from llama_index.core.base.llms.base import BaseLLM
+from llama_index.core.base.response.schema import (
+    AsyncStreamingResponse,
+    StreamingResponse,
+)
+from llama_index.core.chat_engine.types import BaseChatEngine
+from llama_index.core.instrumentation.event_handlers import BaseEventHandler
+from llama_index.core.instrumentation.events.exception import ExceptionEvent
+from llama_index.core.instrumentation.events.llm import (
+    LLMChatEndEvent,
+    LLMCompletionEndEvent,
+)
+from llama_index.core.instrumentation.span_handlers import BaseSpanHandler
+from llama_index.core.response_synthesizers.base import BaseSynthesizer
+from llama_index.core.workflow import Workflow
+from llama_index_instrumentation import get_dispatcher
+
+import allowance
+from allowance.integration import sdk_layer
+from allowance_llamaindex import _compat
+from allowance_llamaindex._callbacks import (
+    NAME,
+    AllowanceCallbackHandler,
+    Pending,
+    pending,
+)
+
+if TYPE_CHECKING:
+    from llama_index.core.instrumentation.events import BaseEvent
+
+__all__ = ["install", "uninstall"]
+
+logger = logging.getLogger("allowance.llamaindex")
+
+_STAGES: tuple[tuple[type, str], ...] = (
+    (BaseSynthesizer, "synthesize"),
+    (BaseRetriever, "retrieve"),
+    (BaseQueryEngine, "query"),
+    (BaseChatEngine, "chat"),
+    (Workflow, "agent"),
+    (BaseEmbedding, "embed"),
+)
+
+_query: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "allowance_llamaindex_query", default=None
+)
+_stage: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "allowance_llamaindex_stage", default=None
+)
+_model_call: contextvars.ContextVar[tuple[int, str] | None] = contextvars.ContextVar(
+    "allowance_llamaindex_model_call", default=None
+)
+"""(id of the model object, id of its outermost span) around a model call."""
+
+Exit = Callable[[], None]
+
+
+def _stage_of(instance: object) -> str | None:
+    for cls, stage in _STAGES:
+        if isinstance(instance, cls):
+            return stage
+    return None
+
+
+def _model_of(instance: object) -> tuple[str, int | None]:
+    metadata = getattr(instance, "metadata", None)
+    model = getattr(instance, "model", None) or getattr(metadata, "model_name", None)
+    cap = getattr(instance, "max_tokens", None)
+    if cap is None:
+        cap = getattr(metadata, "num_output", None)
+    return str(model or "unknown"), cap if isinstance(cap, int) and cap > 0 else None
+
+
+def _exit_of(context: contextlib.AbstractContextManager[Any]) -> Exit:
+    def undo() -> None:
+        context.__exit__(None, None, None)
+
+    return undo
+
+
+def _seen(
+    guard: allowance.Guard, dims: dict[str, Any], *, charged: bool = False
+) -> allowance.seen_by:
+    return allowance.seen_by(NAME, guard=guard, charged=charged, **dims)
+
+
+def _run(exits: list[Exit]) -> None:
+    for undo in reversed(exits):
+        try:
+            undo()
+        except (ValueError, RuntimeError):  # set in another context: cannot undo
+            logger.debug("allowance: a LlamaIndex span ended in another context")
+
+
+class _Runtime:
+    """What the installed handlers share: the guard, open spans, callback managers."""
+
+    def __init__(self) -> None:
+        self.guard: allowance.Guard | None = None
+        self.callbacks = AllowanceCallbackHandler()
+        # The handler lists we appended to (managers built without handlers
+        # share Settings' list, so lists, not managers, are what to undo).
+        self.lists: dict[int, list[Any]] = {}
+        self.open: dict[str, tuple[list[Exit], bool]] = {}
+        self.streams: dict[str, list[Exit]] = {}
+        self.alias: dict[str, str] = {}
+        self.wrapped: weakref.WeakSet[Any] = weakref.WeakSet()
+        self.lock = threading.Lock()
+
+    # -- spans ----------------------------------------------------------------
+
+    def enter(self, id_: str, instance: object) -> None:
+        guard = self.guard
+        if guard is None:
+            return
+        exits: list[Exit] = []
+        dims: dict[str, str] = {}
+        if _query.get() is None:
+            query = (
+                allowance.current_scope().get("query") or f"q-{uuid.uuid4().hex[:16]}"
+            )
+            token = _query.set(query)
+            exits.append(lambda: _query.reset(token))
+            if "query" not in allowance.current_scope():
+                dims["query"] = query
+        stage = _stage_of(instance)
+        if stage is not None and stage != _stage.get():
+            stage_token = _stage.set(stage)
+            exits.append(lambda: _stage.reset(stage_token))
+            dims["stage"] = stage
+        context: contextlib.AbstractContextManager[Any] | None = None
+        model_call = False
+        outer = _model_call.get()
+        if isinstance(instance, BaseLLM | BaseEmbedding):
+            if outer is not None and outer[0] == id(instance):
+                # A nested span of the same call (stream -> stream_chat).
+                with self.lock:
+                    self.alias[id_] = outer[1]
+            else:
+                context = self._model_context(instance, guard, dims)
+                call_token = _model_call.set((id(instance), id_))
+                exits.append(lambda: _model_call.reset(call_token))
+                model_call = True
+        elif dims:
+            context = allowance.scope(**dims)
+        if context is not None:
+            context.__enter__()
+            exits.append(_exit_of(context))
+        if exits:
+            with self.lock:
+                self.open[id_] = (exits, model_call)
+
+    def _model_context(
+        self,
+        instance: BaseLLM | BaseEmbedding,
+        guard: allowance.Guard,
+        dims: dict[str, str],
+    ) -> contextlib.AbstractContextManager[Any]:
+        provider, via_sdk = _compat.provider_of(instance)
+        if via_sdk and sdk_layer(provider):
+            return _seen(guard, dict(dims))
+        if not isinstance(instance, BaseLLM) or isinstance(
+            getattr(instance, "llm", None), BaseLLM
+        ):
+            # Not charged here: an embedding class no SDK layer sees, or a
+            # wrapper (StructuredLLM) whose inner LLM's own span charges.
+            return allowance.scope(**dims)
+        self._listen(instance)
+        model, cap = _model_of(instance)
+        call = Pending(guard=guard, provider=provider, model=model, max_tokens=cap)
+        return _Charged(guard, call, dims)
+
+    def _listen(self, llm: BaseLLM) -> None:
+        handlers = llm.callback_manager.handlers
+        if self.callbacks not in handlers:
+            handlers.append(self.callbacks)
+            with self.lock:
+                self.lists[id(handlers)] = handlers
+
+    def leave(self, id_: str, result: object) -> None:
+        with self.lock:
+            opened = self.open.pop(id_, None)
+            if not (inspect.isgenerator(result) or inspect.isasyncgen(result)):
+                self.alias.pop(id_, None)
+        if opened is None:
+            return
+        exits, model_call = opened
+        if isinstance(result, StreamingResponse | AsyncStreamingResponse):
+            self._wrap_stream(result)
+        elif model_call and (inspect.isgenerator(result) or inspect.isasyncgen(result)):
+            # A model stream: its request is sent when it is iterated. Keep the
+            # context until the event handler sees it end.
+            with self.lock:
+                self.streams[id_] = exits
+            return
+        _run(exits)
+
+    def drop(self, id_: str) -> None:
+        with self.lock:
+            self.alias.pop(id_, None)
+            opened = self.open.pop(id_, None)
+        if opened is not None:
+            _run(opened[0])
+
+    def stream_ended(self, span_id: str | None) -> None:
+        if span_id is None:
+            return
+        with self.lock:
+            exits = self.streams.pop(self.alias.pop(span_id, span_id), None)
+        if exits is not None:
+            _run(exits)
+
+    def _wrap_stream(
+        self, response: StreamingResponse | AsyncStreamingResponse
+    ) -> None:
+        guard = self.guard
+        if guard is None or response.response_gen in self.wrapped:
+            return
+        dims = {
+            k: v
+            for k, v in (
+                ("query", _query.get()),
+                ("stage", _stage.get() or "synthesize"),
+            )
+            if v
+        }
+
+        def context() -> contextlib.AbstractContextManager[Any]:
+            # Only the scope: the model stream inside keeps its own route until
+            # it ends, and context variables must be reset in order.
+            return allowance.scope(**dims)
+
+        if isinstance(response, StreamingResponse):
+            response.response_gen = _in_context(response.response_gen, context)
+        else:
+            response.response_gen = _ain_context(response.response_gen, context)
+        self.wrapped.add(response.response_gen)
+
+    # -- install --------------------------------------------------------------
+
+    def uninstall(self) -> None:
+        self.guard = None
+        with self.lock:
+            for handlers in self.lists.values():
+                while self.callbacks in handlers:
+                    handlers.remove(self.callbacks)
+            self.lists.clear()
+            self.open.clear()
+            self.streams.clear()
+            self.alias.clear()
+
+
+class _Charged(contextlib.AbstractContextManager[Any]):
+    """Around a non-patched LLM's call: the pending marker and a charged route."""
+
+    def __init__(
+        self, guard: allowance.Guard, call: Pending, dims: dict[str, str]
+    ) -> None:
+        self._call = call
+        self._seen = _seen(guard, dict(dims), charged=True)
+        self._token: contextvars.Token[Pending | None] | None = None
+
+    def __enter__(self) -> Pending:
+        self._seen.__enter__()
+        self._token = pending.set(self._call)
+        return self._call
+
+    def __exit__(self, *exc: object) -> None:
+        if self._token is not None:
+            pending.reset(self._token)
+        self._seen.__exit__()
+
+
+def _in_context(
+    gen: Iterator[str], context: Callable[[], contextlib.AbstractContextManager[Any]]
+) -> Generator[str, None, None]:
+    try:
+        while True:
+            with context():
+                try:
+                    item = next(gen)
+                except StopIteration:
+                    return
+            yield item
+    finally:
+        close = getattr(gen, "close", None)
+        if close is not None:
+            with context():
+                close()
+
+
+async def _ain_context(
+    gen: AsyncIterator[str],
+    context: Callable[[], contextlib.AbstractContextManager[Any]],
+) -> AsyncGenerator[str, None]:
+    try:
+        while True:
+            with context():
+                try:
+                    item = await anext(gen)
+                except StopAsyncIteration:
+                    return
+            yield item
+    finally:
+        aclose = getattr(gen, "aclose", None)
+        if aclose is not None:
+            with context():
+                await aclose()
+
+
+_RUNTIME = _Runtime()
+
+
+class AllowanceSpanHandler(BaseSpanHandler[Any]):
+    """Root-dispatcher span handler: query ids, stages and call routing."""
+
+    @classmethod
+    def class_name(cls) -> str:
+        """The handler's name in LlamaIndex."""
+        return "AllowanceSpanHandler"
+
+    def span_enter(
+        self,
+        id_: str,
+        bound_args: inspect.BoundArguments,  # noqa: ARG002
+        instance: Any | None = None,
+        parent_id: str | None = None,  # noqa: ARG002
+        tags: dict[str, Any] | None = None,  # noqa: ARG002
+        **kwargs: Any,  # noqa: ARG002
+    ) -> None:
+        """Set the query, stage and route for what runs inside the span."""
+        _RUNTIME.enter(id_, instance)
+
+    def span_exit(
+        self,
+        id_: str,
+        bound_args: inspect.BoundArguments,  # noqa: ARG002
+        instance: Any | None = None,  # noqa: ARG002
+        result: Any | None = None,
+        **kwargs: Any,  # noqa: ARG002
+    ) -> None:
+        """Undo what ``span_enter`` set (later, for a model stream)."""
+        _RUNTIME.leave(id_, result)
+
+    def span_drop(
+        self,
+        id_: str,
+        bound_args: inspect.BoundArguments,  # noqa: ARG002
+        instance: Any | None = None,  # noqa: ARG002
+        err: BaseException | None = None,  # noqa: ARG002
+        **kwargs: Any,  # noqa: ARG002
+    ) -> None:
+        """Undo what ``span_enter`` set."""
+        _RUNTIME.drop(id_)
+
+    def new_span(self, *args: Any, **kwargs: Any) -> None:
+        """Not used: spans are not stored."""
+
+    def prepare_to_exit_span(self, *args: Any, **kwargs: Any) -> None:
+        """Not used: spans are not stored."""
+
+    def prepare_to_drop_span(self, *args: Any, **kwargs: Any) -> None:
+        """Not used: spans are not stored."""
+
+
+class AllowanceEventHandler(BaseEventHandler):
+    """Root-dispatcher event handler: ends a model stream's context."""
+
+    @classmethod
+    def class_name(cls) -> str:
+        """The handler's name in LlamaIndex."""
+        return "AllowanceEventHandler"
+
+    def handle(self, event: BaseEvent, **kwargs: Any) -> None:  # noqa: ARG002
+        """Undo a finished (or abandoned) model stream's context."""
+        if isinstance(event, LLMChatEndEvent | LLMCompletionEndEvent | ExceptionEvent):
+            _RUNTIME.stream_ended(event.span_id)
+
+
+class _Handlers:
+    """The handlers on the root dispatcher, while installed."""
+
+    def __init__(self) -> None:
+        self.spans: AllowanceSpanHandler | None = None
+        self.events: AllowanceEventHandler | None = None
+        self.lock = threading.Lock()
+
+
+_HANDLERS = _Handlers()
+
+
+def install(guard: allowance.Guard) -> None:
+    """Add the handlers to the root dispatcher (once) and route calls to ``guard``."""
+    with _HANDLERS.lock:
+        _RUNTIME.guard = guard
+        if _HANDLERS.spans is not None:
+            return
+        root = get_dispatcher()
+        _HANDLERS.spans = AllowanceSpanHandler()
+        _HANDLERS.events = AllowanceEventHandler()
+        root.add_span_handler(_HANDLERS.spans)
+        root.add_event_handler(_HANDLERS.events)
+
+
+def uninstall() -> None:
+    """Remove every handler ``install`` added; a no-op when not installed."""
+    with _HANDLERS.lock:
+        spans, events = _HANDLERS.spans, _HANDLERS.events
+        if spans is None:
+            return
+        root = get_dispatcher()
+        root.span_handlers = [h for h in root.span_handlers if h is not spans]
+        root.event_handlers = [h for h in root.event_handlers if h is not events]
+        _HANDLERS.spans = _HANDLERS.events = None
+        _RUNTIME.uninstall()
