@@ -32,12 +32,12 @@ _OFFLINE = {
     "OTEL_SDK_DISABLED": "true",
 }
 _PLAN = (
-    ("research", "researcher"),
-    ("draft", "writer"),
-    ("fact-check", "researcher"),
-    ("polish", "writer"),
-    ("sources", "researcher"),
-    ("headline", "writer"),
+    ("research", "reporter"),
+    ("draft", "editor"),
+    ("fact-check", "reporter"),
+    ("polish", "editor"),
+    ("sources", "reporter"),
+    ("headline", "editor"),
 )
 _ANSWER = (
     "Final Answer: Revenue grew eleven percent while costs held flat, so margins "
@@ -60,11 +60,11 @@ def _quiet() -> Iterator[None]:
 
 
 def crew_scene(console: Console, fake: FakeProvider, ledger: str, number: int) -> None:
-    """A researcher and a writer share one LLM object; each has its own budget."""
+    """A reporter and an editor share one LLM object; each has its own budget."""
     console.print()
     console.rule(f"[bold]{number}. A CrewAI crew: a budget per agent and per crew")
     console.print(
-        "researcher and writer share one gpt-4o LLM object through six tasks; each "
+        "reporter and editor share one gpt-4o LLM object through six tasks; each "
         "agent may spend $0.0041, the crew $0.01. One line installs the hooks; "
         "calls are charged per agent, exactly, and refused before sending.",
         style="dim",
@@ -121,7 +121,7 @@ def _crew(crewai: Any, llm: Any, name: str) -> Any:
             max_iter=1,
             verbose=False,
         )
-        for role in ("researcher", "writer")
+        for role in ("reporter", "editor")
     }
     tasks = [
         crewai.Task(
@@ -149,10 +149,10 @@ def _report(console: Console, guard: allowance.Guard, crew_name: str) -> None:
         console.print(f"  {agent:<10} {task:<11} {record.model:<8} ${cost:.5f}")
     spent = {
         role: guard.spent({"crew": crew_name, "agent": role})
-        for role in ("researcher", "writer")
+        for role in ("reporter", "editor")
     }
     crew_spent = guard.spent({"crew": crew_name})
     console.print(
-        f"  spent: researcher ${spent['researcher']:.5f}, writer "
-        f"${spent['writer']:.5f}, crew ${crew_spent:.5f}"
+        f"  spent: reporter ${spent['reporter']:.5f}, editor "
+        f"${spent['editor']:.5f}, crew ${crew_spent:.5f}"
     )
