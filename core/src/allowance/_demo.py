@@ -308,7 +308,8 @@ def run_demo(console: Console, *, ledger_path: Path | None = None) -> int:
         failed = _framework_scenes(console, fake, ledger, first=6)
     console.print()
     console.rule("[bold]Report")
-    print_report(console, ledger)
+    # One dimension the scenes share (every id they record would be long).
+    print_report(console, ledger, by=("agent",))
     console.print(
         f"\nDone in {time.perf_counter() - started:.1f} s. "
         f"See it again: [bold]allowance report --ledger {ledger}[/]"
