@@ -18,9 +18,11 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import os
+import sys
 import time
 import uuid
 from collections import Counter
+from pathlib import Path
 
 import openai
 import pytest
@@ -34,6 +36,12 @@ pytestmark = pytest.mark.slow
 # A fork server that imported the SDKs and allowance once (``wrap`` imports
 # both SDKs): four fresh interpreters importing them at once take ~20 s on a
 # 2-core machine.
+# Its children unpickle this module's worker by name (``tests.ledger.test_load``):
+# make the repository root importable there, as ``python -m pytest`` does but
+# the ``pytest`` script (nox, CI) with importlib mode does not.
+_ROOT = str(Path(__file__).resolve().parents[2])
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
 SPAWN = multiprocessing.get_context("forkserver")
 SPAWN.set_forkserver_preload(
     ["openai", "anthropic", "allowance", "genai_prices.data_snapshot", "redis.asyncio"]
@@ -146,7 +154,7 @@ def _run_load(url: str) -> None:
             process.start()
         totals: Counter[str] = Counter()
         for _ in processes:
-            totals.update(results.get(timeout=120))
+            totals.update(results.get(timeout=DEADLINE + 30))
         for process in processes:
             process.join(timeout=60)
             assert process.exitcode == 0
