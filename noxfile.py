@@ -112,10 +112,13 @@ def demo(session: nox.Session) -> None:
 
 @nox.session(python=PYTHONS[0], default=False)
 def bench(session: nox.Session) -> None:
-    """Measure the guard's overhead against the raw SDK and print the table."""
+    """Measure the guard's overhead against the raw SDK and its peers; print tables."""
     sync(session, "bench", "sdk-latest")
+    # One table: each ledger, streaming, concurrency, estimation and the peers
+    # (tokencap, llm-toll, tokenfence), measured side by side in one run.
     session.run("python", str(ROOT / "benchmarks" / "overhead.py"), *session.posargs)
     session.run("python", str(ROOT / "benchmarks" / "ledger.py"))
+    session.run("python", str(ROOT / "benchmarks" / "report.py"))
 
 
 if __name__ == "__main__":

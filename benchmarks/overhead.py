@@ -7,11 +7,18 @@ first) against the fake provider with no delay, so both see the same machine
 state. "added" is the median of the per-round differences of wall time,
 "added CPU" the same for the calling thread's CPU time (``thread_time``: what
 the guard itself costs, without the scheduling noise of a shared machine); p99
-is the guarded call's 99th percentile. The Redis row runs against a throwaway
+is each side's 99th percentile. The Redis row runs against a throwaway
 ``redis-server`` on a free local port (skipped when none is installed): its
-"added" is two round trips (reserve, commit) plus the client's work. The fake provider runs in its own process: in this one
-its server thread would compete with the client for the GIL and blur the
-figures.
+"added" is two round trips (reserve, commit) plus the client's work. The fake
+provider runs in its own process: in this one its server thread would compete
+with the client for the GIL and blur the figures.
+
+One table holds every scenario: chat on each ledger, a 200-chunk stream (whole
+call, and per chunk), estimating a 100k-token prompt, 1,000 concurrent async
+calls with 20 ms provider latency, then the same chat and stream scenarios
+through the peers tokencap, tokenfence and llm-toll (installed only in the
+``bench`` dependency group); a peer that cannot run a scenario offline gets a
+row saying why.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import math
 import statistics
 import subprocess
 import sys
@@ -38,6 +46,9 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
 MESSAGES = [{"role": "user", "content": "Say hello in five words."}]
+STREAM_CHUNKS = 200  # words of the streamed answer, one chunk each
+TEXT = " ".join(["word"] * STREAM_CHUNKS)
+CONCURRENT_LABEL = "1,000 concurrent async, 20 ms latency (wall ms)"
 
 
 def quantile(values: list[float], q: float) -> float:
@@ -80,19 +91,47 @@ def measure(
     }
 
 
-def sync_scenarios(
-    fake: RemoteProvider, rounds: int, tmp: Path, redis_url: str | None = None
-) -> list[tuple[str, dict[str, float]]]:
-    results = []
-    raw_client = openai.OpenAI(
-        base_url=fake.openai_base_url, api_key="x", max_retries=0
-    )
-
-    def raw() -> Any:
-        return raw_client.chat.completions.create(
+def chat(client: Any) -> Callable[[], Any]:
+    def call() -> Any:
+        return client.chat.completions.create(
             model="gpt-4o-mini", messages=MESSAGES, max_tokens=16
         )
 
+    return call
+
+
+def stream(client: Any, *, usage: bool = True) -> Callable[[], Any]:
+    extra: dict[str, Any] = {"stream_options": {"include_usage": True}} if usage else {}
+
+    def call() -> Any:
+        return list(
+            client.chat.completions.create(
+                model="gpt-4o-mini",
+                messages=MESSAGES,
+                max_tokens=STREAM_CHUNKS,
+                stream=True,
+                **extra,
+            )
+        )
+
+    return call
+
+
+def per_chunk(result: dict[str, float], chunks: int) -> dict[str, float]:
+    return {key: value / chunks for key, value in result.items()}
+
+
+Row = tuple[str, "dict[str, float] | None", str]
+
+
+def sync_scenarios(
+    fake: RemoteProvider, rounds: int, tmp: Path, redis_url: str | None = None
+) -> list[Row]:
+    rows: list[Row] = []
+    raw_client = openai.OpenAI(
+        base_url=fake.openai_base_url, api_key="x", max_retries=0
+    )
+    raw = chat(raw_client)
     ledgers = [
         ("chat, memory ledger", "memory://"),
         ("chat, SQLite ledger", f"sqlite:///{tmp / 'bench.db'}"),
@@ -105,50 +144,141 @@ def sync_scenarios(
             budget="$1000",
             ledger=ledger,
         )
-
-        def guarded(client: Any = client) -> Any:
-            return client.chat.completions.create(
-                model="gpt-4o-mini", messages=MESSAGES, max_tokens=16
-            )
-
-        results.append((name, measure(raw, guarded, rounds)))
+        rows.append((name, measure(raw, chat(client), rounds), ""))
         client.allowance.guard.close()
+    if redis_url is None:
+        rows.append(("chat, Redis ledger", None, "no redis-server on PATH"))
 
     stream_client = allowance.wrap(
         openai.OpenAI(base_url=fake.openai_base_url, api_key="x", max_retries=0),
         budget="$1000",
         ledger="memory://",
     )
-
-    def raw_stream() -> Any:
-        return list(
-            raw_client.chat.completions.create(
-                model="gpt-4o-mini",
-                messages=MESSAGES,
-                max_tokens=64,
-                stream=True,
-                stream_options={"include_usage": True},
-            )
-        )
-
-    def guarded_stream() -> Any:
-        return list(
-            stream_client.chat.completions.create(
-                model="gpt-4o-mini",
-                messages=MESSAGES,
-                max_tokens=64,
-                stream=True,
-                stream_options={"include_usage": True},
-            )
-        )
-
-    results.append(
+    chunks = len(stream(raw_client)())
+    whole = measure(stream(raw_client), stream(stream_client), rounds // 4)
+    rows.append((f"chat stream, {chunks} chunks, memory: whole call", whole, ""))
+    rows.append(
         (
-            "chat stream (whole call), memory",
-            measure(raw_stream, guarded_stream, rounds // 2),
+            "chat stream, memory: per chunk",
+            per_chunk(whole, chunks),
+            "upper bound: the whole call's added time / chunks",
         )
     )
-    return results
+    return rows
+
+
+def estimate_row(rounds: int) -> Row:
+    """Estimate a 100k-token prompt (~400 kB) through the SDK layer's codec."""
+    from allowance._sdk.openai import OpenAICodec
+
+    codec = OpenAICodec()
+    body = {
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": "token " * 100_000}],
+        "max_tokens": 100,
+    }
+    times = []
+    for _ in range(rounds // 10):
+        start = time.perf_counter_ns()
+        codec.estimate("/chat/completions", body)
+        times.append((time.perf_counter_ns() - start) / 1000)
+    median = statistics.median(times)
+    return (
+        "estimate a 100k-token prompt (cheap bound)",
+        {
+            "raw": 0.0,
+            "guarded": median,
+            "added": median,
+            "added_cpu": median,
+            "p99": quantile(times, 0.99),
+            "raw_p99": 0.0,
+        },
+        "no exact count: the budget is far from its limit",
+    )
+
+
+def peer_rows(fake: RemoteProvider, rounds: int, tmp: Path) -> list[Row]:
+    """The same scenarios through tokencap, llm-toll and tokenfence."""
+    raw_client = openai.OpenAI(
+        base_url=fake.openai_base_url, api_key="x", max_retries=0
+    )
+    rows: list[Row] = []
+
+    def fresh() -> Any:
+        return openai.OpenAI(base_url=fake.openai_base_url, api_key="x", max_retries=0)
+
+    def tokencap_client() -> Any:
+        import tokencap
+        from tokencap.backends.sqlite import SQLiteBackend
+
+        tokencap.teardown()
+        policy = tokencap.Policy(
+            dimensions={"session": tokencap.DimensionPolicy(limit=10**15)}
+        )
+        tokencap.init(
+            policy,
+            backend=SQLiteBackend(str(tmp / "tokencap.db")),
+            otel_enabled=False,
+            quiet=True,
+        )
+        return tokencap.wrap(fresh())
+
+    def tokenfence_client() -> Any:
+        import tokenfence
+
+        return tokenfence.guard(fresh(), budget=1000.0, on_limit="raise")
+
+    def llm_toll_client() -> Any:
+        import llm_toll
+
+        llm_toll.set_store(llm_toll.SQLiteStore(db_path=str(tmp / "llm_toll.db")))
+        llm_toll.set_reporter(llm_toll.CostReporter(enabled=False))  # no line per call
+        inner = fresh()
+
+        @llm_toll.track_costs(project="bench", max_budget=1000.0)
+        def tracked(**kwargs: Any) -> Any:
+            return inner.chat.completions.create(**kwargs)
+
+        class Completions:
+            create = staticmethod(tracked)
+
+        class Chat:
+            completions = Completions()
+
+        class Client:
+            chat = Chat()
+
+        return Client()
+
+    peers = [
+        ("tokencap 0.2 (SQLite)", tokencap_client),
+        ("tokenfence 0.3 (in memory)", tokenfence_client),
+        ("llm-toll 0.13 (SQLite, decorator)", llm_toll_client),
+    ]
+    for name, make in peers:
+        try:
+            client = make()
+        except Exception as err:  # noqa: BLE001 - a row says why
+            rows.append((f"chat, {name}", None, f"cannot set up: {err!r:.60}"))
+            continue
+        for scenario, raw, guarded, scale in (
+            ("chat", chat(raw_client), chat(client), 1),
+            ("chat stream", stream(raw_client), stream(client), 4),
+        ):
+            label = f"{scenario}, {name}"
+            try:
+                guarded()
+                rows.append((label, measure(raw, guarded, rounds // scale), ""))
+            except Exception as err:  # noqa: BLE001 - a row says why
+                rows.append((label, None, f"cannot run: {err!r:.60}"))
+        rows.append(
+            (
+                f"{CONCURRENT_LABEL}, {name}",
+                None,
+                "not measured: sync scenarios only for peers",
+            )
+        )
+    return rows
 
 
 def concurrency(fake: RemoteProvider, calls: int) -> tuple[float, float]:
@@ -178,9 +308,12 @@ def concurrency(fake: RemoteProvider, calls: int) -> tuple[float, float]:
             )
             return time.perf_counter() - start
 
-    raw = asyncio.run(run(False))
-    guarded = asyncio.run(run(True))
-    return raw, guarded
+    # Alternate, best of three each: one run's wall time is noisy.
+    raws, guardeds = [], []
+    for _ in range(3):
+        raws.append(asyncio.run(run(False)))
+        guardeds.append(asyncio.run(run(True)))
+    return min(raws), min(guardeds)
 
 
 class RemoteProvider:
@@ -195,7 +328,7 @@ class RemoteProvider:
         code = (
             "import sys, time\n"
             "from allowance.testing import FakeProvider\n"
-            f"fake = FakeProvider(latency={latency!r}).start()\n"
+            f"fake = FakeProvider(latency={latency!r}, text={TEXT!r}).start()\n"
             "print(fake.openai_base_url, flush=True)\n"
             "sys.stdin.read()\n"
         )
@@ -220,8 +353,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("-n", "--rounds", type=int, default=2000)
     parser.add_argument("--concurrent", type=int, default=1000)
+    parser.add_argument("--no-peers", action="store_true")
     args = parser.parse_args()
-    console = Console(width=max(120, Console().width))
+    console = Console(width=max(140, Console().width))
     fake = RemoteProvider()
     # A throwaway redis-server on a free local port, when one is installed.
     redis = RedisServer().start() if RedisServer.available() else None
@@ -230,13 +364,32 @@ def main() -> None:
             rows = sync_scenarios(
                 fake, args.rounds, Path(tmp), redis.url if redis else None
             )
+            rows.append(estimate_row(args.rounds))
+            peers = [] if args.no_peers else peer_rows(fake, args.rounds, Path(tmp))
         fake.start(latency=0.02)
         raw_wall, guarded_wall = concurrency(fake, args.concurrent)
     finally:
         fake.stop()
         if redis is not None:
             redis.close()
-    table = Table(title=f"allowance overhead, N={args.rounds} interleaved rounds (µs)")
+    ms = 1000
+    rows.append(
+        (
+            CONCURRENT_LABEL.replace("1,000", f"{args.concurrent:,}") + ", memory",
+            {
+                "raw": raw_wall * ms,
+                "guarded": guarded_wall * ms,
+                "added": (guarded_wall - raw_wall) * ms,
+                "added_cpu": float("nan"),
+                "p99": float("nan"),
+                "raw_p99": float("nan"),
+            },
+            "best of 3 runs each",
+        )
+    )
+    table = Table(
+        title=f"allowance overhead, N={args.rounds} interleaved rounds (µs unless said)"
+    )
     for column in (
         "scenario",
         "raw",
@@ -246,29 +399,30 @@ def main() -> None:
         "ratio",
         "p99 raw",
         "p99 guarded",
+        "note",
     ):
-        table.add_column(column, justify="left" if column == "scenario" else "right")
-    for name, r in rows:
+        justify = "left" if column in {"scenario", "note"} else "right"
+        table.add_column(column, justify=justify)
+
+    def number(value: float, digits: int = 0) -> str:
+        return "" if math.isnan(value) else f"{value:.{digits}f}"  # NaN: not measured
+
+    for name, r, note in rows + peers:
+        if r is None:
+            table.add_row(name, "", "", "", "", "", "", "", note)
+            continue
+        precise = 2 if "per chunk" in name else 1
         table.add_row(
             name,
-            f"{r['raw']:.0f}",
-            f"{r['guarded']:.0f}",
-            f"{r['added']:.1f}",
-            f"{r['added_cpu']:.1f}",
-            f"{r['guarded'] / r['raw']:.3f}",
-            f"{r['raw_p99']:.0f}",
-            f"{r['p99']:.0f}",
+            number(r["raw"], precise - 1),
+            number(r["guarded"], precise - 1),
+            number(r["added"], precise),
+            number(r["added_cpu"], precise),
+            f"{r['guarded'] / r['raw']:.3f}" if r["raw"] else "",
+            number(r["raw_p99"]) if r["raw_p99"] else "",
+            number(r["p99"]),
+            note,
         )
-    table.add_row(
-        f"{args.concurrent} concurrent async, 20 ms latency (wall ms)",
-        f"{raw_wall * 1000:.0f}",
-        f"{guarded_wall * 1000:.0f}",
-        f"{(guarded_wall - raw_wall) * 1000:.0f}",
-        "",
-        f"{guarded_wall / raw_wall:.3f}",
-        "",
-        "",
-    )
     console.print(table)
 
 

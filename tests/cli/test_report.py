@@ -269,3 +269,40 @@ def test_html_renders_in_headless_chromium(ledger_url: str, tmp_path: Path) -> N
     png = shot.read_bytes()
     assert png.startswith(b"\x89PNG")
     assert len(png) > 10_000  # a blank page is a few kB; the charts are more
+
+
+def test_a_long_table_lists_the_top_spenders_and_says_how_many_more(
+    tmp_path: Path,
+) -> None:
+    """The terminal table stops at the top spenders; json keeps every row."""
+    ledger = open_ledger(f"sqlite:///{tmp_path / 'many.db'}")
+    for n in range(120):
+        ledger.record(
+            CallRecord(
+                call_id=f"c{n}",
+                ts=DAY1 + n,
+                scope={"session": f"s{n:03}"},
+                provider="openai",
+                model="gpt-4o",
+                requested_model="gpt-4o",
+                usage=Usage(10, 1),
+                cost_micros=1000 + n,
+                adapters=("openai",),
+                outcome="ok",
+            )
+        )
+    out = io.StringIO()
+    print_report(Console(file=out, width=120), ledger)
+    text = out.getvalue()
+    assert "s119" in text  # the largest spender
+    assert "s000" not in text  # the smallest is left out
+    assert "... and 70 more rows" in text
+    out = io.StringIO()
+    print_report(Console(file=out, width=120), ledger, fmt="json")
+    assert "s000" in out.getvalue()
+    # One decoded scope per distinct text, shared read-only by its records.
+    calls = ledger.calls()
+    assert calls[0].scope == {"session": "s000"}
+    with pytest.raises(TypeError):
+        calls[0].scope["session"] = "x"  # type: ignore[index]
+    ledger.close()

@@ -233,8 +233,17 @@ def _openai_images(model: str) -> tuple[int, int]:
 
 
 def _openai_count(model: object, text: Callable[[str], int] = _utf8_len) -> _Count:
+    if text is _utf8_len:
+        return _openai_bytes(str(model or ""))
     high, low = _openai_images(str(model or ""))
     return _Count(text, high, low)
+
+
+@lru_cache(maxsize=256)
+def _openai_bytes(model: str) -> _Count:
+    """The byte-bound measure of a model's requests (built once per model)."""
+    high, low = _openai_images(model)
+    return _Count(_utf8_len, high, low)
 
 
 _ANTHROPIC_BYTES: Final = _Count(

@@ -207,6 +207,15 @@ class Guard:
                 ledger = self._ledger
         return ledger
 
+    def nonblocking_ledger(self) -> bool:
+        """True when the ledger's sync methods never wait (the memory ledger).
+
+        Async calls then skip the async twins' machinery: the same work, done
+        in place, as the twins themselves would.
+        """
+        ledger = self._ledger
+        return ledger is not None and getattr(ledger, "nonblocking", False) is True
+
     def close(self) -> None:
         """Write pending charges and close the ledger if this guard opened it."""
         self._flush_pending()
@@ -323,7 +332,78 @@ class Guard:
             PricingError: A USD budget applies and the model has no price.
             LedgerUnavailableError: The ledger failed and ``fail="closed"``.
         """
+        ticket = self._begin_fast(estimate, adapters, reestimate)
+        if ticket is not None:
+            return ticket
         return self._drive(self._begin_plan(estimate, adapters, reestimate, refine))
+
+    def _begin_fast(
+        self,
+        estimate: Estimate,
+        adapters: tuple[str, ...],
+        reestimate: Callable[[str], Estimate] | None,
+    ) -> Ticket | None:
+        """``_begin_plan``'s common case without the generator driver, or None.
+
+        The common case: nothing held in memory, no model to degrade to, no
+        warn/webhook threshold, and the call fits. Anything else (a refusal
+        included: nothing is held then) returns None and takes the full plan,
+        which decides afresh.
+        """
+        if self._pending:
+            return None
+        now = self._clock()
+        scope = self.current_scope()
+        layout = self._lines(scope, now)
+        lines = layout.lines
+        if not lines or layout.alerts:
+            return None
+        if reestimate is not None and (
+            self.policy.fallback is not None or layout.degrade_to is not None
+        ):
+            return None
+        worst_micros = self._worst(estimate, required=layout.needs_usd)
+        call_id = new_id()
+        tokens = estimate.total_tokens
+        plan = [
+            ReserveItem(
+                line.key,
+                tokens if line.unit == "tokens" else (worst_micros or 0),
+                line.limit,
+            )
+            for line in lines
+        ]
+        ledger = self._ledger or self.ledger
+        lease = self.policy.lease_seconds
+        try:
+            result = ledger.reserve([plan], reservation_id=call_id, lease_seconds=lease)
+        except LedgerError as err:
+            op = Op(
+                "reserve",
+                ([plan],),
+                {"reservation_id": call_id, "lease_seconds": lease},
+            )
+            self._on_ledger_error(op, err)  # raises unless fail="open"
+            reserved: dict[str, int] | None = None  # let through, charged at commit
+        else:
+            if result.plan is None:
+                return None
+            reserved = {item.key: item.amount for item in plan}
+            if self._observed():
+                self._emit_admitted(scope, lines, reserved, result.before, call_id)
+        return Ticket(
+            self,
+            call_id,
+            scope,
+            estimate,
+            lines,
+            reserved,
+            worst_micros,
+            adapters,
+            (),
+            False,  # noqa: FBT003 - positional, as Ticket is built on the hot path
+            estimate.model,
+        )
 
     async def abegin(
         self,
@@ -334,6 +414,10 @@ class Guard:
         refine: Callable[[], Estimate | None] | None = None,
     ) -> Ticket:
         """Async twin of ``begin``; never blocks the event loop on the ledger."""
+        if self.nonblocking_ledger():
+            ticket = self._begin_fast(estimate, adapters, reestimate)
+            if ticket is not None:
+                return ticket
         return await self._adrive(
             self._begin_plan(estimate, adapters, reestimate, refine)
         )
@@ -663,6 +747,10 @@ class Guard:
         self._emit(
             "admitted", scope, {"call_id": call_id, "held": True, "ratios": ratios}
         )
+
+    def _observed(self) -> bool:
+        """True when events have somewhere to go (telemetry or an observer)."""
+        return telemetry.active() or plugins.has_observers()
 
     def _emit(
         self,

@@ -48,6 +48,8 @@ WINDOWS: tuple[Window, ...] = ("hour", "day", "week", "month")
 Format = Literal["table", "json", "csv"]
 _BLOCKED = frozenset({"blocked", "stopped"})
 _MAX_LISTED = 100
+_MAX_TABLE_ROWS = 50
+"""Rows of a spend table in the terminal: the top spenders; csv/json list all."""
 _MAX_SERIES = 8
 _MAX_BUCKETS = 400
 _PALETTE = (
@@ -445,18 +447,22 @@ def _print_tables(  # noqa: C901, PLR0912 - tables of each kind
             table.add_column(key)
         for column in columns:
             table.add_column(column, justify="right")
-        for key_values, row in report.sorted_groups():
+        groups = report.sorted_groups()
+        for key_values, row in groups[:_MAX_TABLE_ROWS]:
             table.add_row(*key_values, *numbers(row))
         console.print(table)
+        _print_more(console, len(groups))
     else:
         for dimension, rows in report.per_dimension.items():
             table = Table(title=f"Spend by {dimension}", title_justify="left")
             table.add_column(dimension)
             for column in columns:
                 table.add_column(column, justify="right")
-            for row in sorted(rows.values(), key=lambda r: (-r.cost_micros, r.name)):
+            ranked = sorted(rows.values(), key=lambda r: (-r.cost_micros, r.name))
+            for row in ranked[:_MAX_TABLE_ROWS]:
                 table.add_row(row.name, *numbers(row))
             console.print(table)
+            _print_more(console, len(ranked))
     table = Table(title="Spend by model", title_justify="left")
     table.add_column("model")
     table.add_column("provider")
@@ -473,6 +479,15 @@ def _print_tables(  # noqa: C901, PLR0912 - tables of each kind
     )
     if report.total.unpriced:
         console.print("* some calls have no known price; they are counted as $0.")
+
+
+def _print_more(console: Console, rows: int) -> None:
+    """Say how many rows a table left out (the terminal shows the top spenders)."""
+    if rows > _MAX_TABLE_ROWS:
+        console.print(
+            f"... and {rows - _MAX_TABLE_ROWS:,} more rows, smaller spenders"
+            " (--format csv or json lists every row)."
+        )
 
 
 def _print_calls(console: Console, report: Report) -> None:

@@ -142,10 +142,17 @@ class Ticket:
 
     def commit(self, usage: Usage, *, response_model: str | None = None) -> None:
         """Charge the actual ``usage`` and return the rest of the reservation."""
-        self._guard._drive(self._commit_plan(usage, response_model, partial=False))
+        # ``_commit_plan`` yields one operation: run it without the driver.
+        if self.settled:
+            return
+        op = self._commit_op(usage, response_model, partial=False)
+        self._committed(op, self._guard._run(op))
 
     async def acommit(self, usage: Usage, *, response_model: str | None = None) -> None:
         """Async twin of ``commit``."""
+        if self._guard.nonblocking_ledger():
+            self.commit(usage, response_model=response_model)
+            return
         await self._guard._adrive(
             self._commit_plan(usage, response_model, partial=False)
         )
@@ -217,20 +224,28 @@ class Ticket:
     ) -> Generator[Op, Any, None]:
         if self.settled:
             return
+        op = self._commit_op(usage, response_model, partial=partial)
+        self._committed(op, (yield op))
+
+    def _commit_op(
+        self, usage: Usage, response_model: str | None, *, partial: bool
+    ) -> Op:
+        """Settle this ticket: the operation that charges ``usage`` (not yet run)."""
         self.settled = True
         guard = self._guard
         provider = self.estimate.provider
         cost = guard._cost(provider, response_model, self.model, usage)
         amounts: dict[str, int] = {}
+        total = usage.total_tokens
         for line in self._lines:
             if line.unit == "tokens":
-                amounts[line.key] = usage.total_tokens
+                amounts[line.key] = total
             elif cost is None:  # pragma: no cover - a USD line was priced at begin
                 raise PricingError(self.model, provider)
             else:
                 amounts[line.key] = cost
         record = self._record(usage, cost, self._outcome(partial), response_model)
-        if usage.total_tokens > self.estimate.total_tokens:
+        if total > self.estimate.total_tokens:
             guard.estimate_misses += 1
             guard._emit(
                 "estimate_missed",
@@ -238,15 +253,23 @@ class Ticket:
                 {
                     "model": self.model,
                     "estimated_tokens": self.estimate.total_tokens,
-                    "actual_tokens": usage.total_tokens,
+                    "actual_tokens": total,
                 },
             )
-        op = self._settle_op("commit", amounts, record)
-        if (yield op) is FAILED and op.name == "commit":
-            guard._buffer(self.call_id, amounts, record)
-        guard._emit(
-            "committed", self.scope, {"record": record, "held": bool(self._reserved)}
-        )
+        return self._settle_op("commit", amounts, record)
+
+    def _committed(self, op: Op, result: object) -> None:
+        """Finish a commit once its operation ran (``FAILED``: hold the charge)."""
+        guard = self._guard
+        record: CallRecord = op.kwargs["record"] if op.kwargs else op.args[0]
+        if result is FAILED and op.name == "commit":
+            guard._buffer(self.call_id, op.args[1], record)
+        if guard._observed():
+            guard._emit(
+                "committed",
+                self.scope,
+                {"record": record, "held": bool(self._reserved)},
+            )
 
     def _keep_plan(self, outcome: Outcome) -> Generator[Op, Any, None]:
         if self.settled:

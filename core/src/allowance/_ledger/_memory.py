@@ -81,6 +81,9 @@ class MemoryLedger:
         0
     """
 
+    nonblocking: Final = True
+    """Its sync methods never wait on I/O: async callers may call them in place."""
+
     def __init__(
         self, clock: Callable[[], float] = time.time, *, url: str = "memory://"
     ) -> None:
@@ -92,7 +95,9 @@ class MemoryLedger:
         self._counters: dict[str, list[int]] = {}
         self._reservations: dict[str, _Reservation] = {}
         self._expiry: list[tuple[float, str]] = []  # heap over held reservations
-        self._held = 0
+        # The held reservations alone: the heap is rebuilt from them, never from
+        # every reservation of the last day.
+        self._holding: dict[str, _Reservation] = {}
         self._settled: deque[tuple[float, str]] = deque()
         self._markers: dict[str, float] = {}
         # The newest calls only: a memory ledger must not grow without bound.
@@ -126,10 +131,23 @@ class MemoryLedger:
             self._reap(now)
             counters = self._counters
             before: dict[str, KeyState] = {}
-            for key in plan_keys(plans):
-                row = counters.get(key)
-                before[key] = _ZERO if row is None else KeyState(row[0], row[1])
-            index = choose_plan(plans, before)
+            if len(plans) == 1 and len(plans[0]) == 1:
+                # The common case: one plan on one key, nothing to fold.
+                item = plans[0][0]
+                row = counters.get(item.key)
+                state = before[item.key] = (
+                    _ZERO if row is None else KeyState(row[0], row[1])
+                )
+                used = state.spent + state.reserved
+                fits = used + item.amount <= item.limit and (
+                    item.gate is None or used <= item.gate
+                )
+                index: int | None = 0 if fits else None
+            else:
+                for key in plan_keys(plans):
+                    row = counters.get(key)
+                    before[key] = _ZERO if row is None else KeyState(row[0], row[1])
+                index = choose_plan(plans, before)
             if index is None:
                 return ReserveResult(None, before)
             if reservation_id in self._reservations:
@@ -146,9 +164,10 @@ class MemoryLedger:
                 else:
                     row[1] += amount
             expires_at = now + lease_seconds
-            self._reservations[reservation_id] = _Reservation(expires_at, HELD, holds)
+            reservation = _Reservation(expires_at, HELD, holds)
+            self._reservations[reservation_id] = reservation
+            self._holding[reservation_id] = reservation
             heapq.heappush(self._expiry, (expires_at, reservation_id))
-            self._held += 1
             return ReserveResult(index, before)
 
     def commit(
@@ -231,8 +250,8 @@ class MemoryLedger:
         with self._lock:
             for key in [k for k in self._counters if k.startswith(prefix)]:
                 del self._counters[key]
-            for reservation in self._reservations.values():
-                if reservation.status == HELD and reservation.items:
+            for reservation in self._holding.values():
+                if reservation.items:
                     reservation.items = {
                         k: v
                         for k, v in reservation.items.items()
@@ -332,7 +351,7 @@ class MemoryLedger:
         """Mark a held or expired reservation settled; return what it still held."""
         held = reservation.items if reservation.status == HELD else {}
         if reservation.status == HELD:
-            self._held -= 1
+            del self._holding[reservation_id]
         reservation.status = status
         reservation.settled_at = now
         reservation.items = {}
@@ -355,13 +374,9 @@ class MemoryLedger:
                 row = counters.get(key)
                 if row is not None:
                     row[1] = max(row[1] - amount, 0)
-        if len(expiry) > 2 * self._held + 1024:
+        if len(expiry) > 2 * len(self._holding) + 1024:
             # Settled reservations leave stale heap entries behind; rebuild.
-            self._expiry = [
-                (r.expires_at, rid)
-                for rid, r in reservations.items()
-                if r.status == HELD
-            ]
+            self._expiry = [(r.expires_at, rid) for rid, r in self._holding.items()]
             heapq.heapify(self._expiry)
         settled = self._settled
         horizon = now - PURGE_AFTER_SECONDS

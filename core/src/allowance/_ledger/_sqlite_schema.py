@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import json
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final
 
 from allowance.typing import CallRecord, Usage
@@ -289,21 +290,42 @@ def call_row(record: CallRecord) -> tuple[Any, ...]:
     )
 
 
+# A day of calls repeats a few scopes and adapter lists many times: each text is
+# decoded once (read-only mappings, so records can share them).
+@functools.lru_cache(maxsize=65_536)
+def _scope(text: str) -> Mapping[str, str]:
+    scope = json.loads(text)
+    if not isinstance(scope, dict):
+        msg = "scope is not a JSON object"
+        raise ValueError(msg)  # noqa: TRY004 - malformed stored data, a value error
+    return MappingProxyType({str(k): str(v) for k, v in scope.items()})
+
+
+@functools.lru_cache(maxsize=1024)
+def _adapters(text: str) -> tuple[str, ...]:
+    adapters = json.loads(text)
+    if not isinstance(adapters, list):
+        msg = "adapters is not a JSON list"
+        raise ValueError(msg)  # noqa: TRY004 - malformed stored data, a value error
+    return tuple(str(a) for a in adapters)
+
+
 def call_from_row(row: tuple[Any, ...]) -> CallRecord:
     """Rebuild a call record from a ``SELECT_CALLS`` row.
 
     Raises:
         ValueError: The scope or adapters column is not JSON of the right shape.
     """
-    scope = json.loads(row[2])
-    adapters = json.loads(row[12])
-    if not isinstance(scope, dict) or not isinstance(adapters, list):
-        msg = f"call {row[0]!r}: scope or adapters is not JSON of the right shape"
-        raise ValueError(msg)  # noqa: TRY004 - malformed stored data, a value error
+    try:
+        scope = _scope(row[2])
+        adapters = _adapters(row[12])
+    except ValueError as err:
+        msg = f"call {row[0]!r}: {err}"
+        raise ValueError(msg) from err
     return CallRecord(
         call_id=row[0],
         ts=row[1],
-        scope={str(k): str(v) for k, v in scope.items()},
+        scope=scope,
         provider=row[3],
         model=row[4],
         requested_model=row[5],
@@ -315,7 +337,7 @@ def call_from_row(row: tuple[Any, ...]) -> CallRecord:
             reasoning_tokens=row[10],
         ),
         cost_micros=row[11],
-        adapters=tuple(str(a) for a in adapters),
+        adapters=adapters,
         outcome=row[13],
         estimate_tokens=row[14],
         estimate_micros=row[15],

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import replace
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 from allowance._estimate import (
@@ -38,6 +39,7 @@ _RESPONSES = "responses"
 _EMBEDDINGS = "embeddings"
 
 
+@lru_cache(maxsize=64)
 def _api(path: str) -> str | None:
     path = path.rstrip("/")
     if path.endswith("/chat/completions"):
@@ -290,10 +292,18 @@ class _ChatAccumulator:
                 delta = getattr(choice, "delta", None)
                 if delta is None:
                     continue
-                self._bytes += text_bytes(getattr(delta, "content", None))
-                for tool_call in getattr(delta, "tool_calls", None) or ():
-                    function = getattr(tool_call, "function", None)
-                    self._bytes += text_bytes(getattr(function, "arguments", None))
+                # Once per chunk: the common case (a text delta) inline.
+                content = getattr(delta, "content", None)
+                if isinstance(content, str):
+                    self._bytes += (
+                        len(content) if content.isascii() else len(content.encode())
+                    )
+                tool_calls = getattr(delta, "tool_calls", None)
+                if tool_calls:
+                    for tool_call in tool_calls:
+                        function = getattr(tool_call, "function", None)
+                        arguments = getattr(function, "arguments", None)
+                        self._bytes += text_bytes(arguments)
         usage = getattr(event, "usage", None)
         if usage is not None:
             self._usage = _chat_usage(usage)
