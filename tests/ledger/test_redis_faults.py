@@ -10,8 +10,6 @@ import asyncio
 import contextlib
 import logging
 import multiprocessing
-import os
-import signal
 import socket
 import threading
 import time
@@ -24,7 +22,6 @@ import allowance
 from allowance import LedgerUnavailableError
 from allowance._ledger import open_ledger
 from allowance.testing import FakeProvider
-from allowance.testing.conformance import hold_until_killed, run_reserve_commit_loop
 from allowance.typing import KeyState, ReserveItem
 
 SPAWN = multiprocessing.get_context("spawn")
@@ -57,89 +54,6 @@ def _ask(client: openai.OpenAI) -> None:
 
 def _url(server) -> str:
     return f"{server.url}?prefix=t-{uuid.uuid4().hex}&socket_timeout=2"
-
-
-# -- processes ------------------------------------------------------------------
-
-
-@pytest.mark.slow
-def test_processes_never_overspend(redis_url) -> None:
-    """4 processes x 40 reserves of 3 under 300: exactly 100 admitted."""
-    start = SPAWN.Barrier(4)
-    results = SPAWN.Queue()
-    processes = [
-        SPAWN.Process(
-            target=run_reserve_commit_loop,
-            args=(redis_url,),
-            kwargs={
-                "key": "tenant:acme",
-                "limit": 300,
-                "amount": 3,
-                "attempts": 40,
-                "start": start,
-                "results": results,
-            },
-        )
-        for _ in range(4)
-    ]
-    for process in processes:
-        process.start()
-    admitted = [results.get(timeout=60) for _ in processes]
-    for process in processes:
-        process.join(timeout=60)
-        assert process.exitcode == 0
-    results.close()
-    results.join_thread()
-    assert sum(admitted) == 100
-    ledger = open_ledger(redis_url)
-    try:
-        assert ledger.state(["tenant:acme"])["tenant:acme"] == KeyState(300, 0)
-    finally:
-        ledger.close()
-
-
-@pytest.mark.slow
-def test_killed_worker_hold_returns_after_its_lease(redis_url) -> None:
-    """SIGKILL a worker holding a reservation: its spend stays, its hold ends
-    with the lease (measured by the server's clock)."""
-    ready = SPAWN.Event()
-    child = SPAWN.Process(
-        target=hold_until_killed,
-        args=(redis_url,),
-        kwargs={
-            "key": "k",
-            "spend": 7,
-            "hold": 40,
-            "lease_seconds": 2.0,
-            "ready": ready,
-        },
-    )
-    child.start()
-    try:
-        assert ready.wait(60), "the child never reserved"
-    finally:
-        os.kill(child.pid, signal.SIGKILL)
-        child.join(timeout=60)
-    assert child.exitcode == -signal.SIGKILL
-    ledger = open_ledger(redis_url)
-    try:
-        # Still held (state does not reap; a slow machine may pass the lease).
-        assert ledger.state(["k"])["k"] == KeyState(spent=7, reserved=40)
-        deadline = time.monotonic() + 10
-        while True:
-            result = ledger.reserve(
-                [[ReserveItem("k", 60, 100)]],
-                reservation_id=uuid.uuid4().hex,
-                lease_seconds=60,
-            )
-            if result.admitted or time.monotonic() > deadline:
-                break
-            time.sleep(0.1)
-        assert result.admitted
-        assert result.before["k"] == KeyState(spent=7, reserved=0)
-        assert ledger.state(["k"])["k"] == KeyState(spent=7, reserved=60)
-    finally:
-        ledger.close()
 
 
 # -- Redis unreachable or restarted -------------------------------------------------
