@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import multiprocessing
 import socket
 import threading
 import time
@@ -24,7 +23,6 @@ from allowance._ledger import open_ledger
 from allowance.testing import FakeProvider
 from allowance.typing import KeyState, ReserveItem
 
-SPAWN = multiprocessing.get_context("spawn")
 MESSAGES = [{"role": "user", "content": "Say hello."}]
 
 
