@@ -139,3 +139,16 @@ def test_a_route_ended_from_another_context_is_inert(fake_provider, openai_clien
     with seen:  # entering again routes again
         openai_client.chat.completions.create(model=GPT, messages=USER)
     assert len(mine.ledger.calls()) == 1
+
+
+@pytest.mark.parametrize(
+    "option",
+    [{"window": "day"}, {"per": "tenant"}, {"session": "s-1"}, {"budget": 5}],
+)
+def test_make_guard_refuses_a_guard_with_budget_arguments(option, openai_client):
+    existing = guard()
+    assert integration.make_guard(guard=existing) is existing
+    with pytest.raises(allowance.ConfigurationError, match="guard"):
+        integration.make_guard(guard=existing, **option)
+    with pytest.raises(allowance.ConfigurationError, match="guard"):
+        allowance.wrap(openai_client, guard=existing, **option)

@@ -24,7 +24,15 @@ if TYPE_CHECKING:
     from allowance._sdk._adapter import SdkAdapter
     from allowance.typing import Adapter, Ledger
 
-__all__ = ["ClientAllowance", "active_guard", "patch", "unpatch", "unwrap", "wrap"]
+__all__ = [
+    "ClientAllowance",
+    "active_guard",
+    "make_guard",
+    "patch",
+    "unpatch",
+    "unwrap",
+    "wrap",
+]
 
 logger = logging.getLogger("allowance")
 
@@ -91,25 +99,37 @@ def _sdk_adapter_for(client: object) -> SdkAdapter:
     )
 
 
-def _make_guard(
+def make_guard(
     *,
-    guard: Guard | None,
-    policy: Policy | None,
-    budget: int | str | Budget | Iterable[Budget] | None,
-    per: str,
-    window: Window | None,
-    fallback: str | Mapping[str, str] | None,
-    threshold: float | None,
-    on_limit: OnLimit,
-    fail: Fail,
-    ledger: str | Ledger | None,
+    guard: Guard | None = None,
+    policy: Policy | None = None,
+    budget: int | str | Budget | Iterable[Budget] | None = None,
+    per: str = "session",
+    window: Window | None = None,
+    fallback: str | Mapping[str, str] | None = None,
+    threshold: float | None = None,
+    on_limit: OnLimit = "raise",
+    fail: Fail = "closed",
+    ledger: str | Ledger | None = None,
+    session: str | None = None,
     scope: Mapping[str, str | int] | None = None,
     defaults: Mapping[str, str | int] | None = None,
 ) -> Guard:
+    """Return ``guard``, or a new Guard from ``wrap``-style budget arguments.
+
+    What ``wrap``, ``patch`` and framework handlers (``AllowanceCallbackHandler``)
+    do with their keyword arguments, in one place. ``session`` is only checked
+    here (the caller binds it, to ``scope`` or ``defaults``).
+
+    Raises:
+        ConfigurationError: ``guard`` is given together with any budget
+            argument, or is not a ``Guard``; or a budget argument is malformed.
+    """
     if guard is not None:
-        others = (policy, budget, fallback, threshold, ledger)
+        others = (policy, budget, window, fallback, threshold, ledger, session)
         if (
             any(x is not None for x in others)
+            or per != "session"
             or on_limit != "raise"
             or fail != "closed"
         ):
@@ -193,7 +213,7 @@ def wrap(
     """
     adapter = _sdk_adapter_for(client)
     bound = {"session": session if session is not None else new_id()}
-    the_guard = _make_guard(
+    the_guard = make_guard(
         guard=guard,
         policy=policy,
         budget=budget,
@@ -204,6 +224,7 @@ def wrap(
         on_limit=on_limit,
         fail=fail,
         ledger=ledger,
+        session=session,
         scope=bound if guard is None else None,
     )
     adapter.wrap_client(client, the_guard)
@@ -272,7 +293,7 @@ def patch(
         >>> allowance.patch(budget="$5.00", fallback="gpt-4o-mini", threshold=0.8)
     """
     global _active  # noqa: PLW0603 - one active guard per process, by design
-    the_guard = _make_guard(
+    the_guard = make_guard(
         guard=guard,
         policy=policy,
         budget=budget,
@@ -283,6 +304,7 @@ def patch(
         on_limit=on_limit,
         fail=fail,
         ledger=ledger,
+        session=session,
         defaults={"session": session}
         if guard is None and session is not None
         else None,

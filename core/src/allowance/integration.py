@@ -13,6 +13,9 @@ The contract, one call charged once:
   before it is sent (``BudgetExceeded`` blocks it), enter
   ``seen_by(name, guard=guard, charged=True, **dimensions)`` so no SDK layer
   charges it again, and settle the ticket with the framework's usage.
+
+An adapter that takes ``wrap``-style budget arguments builds its guard with
+``make_guard`` (the same checks and messages as ``wrap`` and ``patch``).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from allowance import plugins
 from allowance._errors import ConfigurationError
 from allowance._estimate import estimate as _estimate
 from allowance._scope import current_adapters, current_route, seen_by
+from allowance._wrap import make_guard
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping, Sequence
@@ -34,6 +38,7 @@ __all__ = [
     "current_adapters",
     "current_route",
     "estimate_chat",
+    "make_guard",
     "sdk_layer",
     "seen_by",
 ]

@@ -106,54 +106,6 @@ def _context_key() -> tuple[int, int]:
     return threading.get_ident(), id(task) if task is not None else 0
 
 
-def _make_guard(
-    *,
-    guard: allowance.Guard | None,
-    policy: allowance.Policy | None,
-    budget: int | str | allowance.Budget | Iterable[allowance.Budget] | None,
-    per: str,
-    window: Window | None,
-    fallback: str | Mapping[str, str] | None,
-    threshold: float | None,
-    on_limit: OnLimit,
-    fail: Fail,
-    ledger: str | Ledger | None,
-    session: str | None,
-) -> allowance.Guard:
-    if guard is not None:
-        others = (policy, budget, fallback, threshold, ledger, window, session)
-        if (
-            any(x is not None for x in others)
-            or on_limit != "raise"
-            or fail != "closed"
-            or per != "session"
-        ):
-            raise allowance.ConfigurationError(
-                "guard",
-                guard,
-                "either guard=Guard(...) or the budget arguments, not both",
-            )
-        if not isinstance(guard, allowance.Guard):
-            raise allowance.ConfigurationError("guard", guard, "an allowance.Guard")
-        return guard
-    # Like allowance.wrap: the handler's calls form one session of their own,
-    # unless a session id is given (to share a budget across handlers).
-    bound = {"session": session if session is not None else _new_session()}
-    if policy is not None:
-        return allowance.Guard(policy, ledger=ledger, scope=bound)
-    return allowance.Guard(
-        ledger=ledger,
-        budget=budget,
-        per=per,
-        window=window,
-        fallback=fallback,
-        threshold=threshold,
-        on_limit=on_limit,
-        fail=fail,
-        scope=bound,
-    )
-
-
 def _new_session() -> str:
     import uuid  # noqa: PLC0415 - only when a handler is built
 
@@ -257,7 +209,9 @@ class AllowanceCallbackHandler(BaseCallbackHandler):
         super().__init__()
         self.metadata_dimensions = _check_dimensions(metadata_dimensions, run_dimension)
         self.run_dimension = run_dimension
-        self.guard = _make_guard(
+        # Like allowance.wrap: the handler's calls form one session of their own,
+        # unless a session id is given (to share a budget across handlers).
+        self.guard = integration.make_guard(
             guard=guard,
             policy=policy,
             budget=budget,
@@ -269,6 +223,9 @@ class AllowanceCallbackHandler(BaseCallbackHandler):
             fail=fail,
             ledger=ledger,
             session=session,
+            scope=None
+            if guard is not None
+            else {"session": session if session is not None else _new_session()},
         )
         self._runs = _Runs()
         self._global = False
