@@ -332,7 +332,7 @@ class Guard:
             PricingError: A USD budget applies and the model has no price.
             LedgerUnavailableError: The ledger failed and ``fail="closed"``.
         """
-        ticket = self._begin_fast(estimate, adapters, reestimate)
+        ticket = self._begin_fast(estimate, adapters, reestimate, refine)
         if ticket is not None:
             return ticket
         return self._drive(self._begin_plan(estimate, adapters, reestimate, refine))
@@ -342,13 +342,14 @@ class Guard:
         estimate: Estimate,
         adapters: tuple[str, ...],
         reestimate: Callable[[str], Estimate] | None,
+        refine: Callable[[], Estimate | None] | None,
     ) -> Ticket | None:
         """``_begin_plan``'s common case without the generator driver, or None.
 
         The common case: nothing held in memory, no model to degrade to, no
-        warn/webhook threshold, and the call fits. Anything else (a refusal
-        included: nothing is held then) returns None and takes the full plan,
-        which decides afresh.
+        warn/webhook threshold. A call that fits is admitted here and a refused
+        one refused here (one reserve either way); None sends the call to the
+        full plan (degrade, thresholds, a buffer to flush).
         """
         if self._pending:
             return None
@@ -386,8 +387,24 @@ class Guard:
             self._on_ledger_error(op, err)  # raises unless fail="open"
             reserved: dict[str, int] | None = None  # let through, charged at commit
         else:
-            if result.plan is None:
-                return None
+            if result.plan is None:  # decided here, not reserved a second time
+                if refine is not None and not estimate.exact_input:
+                    exact = refine()  # nothing is held: try the exact count
+                    if exact is not None and exact.total_tokens < estimate.total_tokens:
+                        plan_exact = self._begin_plan(exact, adapters, reestimate)
+                        return self._drive(plan_exact)
+                return self._drive(
+                    self._refusal_plan(
+                        estimate,
+                        scope,
+                        lines,
+                        plan,
+                        result,
+                        worst_micros,
+                        adapters,
+                        call_id,
+                    )
+                )
             reserved = {item.key: item.amount for item in plan}
             if self._observed():
                 self._emit_admitted(scope, lines, reserved, result.before, call_id)
@@ -415,7 +432,7 @@ class Guard:
     ) -> Ticket:
         """Async twin of ``begin``; never blocks the event loop on the ledger."""
         if self.nonblocking_ledger():
-            ticket = self._begin_fast(estimate, adapters, reestimate)
+            ticket = self._begin_fast(estimate, adapters, reestimate, refine)
             if ticket is not None:
                 return ticket
         return await self._adrive(
@@ -502,26 +519,21 @@ class Guard:
             if exact is not None and exact.total_tokens < estimate.total_tokens:
                 return (yield from self._begin_plan(exact, adapters, reestimate))
         if result.plan is None:
-            violations = _violations(lines, plans[0], result.before)
-            yield from self._refuse_plan(
-                estimate=estimate,
-                scope=scope,
-                violations=violations,
-                worst_micros=worst_micros,
-                adapters=adapters,
-                call_id=call_id,
-            )
-            on_limit = self.policy.on_limit
-            if on_limit == "raise":
-                raise BudgetExceeded(violations, model=estimate.model)
-            return ticket(
-                held=lines if on_limit == "warn" else (),
-                violations=violations,
-                stopped=on_limit == "stop",
+            return (
+                yield from self._refusal_plan(
+                    estimate,
+                    scope,
+                    lines,
+                    plans[0],
+                    result,
+                    worst_micros,
+                    adapters,
+                    call_id,
+                )
             )
         model, chosen, micros = candidates[result.plan]
         reserved = {item.key: item.amount for item in plans[result.plan]}
-        if telemetry.active() or plugins.has_observers():
+        if self._observed():
             self._emit_admitted(scope, lines, reserved, result.before, call_id)
         if result.plan > 0:
             self._emit(
@@ -542,6 +554,44 @@ class Guard:
                 yield from admitted._release_plan("error")
                 raise
         return admitted
+
+    def _refusal_plan(  # noqa: PLR0917 - the refused call's state, passed on
+        self,
+        estimate: Estimate,
+        scope: Mapping[str, str],
+        lines: tuple[Line, ...],
+        plan: list[ReserveItem],
+        result: ReserveResult,
+        worst_micros: int | None,
+        adapters: tuple[str, ...],
+        call_id: str,
+    ) -> Generator[Op, Any, Ticket]:
+        """Log the refused call, then raise, or stop, or let it through (warn)."""
+        violations = _violations(lines, plan, result.before)
+        yield from self._refuse_plan(
+            estimate=estimate,
+            scope=scope,
+            violations=violations,
+            worst_micros=worst_micros,
+            adapters=adapters,
+            call_id=call_id,
+        )
+        on_limit = self.policy.on_limit
+        if on_limit == "raise":
+            raise BudgetExceeded(violations, model=estimate.model)
+        return Ticket(
+            self,
+            call_id,
+            scope,
+            estimate,
+            lines if on_limit == "warn" else (),
+            None,
+            worst_micros,
+            adapters,
+            violations,
+            on_limit == "stop",
+            estimate.model,
+        )
 
     def _candidates(
         self,
