@@ -34,6 +34,7 @@ from allowance._errors import (
 )
 from allowance._events import call_safely, webhooks
 from allowance._ledger import DEFAULT_LEDGER_URL, open_ledger
+from allowance._ledger._memory import MemoryLedger
 from allowance._policy import Fail, OnLimit, Policy, budgets_from_shorthand
 from allowance._pricing import prices
 from allowance._scope import current_budgets, current_scope, new_id, validate_scope
@@ -280,6 +281,15 @@ class Guard:
                 line.limit = min(line.limit, limit)
                 if gate is not None:
                     line.gate = gate if line.gate is None else min(line.gate, gate)
+        degrade_to = next(
+            (
+                t.to
+                for b in applicable
+                for t in b.thresholds
+                if t.action == "degrade" and t.to is not None
+            ),
+            None,
+        )
         return Layout(
             lines=tuple(lines.values()),
             applicable=tuple(applicable),
@@ -290,15 +300,8 @@ class Guard:
                 for b in applicable
                 for t in b.thresholds
             ),
-            degrade_to=next(
-                (
-                    t.to
-                    for b in applicable
-                    for t in b.thresholds
-                    if t.action == "degrade" and t.to is not None
-                ),
-                None,
-            ),
+            degrade_to=degrade_to,
+            degrades=self.policy.fallback is not None or degrade_to is not None,
         )
 
     # -- the call lifecycle -----------------------------------------------------------
@@ -357,15 +360,25 @@ class Guard:
         scope = self.current_scope()
         layout = self._lines(scope, now)
         lines = layout.lines
-        if not lines or layout.alerts:
-            return None
-        if reestimate is not None and (
-            self.policy.fallback is not None or layout.degrade_to is not None
-        ):
+        if not lines or layout.alerts or (reestimate is not None and layout.degrades):
             return None
         worst_micros = self._worst(estimate, required=layout.needs_usd)
         call_id = new_id()
         tokens = estimate.total_tokens
+        ledger = self._ledger or self.ledger
+        if type(ledger) is MemoryLedger and not self._observed():
+            # The memory ledger's fast lane: the same hold, without the protocol's
+            # value objects. A call that does not fit goes on to ``reserve``
+            # below, which decides again and returns what the refusal reports.
+            held = ledger.hold(
+                self._hold_items(lines, tokens, worst_micros or 0),
+                call_id,
+                self.policy.lease_seconds,
+            )
+            if held is not None:
+                return self._admitted(
+                    call_id, scope, estimate, lines, held, worst_micros, adapters
+                )
         plan = [
             ReserveItem(
                 line.key,
@@ -374,7 +387,6 @@ class Guard:
             )
             for line in lines
         ]
-        ledger = self._ledger or self.ledger
         lease = self.policy.lease_seconds
         try:
             result = ledger.reserve([plan], reservation_id=call_id, lease_seconds=lease)
@@ -388,11 +400,7 @@ class Guard:
             reserved: dict[str, int] | None = None  # let through, charged at commit
         else:
             if result.plan is None:  # decided here, not reserved a second time
-                if refine is not None and not estimate.exact_input:
-                    exact = refine()  # nothing is held: try the exact count
-                    if exact is not None and exact.total_tokens < estimate.total_tokens:
-                        plan_exact = self._begin_plan(exact, adapters, reestimate)
-                        return self._drive(plan_exact)
+                exact = self._exact(estimate, refine)
                 return self._drive(
                     self._refusal_plan(
                         estimate,
@@ -404,10 +412,47 @@ class Guard:
                         adapters,
                         call_id,
                     )
+                    if exact is None
+                    else self._begin_plan(exact, adapters, reestimate)
                 )
             reserved = {item.key: item.amount for item in plan}
             if self._observed():
                 self._emit_admitted(scope, lines, reserved, result.before, call_id)
+        return self._admitted(
+            call_id, scope, estimate, lines, reserved, worst_micros, adapters
+        )
+
+    @staticmethod
+    def _exact(
+        estimate: Estimate, refine: Callable[[], Estimate | None] | None
+    ) -> Estimate | None:
+        """The exact count of a refused call's input, when it is smaller; or None."""
+        if refine is None or estimate.exact_input:
+            return None
+        exact = refine()  # nothing is held: try the exact count
+        if exact is not None and exact.total_tokens < estimate.total_tokens:
+            return exact
+        return None
+
+    @staticmethod
+    def _hold_items(
+        lines: tuple[Line, ...], tokens: int, micros: int
+    ) -> list[tuple[str, int, int]]:
+        return [
+            (line.key, tokens if line.unit == "tokens" else micros, line.limit)
+            for line in lines
+        ]
+
+    def _admitted(  # noqa: PLR0917 - the fast path's state, passed on
+        self,
+        call_id: str,
+        scope: Mapping[str, str],
+        estimate: Estimate,
+        lines: tuple[Line, ...],
+        reserved: dict[str, int] | None,
+        worst_micros: int | None,
+        adapters: tuple[str, ...],
+    ) -> Ticket:
         return Ticket(
             self,
             call_id,
@@ -514,10 +559,9 @@ class Guard:
         if result is FAILED:  # fail-open: let through, charge at commit
             return ticket()
         result = cast("ReserveResult", result)
-        if result.plan is None and refine is not None and not estimate.exact_input:
-            exact = refine()  # nothing is held: try again with the exact count
-            if exact is not None and exact.total_tokens < estimate.total_tokens:
-                return (yield from self._begin_plan(exact, adapters, reestimate))
+        exact = None if result.plan is not None else self._exact(estimate, refine)
+        if exact is not None:
+            return (yield from self._begin_plan(exact, adapters, reestimate))
         if result.plan is None:
             return (
                 yield from self._refusal_plan(

@@ -488,6 +488,13 @@ class PriceTable:
             raise PricingError(model, provider)
         input_tokens = max(input_tokens, 0)
         output_tokens = max(output_tokens, 0)
+        if not base.tiers:  # the common case: one linear price
+            total = (
+                input_tokens * max(base.input, base.cache_read, base.cache_write)
+                + output_tokens * base.output
+                + base.request
+            )
+            return -(-total // base.denominator)
         total = 0
         for rates in (base, *(r for start, r in base.tiers if input_tokens > start)):
             dearest_input = max(rates.input, rates.cache_read, rates.cache_write)

@@ -15,6 +15,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, final
 
 from allowance._errors import PricingError, Violation
+from allowance._ledger._memory import MemoryLedger
 from allowance.typing import CallRecord, Estimate, Usage
 
 if TYPE_CHECKING:
@@ -39,6 +40,7 @@ class Layout:
     needs_usd: bool
     alerts: bool  # some budget has a warn or webhook threshold
     degrade_to: str | None  # the first degrade threshold's own target
+    degrades: bool = False  # a call may go to a fallback (policy's, or degrade_to)
 
 
 @dataclass(slots=True)
@@ -146,7 +148,16 @@ class Ticket:
         if self.settled:
             return
         op = self._commit_op(usage, response_model, partial=False)
-        self._committed(op, self._guard._run(op))
+        guard = self._guard
+        ledger = guard._ledger
+        if (
+            type(ledger) is MemoryLedger
+            and op.name == "commit"
+            and not guard._observed()
+            and ledger.settle(op.args[0], op.args[1], op.kwargs["record"])
+        ):
+            return  # the memory ledger's fast lane: nothing more to tell anyone
+        self._committed(op, guard._run(op))
 
     async def acommit(self, usage: Usage, *, response_model: str | None = None) -> None:
         """Async twin of ``commit``."""

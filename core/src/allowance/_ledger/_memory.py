@@ -41,9 +41,12 @@ RELEASED: Final = "released"
 EXPIRED: Final = "expired"
 
 PURGE_AFTER_SECONDS: Final = 86_400.0
+"""Settled reservations are forgotten after a day (a later commit charges again)."""
 MAX_CALLS: Final = 100_000
 """The memory ledger's call log keeps the newest calls only."""
-"""Settled reservations are forgotten after a day (a later commit charges again)."""
+MAX_SETTLED: Final = 1_000_000
+"""At most this many settled reservations are remembered (the newest), so a
+long-running process at thousands of calls a second does not keep a day of them."""
 
 _ZERO = KeyState()
 
@@ -93,7 +96,9 @@ class MemoryLedger:
         self._lock = threading.Lock()
         # key -> [spent, reserved]
         self._counters: dict[str, list[int]] = {}
-        self._reservations: dict[str, _Reservation] = {}
+        # Held and expired reservations; a settled one is kept as its final
+        # status alone (a str: no object for the garbage collector to visit).
+        self._reservations: dict[str, _Reservation | str] = {}
         self._expiry: list[tuple[float, str]] = []  # heap over held reservations
         # The held reservations alone: the heap is rebuilt from them, never from
         # every reservation of the last day.
@@ -188,12 +193,10 @@ class MemoryLedger:
             reservation = self._reservations.get(reservation_id)
             if reservation is None:
                 # Unknown (another process's, or purged): charge, never drop it.
-                self._reservations[reservation_id] = _Reservation(
-                    now, COMMITTED, {}, now
-                )
+                self._reservations[reservation_id] = COMMITTED
                 self._settled.append((now, reservation_id))
                 held: dict[str, int] = {}
-            elif reservation.status in (HELD, EXPIRED):
+            elif isinstance(reservation, _Reservation):  # held or expired
                 held = self._settle(reservation, COMMITTED, now, reservation_id)
             else:
                 return
@@ -208,6 +211,91 @@ class MemoryLedger:
             if record is not None:
                 self._calls.append(_copy(record))
 
+    # -- the guard's fast lane ---------------------------------------------------
+    # ``Guard`` calls these instead of ``reserve``/``commit`` in the common case:
+    # the same state changes, without the protocol's value objects and checks
+    # (the guard built the values: ints >= 0, distinct keys, a fresh id).
+
+    def hold(
+        self, items: Sequence[tuple[str, int, int]], reservation_id: str, lease: float
+    ) -> dict[str, int] | None:
+        """Hold every ``(key, amount, limit)`` if all fit; return the holds, or None.
+
+        ``reserve([[ReserveItem(key, amount, limit), ...]], ...)`` for one plan
+        with no gates and distinct keys; the guard's own fast lane.
+
+        Raises:
+            UsageError: ``reservation_id`` is already known to the ledger.
+        """
+        with self._lock:
+            now = self._clock()
+            expiry = self._expiry
+            settled = self._settled
+            if (
+                (expiry and expiry[0][0] <= now)
+                or (settled and settled[0][0] < now - PURGE_AFTER_SECONDS)
+                or len(settled) > MAX_SETTLED
+            ):
+                self._reap(now)
+            counters = self._counters
+            for key, amount, limit in items:
+                row = counters.get(key)
+                if (amount if row is None else row[0] + row[1] + amount) > limit:
+                    return None
+            if reservation_id in self._reservations:
+                msg = (
+                    f"reservation_id={reservation_id!r} is already known to the"
+                    f" ledger {self.url}: every reservation needs a fresh id"
+                )
+                raise UsageError(msg, value=reservation_id, expected="a fresh id")
+            holds: dict[str, int] = {}
+            for key, amount, _ in items:
+                holds[key] = amount
+                row = counters.get(key)
+                if row is None:
+                    counters[key] = [0, amount]
+                else:
+                    row[1] += amount
+            expires_at = now + lease
+            reservation = _Reservation(expires_at, HELD, holds)
+            self._reservations[reservation_id] = reservation
+            self._holding[reservation_id] = reservation
+            heapq.heappush(expiry, (expires_at, reservation_id))
+            if len(expiry) > 2 * len(self._holding) + 1024:
+                self._rebuild_expiry()
+            return holds
+
+    def settle(
+        self, reservation_id: str, amounts: dict[str, int], record: CallRecord
+    ) -> bool:
+        """``commit`` of a reservation still held; False (nothing done) otherwise.
+
+        The guard's fast lane: ``amounts`` are ints >= 0 on the reservation's
+        keys and ``record`` is read-only; any other case goes to ``commit``.
+        """
+        with self._lock:
+            reservation = self._holding.pop(reservation_id, None)
+            if reservation is None:
+                return False
+            now = self._clock()
+            held = reservation.items
+            self._reservations[reservation_id] = COMMITTED
+            self._settled.append((now, reservation_id))
+            counters = self._counters
+            for key, amount in amounts.items():
+                row = counters.get(key)
+                if row is None:  # reset while held
+                    counters[key] = [amount, 0]
+                else:
+                    row[0] += amount
+                    row[1] = max(row[1] - held.get(key, 0), 0)
+            for key, amount in held.items():
+                if key not in amounts:  # pragma: no cover - the guard charges every key
+                    row = counters[key]  # a held key keeps its counter (see reset)
+                    row[1] = max(row[1] - amount, 0)
+            self._calls.append(_copy(record))
+            return True
+
     def release(self, reservation_id: str, *, record: CallRecord | None = None) -> None:
         """Drop the hold, charging nothing; idempotent; see ``Ledger``.
 
@@ -216,7 +304,7 @@ class MemoryLedger:
         """
         with self._lock:
             reservation = self._reservations.get(reservation_id)
-            if reservation is None or reservation.status not in (HELD, EXPIRED):
+            if reservation is None or isinstance(reservation, str):
                 return
             now = self._clock()
             held = self._settle(reservation, RELEASED, now, reservation_id)
@@ -345,6 +433,12 @@ class MemoryLedger:
 
     # -- internals (called with the lock held) --------------------------------
 
+    def _rebuild_expiry(self) -> None:
+        # Settled reservations leave stale heap entries behind; rebuild the heap
+        # from the held ones alone.
+        self._expiry = [(r.expires_at, rid) for rid, r in self._holding.items()]
+        heapq.heapify(self._expiry)
+
     def _settle(
         self, reservation: _Reservation, status: str, now: float, reservation_id: str
     ) -> dict[str, int]:
@@ -352,9 +446,12 @@ class MemoryLedger:
         held = reservation.items if reservation.status == HELD else {}
         if reservation.status == HELD:
             del self._holding[reservation_id]
-        reservation.status = status
-        reservation.settled_at = now
-        reservation.items = {}
+        if status == EXPIRED:  # still committable: a late commit charges it
+            reservation.status = status
+            reservation.settled_at = now
+            reservation.items = {}
+        else:
+            self._reservations[reservation_id] = status
         self._settled.append((now, reservation_id))
         return held
 
@@ -366,7 +463,7 @@ class MemoryLedger:
         while expiry and expiry[0][0] <= now:
             _, reservation_id = heapq.heappop(expiry)
             reservation = reservations.get(reservation_id)
-            if reservation is None or reservation.status != HELD:
+            if not isinstance(reservation, _Reservation) or reservation.status != HELD:
                 continue  # settled before its lease ended
             for key, amount in self._settle(
                 reservation, EXPIRED, now, reservation_id
@@ -375,15 +472,15 @@ class MemoryLedger:
                 if row is not None:
                     row[1] = max(row[1] - amount, 0)
         if len(expiry) > 2 * len(self._holding) + 1024:
-            # Settled reservations leave stale heap entries behind; rebuild.
-            self._expiry = [(r.expires_at, rid) for rid, r in self._holding.items()]
-            heapq.heapify(self._expiry)
+            self._rebuild_expiry()
         settled = self._settled
         horizon = now - PURGE_AFTER_SECONDS
-        while settled and settled[0][0] < horizon:
+        while settled and (settled[0][0] < horizon or len(settled) > MAX_SETTLED):
             _, reservation_id = settled.popleft()
             reservation = reservations.get(reservation_id)
-            if reservation is not None and reservation.status != HELD:
+            if reservation is not None and (
+                isinstance(reservation, str) or reservation.status != HELD
+            ):
                 del reservations[reservation_id]
 
 
