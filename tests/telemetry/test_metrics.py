@@ -199,15 +199,20 @@ def test_without_an_sdk_it_is_a_free_no_op() -> None:
     assert out.stdout.strip() == "[]"
 
 
-def test_active_only_once_opentelemetry_is_loaded() -> None:
+def test_active_only_once_a_real_meter_provider_is_set() -> None:
+    # Importing the API (as CrewAI does) is not enough: its placeholder
+    # provider records nothing, so building events for it would be waste.
     code = (
         "import sys, allowance\n"
         "from allowance import _telemetry\n"
         "print(_telemetry.active())\n"
-        "import opentelemetry.metrics\n"
+        "from opentelemetry import metrics\n"
+        "print(_telemetry.active())\n"
+        "from opentelemetry.sdk.metrics import MeterProvider\n"
+        "metrics.set_meter_provider(MeterProvider())\n"
         "print(_telemetry.active())\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
-    assert out.stdout.split() == ["False", "True"]
+    assert out.stdout.split() == ["False", "False", "True"]

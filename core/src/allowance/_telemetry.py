@@ -2,9 +2,10 @@
 
 Only ``opentelemetry-api`` is needed; without an SDK (no ``MeterProvider`` set)
 every instrument is a no-op. The guard asks ``active()`` before building
-anything: it is True once something has imported ``opentelemetry.metrics`` (a
-configured SDK always has) or ``configure`` was given a provider, so a program
-that does not use OpenTelemetry pays one dictionary lookup per event.
+anything: it is True once a real meter provider is set globally (an SDK's, not
+the API's placeholder) or ``configure`` was given one, so a program that does
+not use OpenTelemetry pays a dictionary lookup per event, and one that merely
+imports it (as CrewAI does) a function call more.
 
 Metrics (GenAI semantic conventions first, then ``allowance.*``):
 
@@ -154,7 +155,7 @@ def _instruments() -> _Instruments | None:
     found = _state.instruments
     if found is not None:
         return found
-    if _state.provider is None and "opentelemetry.metrics" not in sys.modules:
+    if not active():
         return None  # nobody set up OpenTelemetry: stay free
     with _state.lock:
         if _state.instruments is None:
@@ -186,12 +187,24 @@ def _call_attributes(record: CallRecord) -> dict[str, Any]:
 
 
 def active() -> bool:
-    """Return True when metrics may be recorded (cheap: called per event)."""
-    return (
-        _state.instruments is not None
-        or _state.provider is not None
-        or "opentelemetry.metrics" in sys.modules
-    )
+    """Return True when metrics may be recorded (cheap: called per event).
+
+    True once ``configure`` was given a provider, or a real meter provider is
+    set globally. ``opentelemetry.metrics`` being imported is not enough:
+    frameworks import it (CrewAI does) without setting up an SDK, and until
+    one is set every instrument is a no-op, so building the events is waste.
+    """
+    if _state.provider is not None:
+        return True
+    metrics = sys.modules.get("opentelemetry.metrics")
+    if metrics is None:
+        return False
+    return type(metrics.get_meter_provider()).__name__ not in _NO_OP_PROVIDERS
+
+
+_NO_OP_PROVIDERS = frozenset({"_ProxyMeterProvider", "NoOpMeterProvider"})
+"""The API's placeholders before an SDK's provider is set (their instruments do
+nothing until then)."""
 
 
 def observe(
