@@ -119,6 +119,8 @@ def bench(session: nox.Session) -> None:
     session.run("python", str(ROOT / "benchmarks" / "overhead.py"), *session.posargs)
     session.run("python", str(ROOT / "benchmarks" / "ledger.py"))
     session.run("python", str(ROOT / "benchmarks" / "report.py"))
+    # Where a guarded call's time goes: pyinstrument's tree of the hot path.
+    session.run("python", str(ROOT / "benchmarks" / "profile_hot_path.py"))
 
 
 if __name__ == "__main__":
