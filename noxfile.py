@@ -123,6 +123,20 @@ def bench(session: nox.Session) -> None:
     session.run("python", str(ROOT / "benchmarks" / "profile_hot_path.py"))
 
 
+@nox.session(python=PYTHONS[0], default=False)
+@nox.parametrize("framework", list(INTEGRATIONS))
+def bench_frameworks(session: nox.Session, framework: str) -> None:
+    """Measure what one framework adapter adds to a call, against the raw framework."""
+    sync(session, *INTEGRATIONS[framework])
+    session.run(
+        "python",
+        str(ROOT / "benchmarks" / "frameworks.py"),
+        "--framework",
+        framework,
+        *session.posargs,
+    )
+
+
 if __name__ == "__main__":
     os.chdir(ROOT)
     nox.main()

@@ -70,6 +70,8 @@ def sdk_layer(provider: str) -> bool:
     if name is None:
         return False
     adapter = plugins.adapters().get(name)
+    if getattr(adapter, "hooked", False) is True:
+        return True  # the per-call case: no version check again
     hook = getattr(adapter, "hook", None)
     if adapter is None or hook is None or not adapter.available():
         return False

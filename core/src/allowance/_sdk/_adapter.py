@@ -83,6 +83,11 @@ class SdkAdapter:
         return self._guard is not None
 
     @property
+    def hooked(self) -> bool:
+        """True while ``request`` is wrapped (by ``install`` or ``hook``)."""
+        return bool(self._originals)
+
+    @property
     def guard(self) -> Guard | None:
         """The guard calls are routed to while installed."""
         return self._guard
