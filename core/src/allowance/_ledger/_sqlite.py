@@ -77,6 +77,8 @@ _ROWS_PER_STATEMENT: Final = 300
 SQLite allowed before 3.32."""
 
 _ZERO = KeyState()
+_INF = float("inf")
+_REAP_AND_READ_ONE: Final = sql.reap_and_read(1)
 
 
 # -- fork safety ---------------------------------------------------------------
@@ -98,10 +100,14 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 class _Connection:
     """One thread's connection, closed when the thread (or ledger) lets go."""
 
-    __slots__ = ("__weakref__", "conn", "generation", "pid")
+    __slots__ = ("__weakref__", "conn", "cursor", "generation", "pid")
 
     def __init__(self, conn: sqlite3.Connection, generation: int) -> None:
         self.conn = conn
+        # The hot paths run their statements on one cursor: no cursor object
+        # per statement. Only code that reads every row before its next
+        # statement uses it.
+        self.cursor = conn.cursor()
         self.pid = _pid
         self.generation = generation
 
@@ -146,7 +152,9 @@ class _Write:
     """One write transaction: this process's file lock, then ``BEGIN IMMEDIATE``.
 
     Leaving the block commits; an exception rolls back, and a SQLite error
-    comes out as ``LedgerError`` naming the file and the operation.
+    comes out as ``LedgerError`` naming the file and the operation. The hot
+    paths (``reserve``, ``commit``) call ``_begin``/``_finish``/``_abort``
+    themselves, which is what this does.
     """
 
     __slots__ = ("conn", "ledger", "lock", "operation")
@@ -160,15 +168,7 @@ class _Write:
         self.lock = ledger._write_lock  # noqa: SLF001 - the ledger's own helper
 
     def __enter__(self) -> sqlite3.Connection:
-        self.lock.acquire()
-        try:
-            self.conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as err:
-            self.lock.release()
-            raise _ledger_error(self.ledger, err, self.operation) from err
-        except BaseException:
-            self.lock.release()
-            raise
+        _begin(self.ledger, self.conn, self.lock, self.operation)
         return self.conn
 
     def __exit__(
@@ -177,20 +177,64 @@ class _Write:
         exc: BaseException | None,
         traceback: object,
     ) -> None:
-        conn = self.conn
-        try:
-            if exc is None:
-                try:
-                    conn.execute("COMMIT")
-                except sqlite3.Error as err:
-                    _rollback(conn)
-                    raise _ledger_error(self.ledger, err, self.operation) from err
-                return
-            _rollback(conn)
-            if isinstance(exc, sqlite3.Error):
-                raise _ledger_error(self.ledger, exc, self.operation) from exc
-        finally:
-            self.lock.release()
+        if exc is None:
+            _finish(self.ledger, self.conn, self.conn, self.lock, self.operation)
+        else:
+            _abort(self.ledger, self.conn, self.lock, exc, self.operation)
+
+
+def _begin(
+    ledger: SQLiteLedger,
+    cursor: sqlite3.Connection | sqlite3.Cursor,
+    lock: threading.Lock,
+    operation: str,
+) -> None:
+    """Take the process's lock for the file, then the file's write lock."""
+    lock.acquire()
+    try:
+        cursor.execute("BEGIN IMMEDIATE")
+    except sqlite3.Error as err:
+        lock.release()
+        raise _ledger_error(ledger, err, operation) from err
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _finish(
+    ledger: SQLiteLedger,
+    conn: sqlite3.Connection,
+    cursor: sqlite3.Connection | sqlite3.Cursor,
+    lock: threading.Lock,
+    operation: str,
+) -> None:
+    """Commit the transaction ``_begin`` opened and let go of the lock."""
+    try:
+        cursor.execute("COMMIT")
+    except sqlite3.Error as err:
+        _rollback(conn)
+        raise _ledger_error(ledger, err, operation) from err
+    finally:
+        lock.release()
+
+
+def _abort(
+    ledger: SQLiteLedger,
+    conn: sqlite3.Connection,
+    lock: threading.Lock,
+    exc: BaseException,
+    operation: str,
+) -> None:
+    """Roll back after ``exc``; a SQLite error is raised as ``LedgerError``.
+
+    The caller re-raises ``exc`` itself when this returns.
+    """
+    try:
+        _rollback(conn)
+    finally:
+        lock.release()
+    if isinstance(exc, sqlite3.Error):
+        raise _ledger_error(ledger, exc, operation) from exc
 
 
 def _rollback(conn: sqlite3.Connection) -> None:
@@ -287,6 +331,9 @@ class SQLiteLedger:
             LedgerError: The write failed (locked longer than
                 ``busy_timeout``, disk full, ...); nothing was reserved.
         """
+        if len(plans) == 1 and len(plans[0]) == 1 and _plain(plans[0][0]):
+            # The guard's common case: one plan of one key.
+            return self._reserve_one(plans[0][0], reservation_id, lease_seconds)
         check_plans(plans)
         check_lease(lease_seconds)
         keys = plan_keys(plans)
@@ -312,12 +359,59 @@ class SQLiteLedger:
             if self._reserves % _PURGE_EVERY == 0:
                 self._purge_step(conn, now)
         if known:
-            msg = (
-                f"reservation_id={reservation_id!r} is already known to the"
-                f" ledger {self.url}: every reservation needs a fresh id"
-            )
-            raise UsageError(msg, value=reservation_id, expected="a fresh id")
+            raise self._known(reservation_id)
         return ReserveResult(index, before)
+
+    def _reserve_one(
+        self, item: ReserveItem, reservation_id: str, lease_seconds: float
+    ) -> ReserveResult:
+        """``reserve`` of one plan holding one key: fewer objects, same rule."""
+        if not (type(lease_seconds) is float and 0.0 < lease_seconds < _INF):
+            check_lease(lease_seconds)
+        key, amount, limit, gate = item.key, item.amount, item.limit, item.gate
+        handle = self._connection()
+        conn, cursor = handle.conn, handle.cursor
+        lock = self._write_lock
+        _begin(self, cursor, lock, "reserve")
+        try:
+            now = self._clock()
+            rows = cursor.execute(_REAP_AND_READ_ONE, (now, key)).fetchall()
+            if not rows:  # a key never used, nothing expired
+                state = _ZERO
+            elif len(rows) == 1 and rows[0][0] == 1:  # the usual case
+                state = KeyState(rows[0][2], rows[0][3])
+            else:  # some lease ended: reap (reads again)
+                state = self._reap_and_read(conn, [key], now)[key]
+            used = state.spent + state.reserved
+            known = False
+            if used + amount <= limit and (gate is None or used <= gate):
+                index: int | None = 0
+                if cursor.execute(
+                    sql.INSERT_RESERVATION,
+                    (reservation_id, now + lease_seconds, sql.encode_one(key, amount)),
+                ).rowcount:
+                    cursor.execute(sql.HOLD_ONE, (key, amount))
+                else:
+                    known = True
+            else:
+                index = None
+            self._reserves += 1
+            if self._reserves % _PURGE_EVERY == 0:
+                self._purge_step(conn, now)
+        except BaseException as exc:
+            _abort(self, conn, lock, exc, "reserve")
+            raise
+        _finish(self, conn, cursor, lock, "reserve")
+        if known:
+            raise self._known(reservation_id)
+        return ReserveResult(index, {key: state})
+
+    def _known(self, reservation_id: str) -> UsageError:
+        msg = (
+            f"reservation_id={reservation_id!r} is already known to the"
+            f" ledger {self.url}: every reservation needs a fresh id"
+        )
+        return UsageError(msg, value=reservation_id, expected="a fresh id")
 
     def commit(
         self,
@@ -334,37 +428,62 @@ class SQLiteLedger:
         """
         check_amounts(amounts)
         call = None if record is None else sql.call_row(record)
-        with _Write(self, self._connection().conn, "commit") as conn:
+        handle = self._connection()
+        conn, cursor = handle.conn, handle.cursor
+        lock = self._write_lock
+        _begin(self, cursor, lock, "commit")
+        try:
             now = self._clock()
-            row = conn.execute(sql.STATUS, (reservation_id,)).fetchone()
-            if row is None:
+            rows = cursor.execute(sql.STATUS, (reservation_id,)).fetchall()
+            if not rows:
                 # Unknown (purged, or never reserved here): charge anyway.
-                conn.execute(sql.INSERT_SETTLED, (reservation_id, now, now))
-                held = {}
-            elif row[0] == "held" or row[0] == "expired":
-                held = self._items(row[1])
-                conn.execute(sql.SETTLE, ("committed", now, reservation_id))
-            else:
-                return  # already settled: a repeat changes nothing
-            if len(held) == 1 and (not amounts or amounts.keys() == held.keys()):
-                ((key, amount),) = held.items()
-                conn.execute(sql.CHARGE_ONE, (key, amounts.get(key, 0), -amount))
-            elif held or amounts:
-                # Rows of key, charge, minus the hold it gives back.
-                rows = [(key, 0, -amount) for key, amount in held.items()]
-                rows += [(key, amount, 0) for key, amount in amounts.items()]
-                merged: dict[str, tuple[str, int, int]] = {}
-                for key, spent, unhold in rows:
-                    seen = merged.get(key)
-                    merged[key] = (
-                        (key, spent, unhold)
-                        if seen is None
-                        else (key, seen[1] + spent, seen[2] + unhold)
-                    )
-                for chunk in _chunks(list(merged.values())):
-                    conn.execute(sql.charge(len(chunk)), _flat(chunk))
+                cursor.execute(sql.INSERT_SETTLED, (reservation_id, now, now))
+                self._charge(cursor, {}, amounts)
+            elif rows[0][0] == "held" or rows[0][0] == "expired":
+                held = self._items(rows[0][1])
+                cursor.execute(sql.SETTLE, ("committed", now, reservation_id))
+                self._charge(cursor, held, amounts)
+            else:  # already settled: a repeat changes nothing
+                call = None
             if call is not None:
-                conn.execute(sql.INSERT_CALL, call)
+                cursor.execute(sql.INSERT_CALL, call)
+        except BaseException as exc:
+            _abort(self, conn, lock, exc, "commit")
+            raise
+        _finish(self, conn, cursor, lock, "commit")
+
+    @staticmethod
+    def _charge(
+        cursor: sqlite3.Cursor, held: dict[str, int], amounts: Mapping[str, int]
+    ) -> None:
+        """Charge ``amounts`` and give back the holds ``held``."""
+        if len(held) == 1 and len(amounts) <= 1:
+            ((key, amount),) = held.items()
+            if not amounts or key in amounts:
+                cursor.execute(sql.CHARGE_ONE, (key, amounts.get(key, 0), -amount))
+                return
+        if not held and not amounts:
+            return
+        # Rows of key, charge, minus the hold it gives back.
+        if amounts.keys() == held.keys():  # the guard charges what it held
+            merged = [(key, amounts[key], -amount) for key, amount in held.items()]
+        else:
+            rows = [(key, 0, -amount) for key, amount in held.items()]
+            rows += [(key, amount, 0) for key, amount in amounts.items()]
+            by_key: dict[str, tuple[str, int, int]] = {}
+            for key, spent, unhold in rows:
+                seen = by_key.get(key)
+                by_key[key] = (
+                    (key, spent, unhold)
+                    if seen is None
+                    else (key, seen[1] + spent, seen[2] + unhold)
+                )
+            merged = list(by_key.values())
+        if len(merged) <= _ROWS_PER_STATEMENT:
+            cursor.execute(sql.charge(len(merged)), _flat(merged))
+            return
+        for chunk in _chunks(merged):
+            cursor.execute(sql.charge(len(chunk)), _flat(chunk))
 
     def release(self, reservation_id: str, *, record: CallRecord | None = None) -> None:
         """Drop the hold, charging nothing; idempotent; see ``Ledger``.
@@ -727,6 +846,18 @@ class SQLiteLedger:
             return
         conn.execute(sql.PURGE, (after, end, now - PURGE_AFTER_SECONDS))
         self._sweep_after = end
+
+
+def _plain(item: ReserveItem) -> bool:
+    """True when ``check_plans`` has nothing to say about the item."""
+    gate = item.gate
+    return (
+        type(item.key) is str
+        and type(item.amount) is int
+        and item.amount >= 0
+        and type(item.limit) is int
+        and (gate is None or type(gate) is int)
+    )
 
 
 def _chunks(rows: list[_T]) -> Iterator[list[_T]]:

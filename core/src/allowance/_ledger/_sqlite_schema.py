@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Final
 from allowance.typing import CallRecord, Usage
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Callable, Mapping
 
 __all__ = [
     "CHARGE_ONE",
@@ -60,6 +60,7 @@ __all__ = [
     "charge",
     "decode_items",
     "encode_items",
+    "encode_one",
     "hold",
     "reap_and_read",
     "state_many",
@@ -242,6 +243,11 @@ def charge(count: int) -> str:
 
 
 _encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+_CACHE_MAX: Final = 4096
+"""Entries of each text cache below; a full cache is emptied."""
+_items_texts: dict[str, dict[str, int]] = {}
+_encode_str: Callable[[str], str] = json.encoder.encode_basestring
+_decode = json.JSONDecoder().decode
 
 
 def encode_items(holds: Mapping[str, int]) -> str:
@@ -249,30 +255,87 @@ def encode_items(holds: Mapping[str, int]) -> str:
     return _encode(holds)
 
 
+def encode_one(key: str, amount: int) -> str:
+    """Encode a hold on one key, as ``encode_items({key: amount})`` does."""
+    return f"{{{_encode_str(key)}:{amount}}}"
+
+
 def decode_items(text: str | None) -> dict[str, int]:
     """Decode the ``items`` column; NULL (a settled row) holds nothing.
+
+    The guard holds the same amounts on the same keys again and again, so a
+    text is decoded once: the dict returned may be shared, never change it.
 
     Raises:
         ValueError: The text is not a JSON object of integers.
     """
     if text is None:
         return {}
-    items = json.loads(text)
-    if not isinstance(items, dict) or not all(
-        type(amount) is int for amount in items.values()
-    ):
-        msg = f"reservation items {text[:80]!r} are not a JSON object of integers"
-        raise ValueError(msg)
-    return items
+    items = _items_texts.get(text)
+    if items is not None:
+        return items
+    items = _decode(text) if type(text) is str else json.loads(text)
+    if type(items) is dict:
+        for amount in items.values():
+            if type(amount) is not int:
+                break
+        else:
+            if type(text) is str:
+                if len(_items_texts) >= _CACHE_MAX:
+                    _items_texts.clear()
+                _items_texts[text] = items
+            return items
+    msg = f"reservation items {text[:80]!r} are not a JSON object of integers"
+    raise ValueError(msg)
+
+
+# The guard logs the same few scopes and adapter lists over and over: each is
+# encoded once. A scope is keyed by its items (a mapping may change or be
+# freed; its items cannot).
+_scope_texts: dict[tuple[tuple[str, str], ...], str] = {}
+_adapter_texts: dict[tuple[str, ...], str] = {}
+
+
+def _scope_text(scope: Mapping[str, str]) -> str:
+    items = tuple(scope.items())
+    try:
+        text = _scope_texts.get(items)
+    except TypeError:  # an unhashable value: a caller outside the guard
+        return _encode(dict(items))
+    if text is None:
+        text = _encode(dict(items))
+        # Only text keys and values: 1, 1.0 and True are equal keys, not equal JSON.
+        if all(type(k) is str and type(v) is str for k, v in items):
+            if len(_scope_texts) >= _CACHE_MAX:
+                _scope_texts.clear()
+            _scope_texts[items] = text
+    return text
+
+
+def _adapters_text(adapters: tuple[str, ...]) -> str:
+    if type(adapters) is not tuple:
+        return _encode(list(adapters))
+    try:
+        text = _adapter_texts.get(adapters)
+    except TypeError:  # an unhashable item: a caller outside the guard
+        return _encode(list(adapters))
+    if text is None:
+        text = _encode(list(adapters))
+        if all(type(a) is str for a in adapters):
+            if len(_adapter_texts) >= _CACHE_MAX:
+                _adapter_texts.clear()
+            _adapter_texts[adapters] = text
+    return text
 
 
 def call_row(record: CallRecord) -> tuple[Any, ...]:
     """Flatten a call record into the ``calls`` columns, in ``INSERT_CALL`` order."""
     usage = record.usage
+    adapters = record.adapters
     return (
         record.call_id,
         record.ts,
-        json.dumps(dict(record.scope), separators=(",", ":"), ensure_ascii=False),
+        _scope_text(record.scope),
         record.provider,
         record.model,
         record.requested_model,
@@ -282,7 +345,7 @@ def call_row(record: CallRecord) -> tuple[Any, ...]:
         usage.cache_write_tokens,
         usage.reasoning_tokens,
         record.cost_micros,
-        json.dumps(list(record.adapters), separators=(",", ":"), ensure_ascii=False),
+        _adapters_text(adapters),
         record.outcome,
         record.estimate_tokens,
         record.estimate_micros,
