@@ -73,8 +73,12 @@ os.register_at_fork(after_in_child=_new_prefix)
 
 
 def new_id() -> str:
-    """Return a process-unique, cross-process-distinct id (cheap; not a secret)."""
-    return f"{_prefix}{next(_counter):x}"
+    """Return a process-unique, cross-process-distinct id (cheap; not a secret).
+
+    Fixed width, so one process's ids sort in the order they were made: the
+    SQLite ledger then appends them at the end of its index, never in between.
+    """
+    return f"{_prefix}{next(_counter):010x}"
 
 
 def current_scope() -> Mapping[str, str]:
