@@ -185,8 +185,10 @@ class Guard:
         self._last_scope: tuple[object, Mapping[str, str]] = (None, {})
         self._last_layout: tuple[object, object, Layout] = (None, None, NO_LAYOUT)
         self._layouts: dict[
-            tuple[tuple[tuple[str, str], ...], tuple[Budget, ...]], Layout
+            tuple[tuple[str | None, ...], tuple[Budget, ...]], Layout
         ] = {}
+        # The dimensions the budgets count, with each set of extra budgets.
+        self._dims: dict[tuple[Budget, ...], tuple[str, ...]] = {}
         self._pending: deque[tuple[str, Mapping[str, int], CallRecord]] = deque()
         self.estimate_misses = 0
         self.ledger_failures = 0
@@ -244,7 +246,16 @@ class Guard:
         last = self._last_layout
         if last[0] is scope and last[1] is extra and now < last[2].valid_until:
             return last[2]
-        cache_key = (tuple(scope.items()), extra)
+        # Keyed by the values of the dimensions budgets count, not the whole
+        # scope: framework scopes carry a fresh run or query id per call.
+        dims = self._dims.get(extra)
+        if dims is None:
+            if len(self._dims) >= _LINES_CACHE_SIZE:
+                self._dims.clear()
+            dims = self._dims[extra] = tuple(
+                sorted({b.per for b in self.policy.budgets} | {b.per for b in extra})
+            )
+        cache_key = (tuple([scope.get(dim) for dim in dims]), extra)
         layout = self._layouts.get(cache_key)
         if layout is None or now >= layout.valid_until:
             layout = self._build_layout(scope, extra, now)
