@@ -83,6 +83,21 @@ async def chat_stream_caller_did_not_ask_usage(client, fake):
     assert fake.requests[-1].json["stream_options"] == {"include_usage": True}
 
 
+async def chat_stream_iterated_in_place(client, fake):
+    # Nothing keeps the stream object: only the iterator ``for`` took from it.
+    # Settling must wait for that iterator, not for the stream object to go.
+    count = 0
+    if isinstance(client, openai.AsyncOpenAI):
+        async for _ in await client.chat.completions.create(
+            model=GPT, messages=USER, stream=True
+        ):
+            count += 1
+    else:
+        for _ in client.chat.completions.create(model=GPT, messages=USER, stream=True):
+            count += 1
+    assert count
+
+
 async def chat_stream_caller_asked_usage(client, fake):
     stream = await aw(
         client.chat.completions.create(
@@ -247,6 +262,7 @@ SHAPES = [
     Shape("chat.create", chat_create),
     Shape("chat.create(stream) no include_usage", chat_stream_caller_did_not_ask_usage),
     Shape("chat.create(stream) include_usage", chat_stream_caller_asked_usage),
+    Shape("chat.create(stream) iterated in place", chat_stream_iterated_in_place),
     Shape(
         "chat.create(stream) other stream_options", chat_stream_options_other_keys_kept
     ),

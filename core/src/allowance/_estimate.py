@@ -80,18 +80,20 @@ Output cap
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import tempfile
 import threading
+import types
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Final
 
 from allowance._errors import ConfigurationError
-from allowance.typing import Estimate
+from allowance.typing import Estimate, Usage
 
 if TYPE_CHECKING:
     from tiktoken import Encoding
@@ -101,6 +103,8 @@ __all__ = [
     "default_output_cap",
     "estimate",
     "exact_input_tokens",
+    "make_estimate",
+    "make_usage",
     "messages_input_bound",
     "output_cap",
     "responses_input_bound",
@@ -173,12 +177,100 @@ _NOT_TEXT: Final = frozenset({"type", "role", "cache_control", "signature", "det
 # What a request body can hold. Anything else is an SDK placeholder for an
 # argument not given (openai's and anthropic's NotGiven/Omit): never sent.
 _JSON: Final = (str, int, float, list, tuple, dict, Mapping, type(None))
+# The exact types of almost every body value: no isinstance walk for them.
+_JSON_EXACT: Final = frozenset({str, int, float, bool, list, tuple, dict, type(None)})
+# Other types seen, whether they are JSON (a Mapping) or placeholders: anthropic
+# bodies carry a dozen ``Omit`` values, each an ABC check without this.
+_json_types: dict[type, bool] = {}
+_JSON_TYPES_KEPT: Final = 64
 _IMAGE_TYPES: Final = frozenset(
     {"image_url", "input_image", "image", "computer_screenshot"}
 )
 _DOCUMENT_TYPES: Final = frozenset({"file", "input_file", "document"})
 _AUDIO_TYPES: Final = frozenset({"input_audio"})
 _TOOL_USE_TYPES: Final = frozenset({"tool_use", "server_tool_use", "mcp_tool_use"})
+
+
+def _slot_setters(cls: type, names: tuple[str, ...]) -> tuple[Any, ...] | None:
+    """Return the slot setters of a frozen slots dataclass with exactly ``names``.
+
+    Setting the slots of a new instance builds the same object as calling the
+    class, at half the cost of a frozen dataclass ``__init__`` (its
+    ``object.__setattr__`` per field). None when ``cls`` is not such a class:
+    callers then use the constructor.
+    """
+    try:
+        fields = tuple(f.name for f in dataclasses.fields(cls))
+        slots = [cls.__dict__[name] for name in names]
+    except (TypeError, KeyError):  # pragma: no cover - not a slots dataclass
+        return None
+    if fields != names or hasattr(cls, "__post_init__"):  # pragma: no cover
+        return None
+    if not all(type(slot) is types.MemberDescriptorType for slot in slots):
+        return None  # pragma: no cover
+    return tuple(slot.__set__ for slot in slots)
+
+
+_ESTIMATE_SLOTS: Final = _slot_setters(
+    Estimate, ("provider", "model", "input_tokens", "output_tokens", "exact_input")
+)
+_USAGE_SLOTS: Final = _slot_setters(
+    Usage,
+    (
+        "input_tokens",
+        "output_tokens",
+        "cache_read_tokens",
+        "cache_write_tokens",
+        "reasoning_tokens",
+    ),
+)
+_new: Final = object.__new__
+
+
+def make_estimate(
+    provider: str, model: str, input_tokens: int, output_tokens: int
+) -> Estimate:
+    """Return ``Estimate(provider, model, input_tokens, output_tokens)``, built fast.
+
+    For values this library computed (no validation to run): the hot path
+    builds one per call.
+    """
+    if _ESTIMATE_SLOTS is None:  # pragma: no cover - Estimate changed shape
+        return Estimate(provider, model, input_tokens, output_tokens)
+    set_provider, set_model, set_input, set_output, set_exact = _ESTIMATE_SLOTS
+    estimate: Estimate = _new(Estimate)
+    set_provider(estimate, provider)
+    set_model(estimate, model)
+    set_input(estimate, input_tokens)
+    set_output(estimate, output_tokens)
+    set_exact(estimate, False)  # noqa: FBT003
+    return estimate
+
+
+def make_usage(
+    input_tokens: int,
+    output_tokens: int,
+    cache_read_tokens: int = 0,
+    cache_write_tokens: int = 0,
+    reasoning_tokens: int = 0,
+) -> Usage:
+    """Return the ``Usage`` of these counts, built fast (as ``make_estimate``)."""
+    if _USAGE_SLOTS is None:  # pragma: no cover - Usage changed shape
+        return Usage(
+            input_tokens,
+            output_tokens,
+            cache_read_tokens,
+            cache_write_tokens,
+            reasoning_tokens,
+        )
+    set_input, set_output, set_read, set_write, set_reasoning = _USAGE_SLOTS
+    usage: Usage = _new(Usage)
+    set_input(usage, input_tokens)
+    set_output(usage, output_tokens)
+    set_read(usage, cache_read_tokens)
+    set_write(usage, cache_write_tokens)
+    set_reasoning(usage, reasoning_tokens)
+    return usage
 
 
 def _utf8_len(text: str) -> int:
@@ -198,8 +290,29 @@ def token_count(value: object) -> int:
     return value if type(value) is int else 0
 
 
+# ``json.dumps(value, ensure_ascii=False, default=str)`` builds this encoder
+# on every call; the one instance encodes the same.
+_encode: Final = json.JSONEncoder(ensure_ascii=False, default=str).encode
+
+
 def _dumps(value: object) -> str:
-    return json.dumps(value, ensure_ascii=False, default=str)
+    return _encode(value)
+
+
+def _is_json(value: object) -> bool:
+    """Return True unless ``value`` is an SDK placeholder (not sent)."""
+    cls = type(value)
+    if cls in _JSON_EXACT:
+        return True
+    known = _json_types.get(cls)
+    if known is None:
+        known = isinstance(value, _JSON)
+        # Per type, unless its instances can claim another ``__class__`` (proxies).
+        if len(_json_types) < _JSON_TYPES_KEPT and not any(
+            "__class__" in vars(base) for base in cls.__mro__[:-1]
+        ):
+            _json_types[cls] = known
+    return known
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,17 +369,48 @@ _ANTHROPIC_BYTES: Final = _Count(
 
 def _walk(count: _Count, value: object) -> int:
     """Return the tokens of any JSON-like value: its strings, media by figure."""
+    cls = type(value)  # exact types first: no isinstance walk (ABCs) for them
+    if cls is str:
+        return count.text(value)  # type: ignore[arg-type]
+    if cls is dict:
+        return _mapping(count, value)  # type: ignore[arg-type]
+    if cls is list or cls is tuple:
+        return _items(count, value)  # type: ignore[arg-type]
+    return _walk_other(count, value)
+
+
+def _walk_other(count: _Count, value: object) -> int:
+    """``_walk`` of subclasses (of str, list...), any Mapping, and non-JSON values."""
     if isinstance(value, str):
         return count.text(value)
     if isinstance(value, Mapping):
-        kind = value.get("type")
-        handler = _BLOCKS.get(kind) if isinstance(kind, str) else None
+        return _mapping(count, value)
+    if isinstance(value, list | tuple):
+        return _items(count, value)
+    return 0
+
+
+def _mapping(count: _Count, value: Mapping[str, Any]) -> int:
+    """A block of a known ``type`` by its handler, else its strings."""
+    kind = value.get("type")
+    if kind is not None and isinstance(kind, str):
+        handler = _BLOCKS.get(kind)
         if handler is not None:
             return handler(count, value)
-        return sum(_walk(count, v) for k, v in value.items() if k not in _NOT_TEXT)
-    if isinstance(value, list | tuple):
-        return sum(_walk(count, v) for v in value)
-    return 0
+    text = count.text
+    total = 0
+    for k, v in value.items():
+        if k not in _NOT_TEXT:
+            total += text(v) if type(v) is str else _walk(count, v)
+    return total
+
+
+def _items(count: _Count, values: list[Any] | tuple[Any, ...]) -> int:
+    text = count.text
+    total = 0
+    for v in values:
+        total += text(v) if type(v) is str else _walk(count, v)
+    return total
 
 
 def _image(count: _Count, block: Mapping[str, Any]) -> int:
@@ -334,15 +478,33 @@ def _tools(count: _Count, tools: object, per_request: int) -> int:
 
 
 def _messages(count: _Count, messages: object) -> int:
-    if isinstance(messages, list | tuple):
-        return sum(MESSAGE_TOKENS + _walk(count, m) for m in messages)
-    return MESSAGE_TOKENS + _walk(count, messages)
+    if not isinstance(messages, list | tuple):
+        return MESSAGE_TOKENS + _walk(count, messages)
+    text = count.text
+    utf8 = text is _utf8_len
+    total = MESSAGE_TOKENS * len(messages)
+    for message in messages:
+        # The common message, a dict without a block ``type``: inline.
+        if type(message) is not dict or "type" in message:
+            total += _walk(count, message)
+            continue
+        for k, v in message.items():
+            if k in _NOT_TEXT:
+                continue
+            if type(v) is str:
+                total += len(v) if utf8 and v.isascii() else text(v)
+            else:
+                total += _walk(count, v)
+    return total
 
 
 def _chat(count: _Count, body: Mapping[str, Any]) -> int:
     total = REQUEST_TOKENS
     for key, value in body.items():
-        if not isinstance(value, _JSON):
+        # Parameters first (no special key below is one), then placeholders.
+        if key in _NOT_PROMPT or (
+            type(value) not in _JSON_EXACT and not _is_json(value)
+        ):
             continue
         if key == "messages":
             total += _messages(count, value)
@@ -350,7 +512,7 @@ def _chat(count: _Count, body: Mapping[str, Any]) -> int:
             total += _tools(count, value, OPENAI_TOOLS_TOKENS)
         elif key == "response_format":
             total += SCHEMA_TOKENS + count.json(value)
-        elif key not in _NOT_PROMPT:
+        else:
             total += _walk(count, value)
     return total
 
@@ -358,7 +520,10 @@ def _chat(count: _Count, body: Mapping[str, Any]) -> int:
 def _responses(count: _Count, body: Mapping[str, Any]) -> int:
     total = REQUEST_TOKENS
     for key, value in body.items():
-        if not isinstance(value, _JSON):
+        # Parameters first (no special key below is one), then placeholders.
+        if key in _NOT_PROMPT or (
+            type(value) not in _JSON_EXACT and not _is_json(value)
+        ):
             continue
         if key in ("input", "instructions"):
             total += _messages(count, value)
@@ -367,7 +532,7 @@ def _responses(count: _Count, body: Mapping[str, Any]) -> int:
         elif key == "text":
             if isinstance(value, Mapping) and value.get("format") is not None:
                 total += SCHEMA_TOKENS + count.json(value["format"])
-        elif key not in _NOT_PROMPT:
+        else:
             total += _walk(count, value)
     return total
 
@@ -375,7 +540,10 @@ def _responses(count: _Count, body: Mapping[str, Any]) -> int:
 def _anthropic(count: _Count, body: Mapping[str, Any]) -> int:
     total = REQUEST_TOKENS
     for key, value in body.items():
-        if not isinstance(value, _JSON):
+        # Parameters first (no special key below is one), then placeholders.
+        if key in _NOT_PROMPT or (
+            type(value) not in _JSON_EXACT and not _is_json(value)
+        ):
             continue
         if key == "system":
             total += MESSAGE_TOKENS + _walk(count, value)
@@ -385,33 +553,39 @@ def _anthropic(count: _Count, body: Mapping[str, Any]) -> int:
             total += _tools(count, value, ANTHROPIC_TOOLS_TOKENS)
         elif key == "output_format":
             total += SCHEMA_TOKENS + count.json(value)
-        elif key not in _NOT_PROMPT:
+        else:
             total += _walk(count, value)
     return total
 
 
-def chat_input_bound(body: Mapping[str, Any]) -> int:
+def chat_input_bound(body: Mapping[str, Any], model: str | None = None) -> int:
     """Return an upper bound of the input tokens of an OpenAI chat completion.
 
     Args:
         body: The request body, as the SDK sends it (``messages``, ``tools``...).
+        model: ``str(body.get("model") or "")`` when the caller has it already.
 
     Returns:
         UTF-8 bytes of every text plus the allowances in the module docstring.
     """
-    return _chat(_openai_count(body.get("model")), body)
+    if model is None:
+        return _chat(_openai_count(body.get("model")), body)
+    return _chat(_openai_bytes(model), body)
 
 
-def responses_input_bound(body: Mapping[str, Any]) -> int:
+def responses_input_bound(body: Mapping[str, Any], model: str | None = None) -> int:
     """Return an upper bound of the input tokens of an OpenAI Responses request.
 
     Args:
         body: The request body (``input``, ``instructions``, ``tools``, ``text``...).
+        model: ``str(body.get("model") or "")`` when the caller has it already.
 
     Returns:
         UTF-8 bytes of every text plus the allowances in the module docstring.
     """
-    return _responses(_openai_count(body.get("model")), body)
+    if model is None:
+        return _responses(_openai_count(body.get("model")), body)
+    return _responses(_openai_bytes(model), body)
 
 
 def messages_input_bound(body: Mapping[str, Any]) -> int:
@@ -591,6 +765,10 @@ def _tokens_field(body: Mapping[str, Any], field: str) -> int | None:
     return value
 
 
+_CAP_FIELDS: Final = ("max_completion_tokens", "max_tokens", "max_output_tokens")
+
+
+@lru_cache(maxsize=256)
 def default_output_cap(model: str) -> int:
     """Return the largest output of ``model``'s family (see the module docstring)."""
     family = _family(model)
@@ -616,11 +794,17 @@ def output_cap(provider: str, model: str, body: Mapping[str, Any]) -> int:
         ConfigurationError: A cap or ``n`` is negative, a bool, or not an int.
     """
     del provider
-    caps = [
-        cap
-        for field in ("max_completion_tokens", "max_tokens", "max_output_tokens")
-        if (cap := _tokens_field(body, field)) is not None
-    ]
+    cap = None
+    for field in _CAP_FIELDS:
+        value = body.get(field)
+        if value is None:
+            continue
+        if type(value) is not int or value < 0:
+            value = _tokens_field(body, field)  # raises unless an int subclass
+            if value is None:  # pragma: no cover - checked above
+                continue
+        if cap is None or value > cap:
+            cap = value
     choices = body.get("n")
     if choices is None:
         choices = 1
@@ -628,7 +812,7 @@ def output_cap(provider: str, model: str, body: Mapping[str, Any]) -> int:
         raise ConfigurationError(
             what="n", value=choices, expected="a positive integer number of choices"
         )
-    return (max(caps) if caps else default_output_cap(model)) * choices
+    return (default_output_cap(model) if cap is None else cap) * choices
 
 
 # -- convenience ---------------------------------------------------------------
@@ -659,10 +843,4 @@ def estimate(provider: str, api: str, model: str, body: Mapping[str, Any]) -> Es
         raise ConfigurationError(
             what="api", value=api, expected='"chat", "responses" or "messages"'
         )
-    return Estimate(
-        provider=provider,
-        model=model,
-        input_tokens=bound,
-        output_tokens=output_cap(provider, model, body),
-        exact_input=False,
-    )
+    return make_estimate(provider, model, bound, output_cap(provider, model, body))

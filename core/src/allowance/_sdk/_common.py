@@ -19,22 +19,38 @@ import importlib
 import inspect
 import json
 import logging
+import sys
 import weakref
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+)
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import wrapt
 
+from allowance._estimate import make_estimate, make_usage
 from allowance._scope import current_adapters, current_route
-from allowance.typing import Usage
 
 if TYPE_CHECKING:
     from allowance._guard import Guard
     from allowance._ticket import Ticket
-    from allowance.typing import Estimate, ProviderCodec, StreamAccumulator
+    from allowance.typing import Estimate, ProviderCodec, StreamAccumulator, Usage
 
-__all__ = ["SdkBinding", "claimed", "make_async_interceptor", "make_sync_interceptor"]
+__all__ = [
+    "NO_CAP",
+    "CappedAccumulator",
+    "SdkBinding",
+    "claimed",
+    "make_async_interceptor",
+    "make_sync_interceptor",
+]
 
 logger = logging.getLogger("allowance")
 
@@ -65,6 +81,34 @@ class SdkBinding:
     keep_errors: tuple[type[BaseException], ...]
     provider_of: Callable[[Any], str]
     wants_stream_usage: Callable[[str], bool]
+    # Derived, per binding: what ``_track_*`` tests results against, and the
+    # request URLs seen, each mapped to its path if billable, else None.
+    response_types: tuple[type[Any], ...] = field(init=False, repr=False)
+    async_response_types: tuple[type[Any], ...] = field(init=False, repr=False)
+    paths: dict[str, str | None] = field(
+        init=False, repr=False, compare=False, default_factory=dict
+    )
+
+    def __post_init__(self) -> None:
+        """Join the raw and lazy response types once."""
+        object.__setattr__(self, "response_types", self.raw_types + self.lazy_types)
+        object.__setattr__(
+            self, "async_response_types", self.raw_types + self.async_lazy_types
+        )
+
+    def billable_path(self, url: str) -> str | None:
+        """Return the path of ``url`` (no query) if the codec charges it, else None."""
+        path = url.split("?", 1)[0]
+        billable = path if self.codec.is_billable(path) else None
+        paths = self.paths
+        if len(paths) >= _PATHS_KEPT:  # ids in paths (``/responses/{id}``)
+            paths.clear()
+        paths[url] = billable
+        return billable
+
+
+_PATHS_KEPT: Final = 256
+_E = TypeVar("_E", Iterator[Any], AsyncIterator[Any])
 
 
 @dataclass(slots=True)
@@ -105,18 +149,34 @@ def _prepare(
     binding: SdkBinding, client: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> _Call | None:
     """Return the call to guard, or None to pass it through untouched."""
-    cast_to, options, stream, stream_cls = _bind(args, kwargs)
+    if len(args) == 2:  # noqa: PLR2004 - how the SDKs call it
+        cast_to, options = args
+        stream = bool(kwargs.get("stream", False))
+        stream_cls = kwargs.get("stream_cls")
+    else:
+        cast_to, options, stream, stream_cls = _bind(args, kwargs)
     body = getattr(options, "json_data", None)
     if type(body) is not dict and not isinstance(body, Mapping):
         return None
-    path = str(getattr(options, "url", "")).split("?", 1)[0]
-    codec = binding.codec
-    if not codec.is_billable(path):
+    url = getattr(options, "url", "")
+    if type(url) is not str:
+        url = str(url)
+    try:
+        path = binding.paths[url]
+    except KeyError:
+        path = binding.billable_path(url)
+    if path is None:
         return None
-    estimate = codec.estimate(path, body)
+    estimate = binding.codec.estimate(path, body)
     provider = binding.provider_of(client)
-    if provider != estimate.provider:
-        estimate = replace(estimate, provider=provider)
+    if provider != estimate.provider:  # Azure: the OpenAI codec says "openai"
+        estimate = (
+            replace(estimate, provider=provider)
+            if estimate.exact_input
+            else make_estimate(
+                provider, estimate.model, estimate.input_tokens, estimate.output_tokens
+            )
+        )
     return _Call(
         binding, client, path, body, cast_to, options, stream, stream_cls, estimate
     )
@@ -206,6 +266,8 @@ def make_sync_interceptor(
     binding: SdkBinding, guard_for: Callable[[Any], Guard | None]
 ) -> Callable[[Callable[..., Any], Any, tuple[Any, ...], dict[str, Any]], Any]:
     """Return a wrapt-style wrapper for a sync ``request`` method."""
+    name = binding.name
+    only_name = (name,)
 
     def intercept(
         wrapped: Callable[..., Any],
@@ -225,16 +287,20 @@ def make_sync_interceptor(
         call = None if guard is None else _prepare(binding, instance, args, kwargs)
         if call is None or guard is None:
             return wrapped(*args, **kwargs)
+        adapters = current_adapters()
         ticket = guard.begin(
             call.estimate,
-            adapters=(*current_adapters(), binding.name),
+            adapters=(*adapters, name) if adapters else only_name,
             reestimate=call.reestimate,
             refine=call.refine,
         )
         if ticket.stopped:
             process, params = _synthetic(call, ticket)
             return process(**params)
-        options = _outgoing_options(call, ticket)
+        if call.stream or ticket.model != call.estimate.model:
+            options = _outgoing_options(call, ticket)
+        else:
+            options = call.options
         token = _claimed.set(True)
         try:
             result = wrapped(
@@ -260,6 +326,8 @@ def make_async_interceptor(
     Awaitable[Any],
 ]:
     """Return a wrapt-style wrapper for an async ``request`` method."""
+    name = binding.name
+    only_name = (name,)
 
     async def intercept(
         wrapped: Callable[..., Awaitable[Any]],
@@ -279,16 +347,20 @@ def make_async_interceptor(
         call = None if guard is None else _prepare(binding, instance, args, kwargs)
         if call is None or guard is None:
             return await wrapped(*args, **kwargs)
+        adapters = current_adapters()
         ticket = await guard.abegin(
             call.estimate,
-            adapters=(*current_adapters(), binding.name),
+            adapters=(*adapters, name) if adapters else only_name,
             reestimate=call.reestimate,
             refine=call.refine,
         )
         if ticket.stopped:
             process, params = _synthetic(call, ticket)
             return await process(**params)
-        options = _outgoing_options(call, ticket)
+        if call.stream or ticket.model != call.estimate.model:
+            options = _outgoing_options(call, ticket)
+        else:
+            options = call.options
         token = _claimed.set(True)
         try:
             result = await wrapped(
@@ -337,14 +409,20 @@ def _track_sync(call: _Call, ticket: Ticket, result: Any) -> Any:
     binding = call.binding
     if isinstance(result, binding.stream_types):
         return _SyncStream(result, _StreamTracker(call, ticket))
-    if isinstance(result, binding.raw_types + binding.lazy_types):
+    if isinstance(result, binding.response_types):
         if call.stream:
             return _RawStreamResponse(result, _StreamTracker(call, ticket))
         if _body_read(result):
             _commit_sync(call, ticket, _parse_quietly(result, ticket))
             return result
         return _LazyResponse(result, call, ticket)
-    _commit_sync(call, ticket, result)
+    # The parsed response: _commit_sync inline.
+    codec = binding.codec
+    usage = codec.usage(call.path, result)
+    if usage is None:
+        ticket.keep()
+    else:
+        ticket.commit(usage, response_model=codec.response_model(result))
     return result
 
 
@@ -352,7 +430,7 @@ async def _track_async(call: _Call, ticket: Ticket, result: Any) -> Any:
     binding = call.binding
     if isinstance(result, binding.async_stream_types):
         return _AsyncStream(result, _StreamTracker(call, ticket))
-    if isinstance(result, binding.raw_types + binding.async_lazy_types):
+    if isinstance(result, binding.async_response_types):
         if call.stream:
             return _RawStreamResponse(result, _StreamTracker(call, ticket))
         if _body_read(result):
@@ -381,6 +459,22 @@ def _parse_quietly(raw: Any, ticket: Ticket) -> Any:
 # -- streams -------------------------------------------------------------------------
 
 
+class CappedAccumulator:
+    """Base of this package's accumulators: they stop counting text at ``enough``.
+
+    The stream tracker sets ``enough`` to the call's output cap: it charges a
+    stream cut short at most that, so bytes past it change nothing. Until
+    then, ``NO_CAP``.
+    """
+
+    __slots__ = ("enough",)
+
+    enough: int
+
+
+NO_CAP: Final = sys.maxsize
+
+
 class _StreamTracker:
     """Settles a streamed call: usage when it ends, what was produced if cut short."""
 
@@ -393,6 +487,8 @@ class _StreamTracker:
         self.acc: StreamAccumulator = call.binding.codec.stream_accumulator(
             call.path, hide_usage_only=call.hide_usage_only
         )
+        if isinstance(self.acc, CappedAccumulator):
+            self.acc.enough = ticket.estimate.output_tokens
 
     def _final(self) -> tuple[Usage | None, str | None]:
         return self.acc.usage(), self.acc.response_model()
@@ -400,9 +496,16 @@ class _StreamTracker:
     def _partial(self) -> Usage:
         est = self.ticket.estimate
         known = self.acc.usage()
-        produced = min(est.output_tokens, self.acc.produced_text_bytes())
+        try:
+            produced = min(est.output_tokens, self.acc.produced_text_bytes())
+        except Exception:  # noqa: BLE001 - events we cannot read: the whole cap
+            logger.warning(
+                "allowance: could not count the output of stream %s; charged its cap",
+                self.ticket.call_id,
+            )
+            produced = est.output_tokens
         if known is None:
-            return Usage(input_tokens=est.input_tokens, output_tokens=produced)
+            return make_usage(est.input_tokens, produced)
         return replace(known, output_tokens=max(known.output_tokens, produced))
 
     def finish(self) -> None:
@@ -447,6 +550,55 @@ class _StreamTracker:
             await self.aabandon()
         elif not self.ticket.settled:
             await self.ticket.akeep()
+
+
+def _observed(events: Iterable[Any], tracker: _StreamTracker) -> Iterator[Any]:
+    """The events the caller sees; the tracker settles when they end or stop.
+
+    An accumulator may have its own copy of this loop (``track``) that reads
+    each event inline; it must settle the same way.
+    """
+    observe = tracker.acc.observe
+    try:
+        for event in events:
+            if observe(event):
+                yield event
+    except BaseException:  # cut short: an error, a break, a close
+        tracker.abandon()
+        raise
+    tracker.finish()
+
+
+async def _aobserved(
+    events: AsyncIterable[Any], tracker: _StreamTracker
+) -> AsyncIterator[Any]:
+    """Async twin of ``_observed`` (an accumulator's own copy: ``atrack``)."""
+    observe = tracker.acc.observe
+    try:
+        async for event in events:
+            if observe(event):
+                yield event
+    except GeneratorExit:
+        tracker.abandon()
+        raise
+    except BaseException:
+        await tracker.aabandon()
+        raise
+    await tracker.afinish()
+
+
+def _handed_out(
+    finalizer: weakref.finalize[..., Any], events: _E, tracker: _StreamTracker
+) -> _E:
+    """Settle an abandoned stream when its events generator goes, not its proxy.
+
+    ``for chunk in client.chat.completions.create(stream=True)`` keeps only
+    the generator ``iter()`` returned: the proxy is gone at once, and its
+    finalizer must not settle a stream still being read.
+    """
+    finalizer.detach()
+    weakref.finalize(events, _abandon_quietly, tracker)
+    return events
 
 
 def _abandon_quietly(tracker: _StreamTracker) -> None:
@@ -515,7 +667,7 @@ class _SyncStream(wrapt.ObjectProxy[Any]):
         self._self_tracker = tracker
         self._self_events = None
         self._self_response: Any = None
-        weakref.finalize(self, _abandon_quietly, tracker)
+        self._self_finalizer = weakref.finalize(self, _abandon_quietly, tracker)
 
     @property
     def response(self) -> Any:
@@ -527,15 +679,12 @@ class _SyncStream(wrapt.ObjectProxy[Any]):
 
     def _self_iterate(self) -> Any:
         tracker = self._self_tracker
-        observe = tracker.acc.observe
-        try:
-            for event in self.__wrapped__:
-                if observe(event):
-                    yield event
-        except BaseException:  # cut short: an error, a break, a close
-            tracker.abandon()
-            raise
-        tracker.finish()
+        track = getattr(tracker.acc, "track", None)
+        if track is not None:  # the accumulator's own loop: no call per event
+            events = track(self.__wrapped__, tracker)
+        else:
+            events = _observed(self.__wrapped__, tracker)
+        return _handed_out(self._self_finalizer, events, tracker)
 
     def __iter__(self) -> Any:
         # Return the one generator (as ``Stream`` iterates its one ``_iterator``):
@@ -575,7 +724,7 @@ class _AsyncStream(wrapt.ObjectProxy[Any]):
         self._self_tracker = tracker
         self._self_events = None
         self._self_response: Any = None
-        weakref.finalize(self, _abandon_quietly, tracker)
+        self._self_finalizer = weakref.finalize(self, _abandon_quietly, tracker)
 
     @property
     def response(self) -> Any:
@@ -585,20 +734,14 @@ class _AsyncStream(wrapt.ObjectProxy[Any]):
             )
         return self._self_response
 
-    async def _self_iterate(self) -> Any:
+    def _self_iterate(self) -> Any:
         tracker = self._self_tracker
-        observe = tracker.acc.observe
-        try:
-            async for event in self.__wrapped__:
-                if observe(event):
-                    yield event
-        except GeneratorExit:
-            tracker.abandon()
-            raise
-        except BaseException:
-            await tracker.aabandon()
-            raise
-        await tracker.afinish()
+        atrack = getattr(tracker.acc, "atrack", None)
+        if atrack is not None:  # the accumulator's own loop: no call per event
+            events = atrack(self.__wrapped__, tracker)
+        else:
+            events = _aobserved(self.__wrapped__, tracker)
+        return _handed_out(self._self_finalizer, events, tracker)
 
     def __aiter__(self) -> Any:
         if self._self_events is None:

@@ -10,36 +10,45 @@ from __future__ import annotations
 
 import importlib
 import json
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from allowance._estimate import (
+    make_estimate,
+    make_usage,
     messages_input_bound,
     output_cap,
     text_bytes,
-    token_count,
 )
 from allowance._sdk._adapter import SdkAdapter
+from allowance._sdk._common import NO_CAP, CappedAccumulator
 from allowance.plugins import hookimpl
-from allowance.typing import Estimate, Usage
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
 
     from allowance._sdk._common import SdkBinding
-    from allowance.typing import Adapter, ProviderCodec
+    from allowance.typing import Adapter, Estimate, ProviderCodec, Usage
 
 __all__ = ["AnthropicAdapter", "AnthropicCodec"]
 
 
 def _usage(usage: Any) -> Usage:
-    uncached = token_count(getattr(usage, "input_tokens", 0))
-    cache_read = token_count(getattr(usage, "cache_read_input_tokens", 0))
-    cache_write = token_count(getattr(usage, "cache_creation_input_tokens", 0))
-    return Usage(
-        input_tokens=uncached + cache_read + cache_write,
-        output_tokens=token_count(getattr(usage, "output_tokens", 0)),
-        cache_read_tokens=cache_read,
-        cache_write_tokens=cache_write,
+    # Token counts are ints, never bools: anything else counts 0.
+    uncached = getattr(usage, "input_tokens", 0)
+    if type(uncached) is not int:
+        uncached = 0
+    cache_read = getattr(usage, "cache_read_input_tokens", 0)
+    if type(cache_read) is not int:
+        cache_read = 0
+    cache_write = getattr(usage, "cache_creation_input_tokens", 0)
+    if type(cache_write) is not int:
+        cache_write = 0
+    output = getattr(usage, "output_tokens", 0)
+    return make_usage(
+        uncached + cache_read + cache_write,
+        output if type(output) is int else 0,
+        cache_read,
+        cache_write,
     )
 
 
@@ -55,8 +64,10 @@ class AnthropicCodec:
     def estimate(self, path: str, body: Mapping[str, Any]) -> Estimate:
         """Bound the input and take ``max_tokens`` of a request."""
         del path  # one billable endpoint
-        model = str(body.get("model") or "")
-        return Estimate(
+        model = body.get("model")
+        if type(model) is not str:
+            model = str(model or "")
+        return make_estimate(
             "anthropic",
             model,
             messages_input_bound(body),
@@ -135,37 +146,50 @@ class AnthropicCodec:
         )
 
 
-class _MessagesAccumulator:
+_USAGE_FIELDS: Final = (
+    "input_tokens",
+    "output_tokens",
+    "cache_read_input_tokens",
+    "cache_creation_input_tokens",
+)
+
+
+def _take(fields: dict[str, int], usage: Any) -> None:
+    # message_delta usage is cumulative: overwrite the fields it carries.
+    for name in _USAGE_FIELDS:
+        value = getattr(usage, name, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            fields[name] = value
+
+
+class _MessagesAccumulator(CappedAccumulator):
     """``message_start`` carries input usage, ``message_delta`` the cumulative usage."""
 
     __slots__ = ("_bytes", "_fields", "_model")
 
     def __init__(self) -> None:
+        self.enough = NO_CAP
         self._fields: dict[str, int] = {}
         self._model: str | None = None
         self._bytes = 0
 
-    def _take(self, usage: Any) -> None:
-        # message_delta usage is cumulative: overwrite the fields it carries.
-        for name in (
-            "input_tokens",
-            "output_tokens",
-            "cache_read_input_tokens",
-            "cache_creation_input_tokens",
-        ):
-            value = getattr(usage, name, None)
-            if isinstance(value, int) and not isinstance(value, bool):
-                self._fields[name] = value
-
-    def observe(self, event: Any) -> bool:
+    def observe(self, event: Any) -> bool:  # noqa: C901 - one call per event, inline
         kind = getattr(event, "type", "")
         if kind == "content_block_delta":
-            delta = getattr(event, "delta", None)
-            self._bytes += text_bytes(
-                getattr(delta, "text", None)
-                or getattr(delta, "partial_json", None)
-                or getattr(delta, "thinking", None)
-            )
+            if self._bytes < self.enough:
+                delta: Any = getattr(event, "delta", None)
+                try:  # a text delta: plain attribute reads (a getattr is a call)
+                    text = delta.text if delta.type == "text_delta" else None
+                except AttributeError:
+                    text = None
+                if not text:  # the first of these the delta sets
+                    text = (
+                        getattr(delta, "text", None)
+                        or getattr(delta, "partial_json", None)
+                        or getattr(delta, "thinking", None)
+                    )
+                if isinstance(text, str):
+                    self._bytes += len(text) if text.isascii() else text_bytes(text)
         elif kind == "message_start":
             message = getattr(event, "message", None)
             model = getattr(message, "model", None)
@@ -173,11 +197,11 @@ class _MessagesAccumulator:
                 self._model = model
             usage = getattr(message, "usage", None)
             if usage is not None:
-                self._take(usage)
+                _take(self._fields, usage)
         elif kind == "message_delta":
             usage = getattr(event, "usage", None)
             if usage is not None:
-                self._take(usage)
+                _take(self._fields, usage)
         return True
 
     def usage(self) -> Usage | None:
@@ -186,11 +210,11 @@ class _MessagesAccumulator:
         f = self._fields
         cache_read = f.get("cache_read_input_tokens", 0)
         cache_write = f.get("cache_creation_input_tokens", 0)
-        return Usage(
-            input_tokens=f.get("input_tokens", 0) + cache_read + cache_write,
-            output_tokens=f.get("output_tokens", 0),
-            cache_read_tokens=cache_read,
-            cache_write_tokens=cache_write,
+        return make_usage(
+            f.get("input_tokens", 0) + cache_read + cache_write,
+            f.get("output_tokens", 0),
+            cache_read,
+            cache_write,
         )
 
     def produced_text_bytes(self) -> int:

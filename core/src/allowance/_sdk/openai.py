@@ -12,25 +12,34 @@ import json
 import time
 from dataclasses import replace
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from allowance._estimate import (
     chat_input_bound,
     exact_input_tokens,
+    make_estimate,
+    make_usage,
     output_cap,
     responses_input_bound,
     text_bytes,
-    token_count,
 )
 from allowance._sdk._adapter import SdkAdapter
+from allowance._sdk._common import NO_CAP, CappedAccumulator
 from allowance.plugins import hookimpl
-from allowance.typing import Estimate, Usage
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping, Sequence
+    from collections.abc import (
+        AsyncIterable,
+        AsyncIterator,
+        Iterable,
+        Iterator,
+        Mapping,
+        Sequence,
+    )
 
     from allowance._sdk._common import SdkBinding
-    from allowance.typing import Adapter, ProviderCodec
+    from allowance._sdk._common import _StreamTracker as Tracker
+    from allowance.typing import Adapter, Estimate, ProviderCodec, Usage
 
 __all__ = ["OpenAIAdapter", "OpenAICodec"]
 
@@ -83,23 +92,25 @@ class OpenAICodec:
 
     def estimate(self, path: str, body: Mapping[str, Any]) -> Estimate:
         """Bound the input and take the output cap of a request."""
-        model = str(body.get("model") or "")
+        model = body.get("model")
+        if type(model) is not str:
+            model = str(model or "")
         api = _api(path)
         if api == _CHAT:
-            return Estimate(
+            return make_estimate(
                 "openai",
                 model,
-                chat_input_bound(body),
+                chat_input_bound(body, model),
                 output_cap("openai", model, body),
             )
         if api == _RESPONSES:
-            return Estimate(
+            return make_estimate(
                 "openai",
                 model,
-                responses_input_bound(body),
+                responses_input_bound(body, model),
                 output_cap("openai", model, body),
             )
-        return Estimate("openai", model, _embedding_bound(body), 0)
+        return make_estimate("openai", model, _embedding_bound(body), 0)
 
     def with_model(self, body: Mapping[str, Any], model: str) -> dict[str, Any]:
         """Return a copy of ``body`` asking for ``model``."""
@@ -251,68 +262,195 @@ def _stopped_response(ident: str, model: str, reason: str) -> dict[str, Any]:
     }
 
 
-def _read_usage(usage: Any, prefix: str, output: str) -> Usage:
+def _read_usage(usage: Any, names: tuple[str, str, str, str]) -> Usage:
     """Read a usage object of either API: their fields differ only by name."""
-    inputs = getattr(usage, f"{prefix}_tokens_details", None)
-    outputs = getattr(usage, f"{output}_tokens_details", None)
-    return Usage(
-        input_tokens=token_count(getattr(usage, f"{prefix}_tokens", 0)),
-        output_tokens=token_count(getattr(usage, f"{output}_tokens", 0)),
-        cache_read_tokens=token_count(getattr(inputs, "cached_tokens", 0)),
-        cache_write_tokens=token_count(getattr(inputs, "cache_write_tokens", 0)),
-        reasoning_tokens=token_count(getattr(outputs, "reasoning_tokens", 0)),
+    inputs_name, outputs_name, inputs_details, outputs_details = names
+    inputs = getattr(usage, inputs_name, 0)
+    outputs = getattr(usage, outputs_name, 0)
+    details = getattr(usage, inputs_details, None)
+    if details is None:
+        cache_read = cache_write = 0
+    else:
+        cache_read = getattr(details, "cached_tokens", 0)
+        cache_write = getattr(details, "cache_write_tokens", 0)
+    details = getattr(usage, outputs_details, None)
+    reasoning = 0 if details is None else getattr(details, "reasoning_tokens", 0)
+    # Token counts are ints, never bools: anything else counts 0.
+    return make_usage(
+        inputs if type(inputs) is int else 0,
+        outputs if type(outputs) is int else 0,
+        cache_read if type(cache_read) is int else 0,
+        cache_write if type(cache_write) is int else 0,
+        reasoning if type(reasoning) is int else 0,
     )
 
 
+_CHAT_USAGE: Final = (
+    "prompt_tokens",
+    "completion_tokens",
+    "prompt_tokens_details",
+    "completion_tokens_details",
+)
+_RESPONSES_USAGE: Final = (
+    "input_tokens",
+    "output_tokens",
+    "input_tokens_details",
+    "output_tokens_details",
+)
+
+
 def _chat_usage(usage: Any) -> Usage:
-    return _read_usage(usage, "prompt", "completion")
+    return _read_usage(usage, _CHAT_USAGE)
 
 
 def _responses_usage(usage: Any) -> Usage:
-    return _read_usage(usage, "input", "output")
+    return _read_usage(usage, _RESPONSES_USAGE)
 
 
-class _ChatAccumulator:
+def _arguments_bytes(tool_calls: Any) -> int:
+    produced = 0
+    for tool_call in tool_calls:
+        function = getattr(tool_call, "function", None)
+        produced += text_bytes(getattr(function, "arguments", None))
+    return produced
+
+
+def _chat_bytes(event: Any) -> int:
+    """The text bytes of a chunk, any attribute possibly missing."""
+    produced = 0
+    choices = getattr(event, "choices", None)
+    if choices:
+        for choice in choices:
+            delta = getattr(choice, "delta", None)
+            if delta is None:
+                continue
+            produced += text_bytes(getattr(delta, "content", None))
+            tool_calls = getattr(delta, "tool_calls", None)
+            if tool_calls:
+                produced += _arguments_bytes(tool_calls)
+    return produced
+
+
+class _ChatAccumulator(CappedAccumulator):
     """Usage of a chat stream: the last chunk carries it when include_usage is on."""
 
     __slots__ = ("_bytes", "_hide", "_model", "_usage")
 
     def __init__(self, *, hide_usage_only: bool) -> None:
+        self.enough = NO_CAP
         self._hide = hide_usage_only
-        self._usage: Usage | None = None
+        self._usage: Any = None  # the provider's usage object, read at the end
         self._model: str | None = None
         self._bytes = 0
 
     def observe(self, event: Any) -> bool:
         if self._model is None:
             self._model = getattr(event, "model", None)
-        choices = getattr(event, "choices", None)
-        if choices:
-            for choice in choices:
-                delta = getattr(choice, "delta", None)
-                if delta is None:
-                    continue
-                # Once per chunk: the common case (a text delta) inline.
-                content = getattr(delta, "content", None)
-                if isinstance(content, str):
-                    self._bytes += (
-                        len(content) if content.isascii() else len(content.encode())
-                    )
-                tool_calls = getattr(delta, "tool_calls", None)
-                if tool_calls:
-                    for tool_call in tool_calls:
-                        function = getattr(tool_call, "function", None)
-                        arguments = getattr(function, "arguments", None)
-                        self._bytes += text_bytes(arguments)
+        if self._bytes < self.enough:
+            # Plain attribute reads (getattr with a default costs a call each);
+            # a chunk they do not fit is read again by _chat_bytes.
+            try:
+                produced = 0
+                for choice in event.choices:
+                    delta = choice.delta
+                    content = delta.content
+                    if isinstance(content, str):
+                        produced += (
+                            len(content) if content.isascii() else text_bytes(content)
+                        )
+                    if delta.tool_calls:
+                        produced += _arguments_bytes(delta.tool_calls)
+            except (AttributeError, TypeError):
+                produced = _chat_bytes(event)
+            self._bytes += produced
         usage = getattr(event, "usage", None)
         if usage is not None:
-            self._usage = _chat_usage(usage)
-            if self._hide and not choices:
-                return False
+            self._usage = usage
+            if self._hide and not getattr(event, "choices", None):
+                return False  # the usage-only chunk we asked for
         return True
 
+    # ``observe`` inline in the stream loop (a call per chunk costs more than
+    # the reading): _common's ``_observed`` loop with this body. Keep in step.
+
+    def track(self, events: Iterable[Any], tracker: Tracker) -> Iterator[Any]:  # noqa: C901
+        """The chunks the caller sees; ``tracker`` settles when they end or stop."""
+        hide = self._hide
+        try:
+            for event in events:
+                if self._model is None:
+                    self._model = getattr(event, "model", None)
+                if self._bytes < self.enough:
+                    try:
+                        produced = 0
+                        for choice in event.choices:
+                            delta = choice.delta
+                            content = delta.content
+                            if isinstance(content, str):
+                                produced += (
+                                    len(content)
+                                    if content.isascii()
+                                    else text_bytes(content)
+                                )
+                            if delta.tool_calls:
+                                produced += _arguments_bytes(delta.tool_calls)
+                    except (AttributeError, TypeError):
+                        produced = _chat_bytes(event)
+                    self._bytes += produced
+                usage = getattr(event, "usage", None)
+                if usage is not None:
+                    self._usage = usage
+                    if hide and not getattr(event, "choices", None):
+                        continue  # the usage-only chunk we asked for
+                yield event
+        except BaseException:  # cut short: an error, a break, a close
+            tracker.abandon()
+            raise
+        tracker.finish()
+
+    async def atrack(  # noqa: C901 - observe inline, on purpose
+        self, events: AsyncIterable[Any], tracker: Tracker
+    ) -> AsyncIterator[Any]:
+        """Async twin of ``track``."""
+        hide = self._hide
+        try:
+            async for event in events:
+                if self._model is None:
+                    self._model = getattr(event, "model", None)
+                if self._bytes < self.enough:
+                    try:
+                        produced = 0
+                        for choice in event.choices:
+                            delta = choice.delta
+                            content = delta.content
+                            if isinstance(content, str):
+                                produced += (
+                                    len(content)
+                                    if content.isascii()
+                                    else text_bytes(content)
+                                )
+                            if delta.tool_calls:
+                                produced += _arguments_bytes(delta.tool_calls)
+                    except (AttributeError, TypeError):
+                        produced = _chat_bytes(event)
+                    self._bytes += produced
+                usage = getattr(event, "usage", None)
+                if usage is not None:
+                    self._usage = usage
+                    if hide and not getattr(event, "choices", None):
+                        continue  # the usage-only chunk we asked for
+                yield event
+        except GeneratorExit:
+            tracker.abandon()
+            raise
+        except BaseException:
+            await tracker.aabandon()
+            raise
+        await tracker.afinish()
+
     def usage(self) -> Usage | None:
-        return self._usage
+        usage = self._usage
+        return None if usage is None else _chat_usage(usage)
 
     def produced_text_bytes(self) -> int:
         return self._bytes
@@ -321,20 +459,22 @@ class _ChatAccumulator:
         return self._model
 
 
-class _ResponsesAccumulator:
+class _ResponsesAccumulator(CappedAccumulator):
     """Usage of a Responses stream: ``response.completed`` carries it."""
 
     __slots__ = ("_bytes", "_model", "_usage")
 
     def __init__(self) -> None:
-        self._usage: Usage | None = None
+        self.enough = NO_CAP
+        self._usage: Any = None  # the provider's usage object, read at the end
         self._model: str | None = None
         self._bytes = 0
 
     def observe(self, event: Any) -> bool:
         kind = getattr(event, "type", "")
         if kind.endswith(".delta"):
-            self._bytes += text_bytes(getattr(event, "delta", None))
+            if self._bytes < self.enough:
+                self._bytes += text_bytes(getattr(event, "delta", None))
             return True
         response = getattr(event, "response", None)
         if response is not None:
@@ -343,11 +483,12 @@ class _ResponsesAccumulator:
                 self._model = model
             usage = getattr(response, "usage", None)
             if usage is not None:
-                self._usage = _responses_usage(usage)
+                self._usage = usage
         return True
 
     def usage(self) -> Usage | None:
-        return self._usage
+        usage = self._usage
+        return None if usage is None else _responses_usage(usage)
 
     def produced_text_bytes(self) -> int:
         return self._bytes
@@ -362,12 +503,10 @@ def _binding() -> SdkBinding:
 
     from allowance._sdk._common import SdkBinding  # noqa: PLC0415
 
+    azure = (openai.AzureOpenAI, openai.AsyncAzureOpenAI)
+
     def provider_of(client: Any) -> str:
-        return (
-            "azure"
-            if isinstance(client, openai.AzureOpenAI | openai.AsyncAzureOpenAI)
-            else "openai"
-        )
+        return "azure" if isinstance(client, azure) else "openai"
 
     return SdkBinding(
         name="openai",
