@@ -14,7 +14,10 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, final
 
+from allowance import _telemetry as telemetry
+from allowance import plugins
 from allowance._errors import PricingError, Violation
+from allowance._estimate import slot_setters
 from allowance._ledger._memory import MemoryLedger
 from allowance.typing import CallRecord, Estimate, Usage
 
@@ -66,6 +69,25 @@ class Op(NamedTuple):
 
 
 FAILED = object()
+_new = object.__new__
+_RECORD_SLOTS = slot_setters(
+    CallRecord,
+    (
+        "call_id",
+        "ts",
+        "scope",
+        "provider",
+        "model",
+        "requested_model",
+        "usage",
+        "cost_micros",
+        "adapters",
+        "outcome",
+        "estimate_tokens",
+        "estimate_micros",
+        "latency_ms",
+    ),
+)
 
 
 @final
@@ -144,19 +166,44 @@ class Ticket:
 
     def commit(self, usage: Usage, *, response_model: str | None = None) -> None:
         """Charge the actual ``usage`` and return the rest of the reservation."""
-        # ``_commit_plan`` yields one operation: run it without the driver.
         if self.settled:
             return
-        op = self._commit_op(usage, response_model, partial=False)
         guard = self._guard
         ledger = guard._ledger
+        lines = self._lines
         if (
             type(ledger) is MemoryLedger
-            and op.name == "commit"
-            and not guard._observed()
-            and ledger.settle(op.args[0], op.args[1], op.kwargs["record"])
+            and lines
+            and not (telemetry.active() or plugins.has_observers())
         ):
-            return  # the memory ledger's fast lane: nothing more to tell anyone
+            # The memory ledger's fast lane: ``_commit_op`` inline, then one
+            # ``settle``, with nobody to tell (no observer, no telemetry).
+            self.settled = True
+            model = self.model
+            provider = self.estimate.provider
+            cost = guard._cost(provider, response_model, model, usage)
+            total = usage.input_tokens + usage.output_tokens
+            amounts: dict[str, int] = {}
+            for line in lines:
+                if line.unit == "tokens":
+                    amounts[line.key] = total
+                elif cost is None:  # pragma: no cover - priced at begin
+                    raise PricingError(model, provider)
+                else:
+                    amounts[line.key] = cost
+            if self.violations:
+                outcome: Outcome = "warned"
+            else:
+                outcome = "ok" if model == self.requested_model else "degraded"
+            record = self._record(usage, cost, outcome, response_model)
+            estimate = self.estimate
+            if total > estimate.input_tokens + estimate.output_tokens:
+                guard.estimate_misses += 1
+            if ledger.settle(self.call_id, amounts, record):
+                return
+            op = Op("commit", (self.call_id, amounts), {"record": record})
+        else:
+            op = self._commit_op(usage, response_model, partial=False)
         self._committed(op, guard._run(op))
 
     async def acommit(self, usage: Usage, *, response_model: str | None = None) -> None:
@@ -214,21 +261,56 @@ class Ticket:
         outcome: Outcome,
         model: str | None = None,
     ) -> CallRecord:
-        return CallRecord(
-            call_id=self.call_id,
-            ts=self.started,
-            scope=self.scope,
-            provider=self.estimate.provider,
-            model=model or self.model,
-            requested_model=self.requested_model,
-            usage=usage,
-            cost_micros=cost,
-            adapters=self.adapters,
-            outcome=outcome,
-            estimate_tokens=self.estimate.total_tokens,
-            estimate_micros=self.estimate_micros,
-            latency_ms=(time.time() - self.started) * 1000.0,
-        )
+        now = time.time()
+        if _RECORD_SLOTS is None:  # pragma: no cover - CallRecord changed shape
+            return CallRecord(
+                call_id=self.call_id,
+                ts=self.started,
+                scope=self.scope,
+                provider=self.estimate.provider,
+                model=model or self.model,
+                requested_model=self.requested_model,
+                usage=usage,
+                cost_micros=cost,
+                adapters=self.adapters,
+                outcome=outcome,
+                estimate_tokens=self.estimate.total_tokens,
+                estimate_micros=self.estimate_micros,
+                latency_ms=(now - self.started) * 1000.0,
+            )
+        # The same object as the constructor builds, without the frozen
+        # dataclass's ``object.__setattr__`` per field (one per call, hot path).
+        (
+            set_call_id,
+            set_ts,
+            set_scope,
+            set_provider,
+            set_model,
+            set_requested_model,
+            set_usage,
+            set_cost_micros,
+            set_adapters,
+            set_outcome,
+            set_estimate_tokens,
+            set_estimate_micros,
+            set_latency_ms,
+        ) = _RECORD_SLOTS
+        estimate = self.estimate
+        record: CallRecord = _new(CallRecord)
+        set_call_id(record, self.call_id)
+        set_ts(record, self.started)
+        set_scope(record, self.scope)
+        set_provider(record, estimate.provider)
+        set_model(record, model or self.model)
+        set_requested_model(record, self.requested_model)
+        set_usage(record, usage)
+        set_cost_micros(record, cost)
+        set_adapters(record, self.adapters)
+        set_outcome(record, outcome)
+        set_estimate_tokens(record, estimate.input_tokens + estimate.output_tokens)
+        set_estimate_micros(record, self.estimate_micros)
+        set_latency_ms(record, (now - self.started) * 1000.0)
+        return record
 
     def _commit_plan(
         self, usage: Usage, response_model: str | None, *, partial: bool

@@ -49,6 +49,7 @@ _EMBEDDINGS = "embeddings"
 
 
 @lru_cache(maxsize=64)
+@lru_cache(maxsize=1024)  # a C-level cache hit: asked several times per call
 def _api(path: str) -> str | None:
     path = path.rstrip("/")
     if path.endswith("/chat/completions"):
@@ -133,8 +134,8 @@ class OpenAICodec:
         if usage is None:
             return None
         if _api(path) == _RESPONSES:
-            return _responses_usage(usage)
-        return _chat_usage(usage)
+            return _read_usage(usage, _RESPONSES_USAGE)
+        return _read_usage(usage, _CHAT_USAGE)
 
     def response_model(self, response: Any) -> str | None:
         """Return the model that answered."""
@@ -376,17 +377,19 @@ class _ChatAccumulator(CappedAccumulator):
     def track(self, events: Iterable[Any], tracker: Tracker) -> Iterator[Any]:  # noqa: C901
         """The chunks the caller sees; ``tracker`` settles when they end or stop."""
         hide = self._hide
+        enough = self.enough  # set by the tracker before the first chunk
+        counted = self._bytes  # kept in a local, stored back once per chunk
         try:
             for event in events:
                 if self._model is None:
                     self._model = getattr(event, "model", None)
-                if self._bytes < self.enough:
+                if counted < enough:
                     try:
                         produced = 0
                         for choice in event.choices:
                             delta = choice.delta
                             content = delta.content
-                            if isinstance(content, str):
+                            if content is not None:  # a str; anything else: below
                                 produced += (
                                     len(content)
                                     if content.isascii()
@@ -396,7 +399,8 @@ class _ChatAccumulator(CappedAccumulator):
                                 produced += _arguments_bytes(delta.tool_calls)
                     except (AttributeError, TypeError):
                         produced = _chat_bytes(event)
-                    self._bytes += produced
+                    counted += produced
+                    self._bytes = counted
                 usage = getattr(event, "usage", None)
                 if usage is not None:
                     self._usage = usage
@@ -413,17 +417,19 @@ class _ChatAccumulator(CappedAccumulator):
     ) -> AsyncIterator[Any]:
         """Async twin of ``track``."""
         hide = self._hide
+        enough = self.enough  # set by the tracker before the first chunk
+        counted = self._bytes  # kept in a local, stored back once per chunk
         try:
             async for event in events:
                 if self._model is None:
                     self._model = getattr(event, "model", None)
-                if self._bytes < self.enough:
+                if counted < enough:
                     try:
                         produced = 0
                         for choice in event.choices:
                             delta = choice.delta
                             content = delta.content
-                            if isinstance(content, str):
+                            if content is not None:  # a str; anything else: below
                                 produced += (
                                     len(content)
                                     if content.isascii()
@@ -433,7 +439,8 @@ class _ChatAccumulator(CappedAccumulator):
                                 produced += _arguments_bytes(delta.tool_calls)
                     except (AttributeError, TypeError):
                         produced = _chat_bytes(event)
-                    self._bytes += produced
+                    counted += produced
+                    self._bytes = counted
                 usage = getattr(event, "usage", None)
                 if usage is not None:
                     self._usage = usage
