@@ -10,7 +10,7 @@ Example:
 
 from __future__ import annotations
 
-from importlib.metadata import version as _version
+from typing import TYPE_CHECKING as _TYPE_CHECKING
 
 from allowance._budget import Budget, BudgetStatus, Threshold
 from allowance._errors import (
@@ -37,7 +37,25 @@ from allowance._wrap import ClientAllowance, active_guard, patch, unpatch, unwra
 from allowance.plugins import hookimpl
 from allowance.typing import CallRecord, Estimate, Event, Usage
 
-__version__ = _version("allowance")
+if _TYPE_CHECKING:
+    __version__: str
+else:
+
+    def __getattr__(name: str) -> str:
+        """``__version__``, read from the installed metadata on first use.
+
+        Lazily: ``importlib.metadata`` is about a third of the import time.
+        (Hidden from type checkers, which would accept any attribute.)
+        """
+        if name == "__version__":
+            from importlib.metadata import version  # noqa: PLC0415
+
+            value = version("allowance")
+            globals()["__version__"] = value
+            return value
+        msg = f"module 'allowance' has no attribute {name!r}"
+        raise AttributeError(msg)
+
 
 __all__ = [
     "AdapterUnavailableError",

@@ -8,8 +8,6 @@ import sys
 import threading
 from typing import TYPE_CHECKING, Literal, TypeVar, final
 
-import wrapt
-
 from allowance import plugins
 from allowance._errors import AdapterUnavailableError, ConfigurationError, UsageError
 from allowance._guard import Guard
@@ -354,6 +352,8 @@ def _install_when_imported(adapter: Adapter, guard: Guard) -> None:
         return
     _waiting[adapter.name] = (adapter, guard)
     if module not in _import_hooks:
+        import wrapt  # noqa: PLC0415 - not imported with allowance (import time)
+
         _import_hooks.add(module)
         wrapt.register_post_import_hook(functools.partial(_on_import, module), module)
 

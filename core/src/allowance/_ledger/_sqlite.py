@@ -15,7 +15,6 @@ on the file. The schema is described in ``_sqlite_schema``.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
 import logging
@@ -46,6 +45,7 @@ from allowance._ledger._worker import Worker
 from allowance.typing import KeyState, ReserveResult
 
 if TYPE_CHECKING:
+    import asyncio
     from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
     from allowance.typing import CallRecord, ReserveItem
@@ -668,6 +668,8 @@ class SQLiteLedger:
 
     async def aclose(self) -> None:
         """Async twin of ``close`` (waits for queued work off the event loop)."""
+        import asyncio  # noqa: PLC0415 - not imported with allowance (import time)
+
         await asyncio.to_thread(self.close)
 
     # -- internals ------------------------------------------------------------

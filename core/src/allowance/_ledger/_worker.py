@@ -10,13 +10,13 @@ a ``concurrent.futures.Future`` into an asyncio one.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import queue
 import threading
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
+    import asyncio
     from collections.abc import Callable
 
 __all__ = ["Job", "Worker"]
@@ -35,6 +35,9 @@ class Worker:
     """
 
     def __init__(self, name: str) -> None:
+        import asyncio  # noqa: PLC0415 - only once a loop uses the ledger
+
+        self._running_loop = asyncio.get_running_loop
         self._queue: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         # A daemon: a ledger nobody closed must not keep the interpreter up;
         # a transaction cut short at exit is rolled back by SQLite.
@@ -49,7 +52,7 @@ class Worker:
         If the awaiting task is cancelled first, ``orphan`` (when given) gets
         the result instead, on the event loop's thread.
         """
-        loop = asyncio.get_running_loop()
+        loop = self._running_loop()
         future: asyncio.Future[_T] = loop.create_future()
         self._queue.put(Job(call, loop, future, orphan))
         return future
