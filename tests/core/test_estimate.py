@@ -746,3 +746,122 @@ def test_the_guard_refines_only_a_refused_call():
     assert calls == [1]
     assert ticket.estimate.exact_input
     assert guard.status()[0].reserved == 20
+
+
+# -- the commonest body, measured by one small function ---------------------------
+
+_VALUES = st.one_of(
+    TEXTS,
+    st.none(),
+    st.integers(-2, 5),
+    st.booleans(),
+    st.lists(TEXTS, max_size=2),
+    st.dictionaries(st.sampled_from(["type", "text"]), TEXTS, max_size=2),
+)
+_MESSAGES = st.lists(
+    st.one_of(
+        st.dictionaries(
+            st.sampled_from(["role", "content", "name", "type", "cache_control"]),
+            _VALUES,
+            max_size=4,
+        ),
+        st.fixed_dictionaries({"role": st.just("user"), "content": TEXTS}),
+        TEXTS,
+    ),
+    max_size=4,
+)
+_PLAIN_MESSAGE = st.dictionaries(
+    st.sampled_from(["role", "content", "name", "cache_control"]),
+    st.one_of(TEXTS, st.none()),
+    max_size=3,
+)
+_PLAIN_BODIES = st.fixed_dictionaries(
+    {"model": st.sampled_from(["gpt-4o", "claude-sonnet-4-5", ""])},
+    optional={
+        "messages": st.lists(_PLAIN_MESSAGE, max_size=4),
+        "max_tokens": st.one_of(st.none(), st.integers(0, 10_000)),
+        "max_completion_tokens": st.one_of(st.none(), st.integers(0, 10_000)),
+        "n": st.one_of(st.none(), st.integers(1, 3)),
+        "system": TEXTS,
+        "temperature": st.floats(0, 2),
+        "metadata": st.builds(object),
+    },
+)
+_BODIES = st.one_of(_PLAIN_BODIES, st.dictionaries(
+    st.sampled_from(
+        [
+            "messages", "model", "max_tokens", "max_completion_tokens",
+            "max_output_tokens", "n", "temperature", "system", "tools", "stream",
+            "prediction",
+        ]
+    ),
+    st.one_of(_MESSAGES, _VALUES, st.just("gpt-4o"), st.builds(object)),
+    max_size=6,
+))  # fmt: skip
+
+
+def _full(api: str, body: dict[str, object]) -> tuple[int, int] | None:
+    """What the full walk says of ``body``: (input bound, output cap), or None."""
+    try:
+        bound = chat_input_bound(body) if api == "chat" else messages_input_bound(body)
+        return bound, output_cap("openai", str(body.get("model") or ""), body)
+    except ConfigurationError:
+        return None
+
+
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+@given(body=_BODIES, api=st.sampled_from(["chat", "messages"]))
+def test_plain_bound_equals_the_full_walk_where_it_answers(
+    body: dict[str, object], api: str
+) -> None:
+    plain = _estimate.plain_bound(body, None if api == "chat" else MESSAGE_TOKENS)
+    if plain is None:
+        return  # the full walk measures it
+    bound, cap = plain
+    model = str(body.get("model") or "")
+    assert _full(api, body) == (
+        bound,
+        default_output_cap(model) if cap is None else cap,
+    )
+
+
+@pytest.mark.parametrize(
+    ("api", "body"),
+    [
+        ("chat", {"model": "gpt-4o", "messages": [{"role": "user", "content": "hé"}]}),
+        (
+            "chat",
+            {
+                "model": "gpt-4o",
+                "messages": [
+                    {"role": "system", "content": "Be brief."},
+                    {"role": "user", "content": "Say hi", "name": "ann"},
+                ],
+                "max_tokens": 16,
+                "max_completion_tokens": 20,
+                "temperature": 0.2,
+                "stream": False,
+            },
+        ),
+        (
+            "messages",
+            {
+                "model": "claude-sonnet-4-5",
+                "system": "Be brief.",
+                "messages": [{"role": "user", "content": "Say hi"}],
+                "max_tokens": 100,
+                "metadata": object(),  # an SDK placeholder: never sent
+            },
+        ),
+    ],
+)
+def test_plain_bound_answers_for_the_commonest_bodies(
+    api: str, body: dict[str, object]
+) -> None:
+    plain = _estimate.plain_bound(body, None if api == "chat" else MESSAGE_TOKENS)
+    assert plain is not None
+    model = str(body["model"])
+    assert _full(api, body) == (
+        plain[0],
+        default_output_cap(model) if plain[1] is None else plain[1],
+    )

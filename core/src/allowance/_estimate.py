@@ -107,6 +107,7 @@ __all__ = [
     "make_usage",
     "messages_input_bound",
     "output_cap",
+    "plain_bound",
     "responses_input_bound",
     "text_bytes",
     "token_count",
@@ -558,6 +559,55 @@ def _anthropic(count: _Count, body: Mapping[str, Any]) -> int:
     return total
 
 
+def plain_bound(  # noqa: C901, PLR0911, PLR0912 - one function, on purpose
+    body: Mapping[str, Any], system_tokens: int | None = None
+) -> tuple[int, int | None] | None:
+    """``(input bound, request's output cap)`` of the commonest body, or None.
+
+    The commonest body: ``messages``, a list of dicts of str values without a
+    block ``type``; every other key a parameter (or an SDK placeholder, or
+    with ``system_tokens`` an Anthropic ``system`` str, counted that much more
+    than its text); ``n`` absent. There the input bound equals
+    ``chat_input_bound`` (``system_tokens=None``) or ``messages_input_bound``
+    (``MESSAGE_TOKENS``), and the cap is ``output_cap``'s before the model's
+    default (None: the request sets none); a property test holds them
+    together. None: any other body, for them to measure. One small function,
+    as the SDK layer's hot path runs it from cold CPU caches, where each
+    function and module global it touches costs a cache miss.
+    """
+    total = REQUEST_TOKENS
+    cap = None
+    not_prompt = _NOT_PROMPT
+    for key, value in body.items():
+        if key == "messages":
+            if type(value) is not list:
+                return None
+            total += MESSAGE_TOKENS * len(value)
+            for message in value:
+                if type(message) is not dict or "type" in message:
+                    return None
+                for k, v in message.items():
+                    if type(v) is not str:
+                        if k in _NOT_TEXT:
+                            continue
+                        return None
+                    if k not in _NOT_TEXT:
+                        total += len(v) if v.isascii() else _utf8_len(v)
+        elif key in not_prompt:
+            if key in _CAP_FIELD_SET and value is not None:
+                if type(value) is not int or value < 0:
+                    return None
+                if cap is None or value > cap:
+                    cap = value
+            elif key == "n" and value is not None:
+                return None
+        elif key == "system" and system_tokens is not None and type(value) is str:
+            total += system_tokens + _utf8_len(value)
+        elif type(value) in _JSON_EXACT or _is_json(value):
+            return None  # some other prompt-bearing key: the full walk
+    return total, cap
+
+
 def chat_input_bound(body: Mapping[str, Any], model: str | None = None) -> int:
     """Return an upper bound of the input tokens of an OpenAI chat completion.
 
@@ -766,6 +816,7 @@ def _tokens_field(body: Mapping[str, Any], field: str) -> int | None:
 
 
 _CAP_FIELDS: Final = ("max_completion_tokens", "max_tokens", "max_output_tokens")
+_CAP_FIELD_SET: Final = frozenset(_CAP_FIELDS)
 
 
 @lru_cache(maxsize=256)

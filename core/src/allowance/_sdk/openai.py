@@ -16,10 +16,12 @@ from typing import TYPE_CHECKING, Any, Final
 
 from allowance._estimate import (
     chat_input_bound,
+    default_output_cap,
     exact_input_tokens,
     make_estimate,
     make_usage,
     output_cap,
+    plain_bound,
     responses_input_bound,
     text_bytes,
 )
@@ -98,6 +100,15 @@ class OpenAICodec:
             model = str(model or "")
         api = _api(path)
         if api == _CHAT:
+            plain = plain_bound(body)
+            if plain is not None:  # the commonest body, in one small function
+                bound, cap = plain
+                return make_estimate(
+                    "openai",
+                    model,
+                    bound,
+                    default_output_cap(model) if cap is None else cap,
+                )
             return make_estimate(
                 "openai",
                 model,
