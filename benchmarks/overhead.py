@@ -31,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -148,6 +149,51 @@ def stream(client: Any, *, usage: bool = True) -> Callable[[], Any]:
     return call
 
 
+def least_guard(fake: RemoteProvider) -> Any:
+    """A client under the least a guard can do: the floor below allowance's row.
+
+    One USD budget in a dict under a lock: bound the input by its bytes, price
+    the worst case, hold it, call, price the usage, charge it, log a tuple.
+    No scope, no ledger protocol, no call record, no thresholds, no streams,
+    no errors handled. Between two SDK calls even this runs from cold CPU
+    caches: what is left above it in allowance's row is allowance's features.
+    """
+    client = openai.OpenAI(base_url=fake.openai_base_url, api_key="x", max_retries=0)
+    request = client.request
+    lock = threading.Lock()
+    counter = [0, 0]  # spent, held (micro-dollars)
+    log: list[tuple[Any, ...]] = []
+    rates = {"gpt-4o-mini": (150, 600)}  # micro-dollars per 1,000 tokens
+
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        body = args[1].json_data
+        messages = body["messages"]
+        bound = 3 + 4 * len(messages)
+        for message in messages:
+            text = message["content"]
+            bound += len(text) if text.isascii() else len(text.encode())
+        per_input, per_output = rates[body["model"]]
+        worst = -(-(bound * per_input + body["max_tokens"] * per_output) // 1000)
+        with lock:
+            if sum(counter) + worst > 10**12:
+                raise RuntimeError("over budget")
+            counter[1] += worst
+        result = request(*args, **kwargs)
+        usage = result.usage
+        cost = -(
+            -(usage.prompt_tokens * per_input + usage.completion_tokens * per_output)
+            // 1000
+        )
+        with lock:
+            counter[0] += cost
+            counter[1] -= worst
+            log.append((time.time(), result.model, usage.total_tokens, cost))
+        return result
+
+    client.__dict__["request"] = guarded
+    return client
+
+
 def per_chunk(result: dict[str, float], chunks: int) -> dict[str, float]:
     return {key: value / chunks for key, value in result.items()}
 
@@ -179,6 +225,13 @@ def sync_scenarios(
             "chat, a do-nothing wrapper (no allowance)",
             measure(raw, chat(bare), rounds),
             "the floor: any wrapper at the SDK layer pays this",
+        )
+    )
+    rows.append(
+        (
+            "chat, the least possible guard (no allowance)",
+            measure(raw, chat(least_guard(fake)), rounds),
+            "one budget in a dict: bound, hold, call, charge",
         )
     )
     ledgers = [

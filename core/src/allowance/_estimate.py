@@ -108,6 +108,7 @@ __all__ = [
     "messages_input_bound",
     "output_cap",
     "plain_bound",
+    "plain_estimate",
     "responses_input_bound",
     "text_bytes",
     "token_count",
@@ -606,6 +607,22 @@ def plain_bound(  # noqa: C901, PLR0911, PLR0912 - one function, on purpose
         elif type(value) in _JSON_EXACT or _is_json(value):
             return None  # some other prompt-bearing key: the full walk
     return total, cap
+
+
+def plain_estimate(
+    provider: str,
+    model: str,
+    body: Mapping[str, Any],
+    system_tokens: int | None = None,
+) -> Estimate | None:
+    """The ``Estimate`` of the commonest body (see ``plain_bound``), or None."""
+    plain = plain_bound(body, system_tokens)
+    if plain is None:
+        return None
+    bound, cap = plain
+    return make_estimate(
+        provider, model, bound, default_output_cap(model) if cap is None else cap
+    )
 
 
 def chat_input_bound(body: Mapping[str, Any], model: str | None = None) -> int:

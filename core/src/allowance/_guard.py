@@ -413,18 +413,8 @@ class Guard:
                 self.policy.lease_seconds,
             )
             if held is not None:
-                return Ticket(
-                    self,
-                    call_id,
-                    scope,
-                    estimate,
-                    lines,
-                    held,
-                    worst_micros,
-                    adapters,
-                    (),
-                    False,  # noqa: FBT003 - positional, as Ticket is built on the hot path
-                    estimate.model,
+                return self._admitted(
+                    call_id, scope, estimate, lines, held, worst_micros, adapters
                 )
         plan = [
             ReserveItem(

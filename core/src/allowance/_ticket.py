@@ -166,44 +166,19 @@ class Ticket:
 
     def commit(self, usage: Usage, *, response_model: str | None = None) -> None:
         """Charge the actual ``usage`` and return the rest of the reservation."""
+        # ``_commit_plan`` yields one operation: run it without the driver.
         if self.settled:
             return
+        op = self._commit_op(usage, response_model, partial=False)
         guard = self._guard
         ledger = guard._ledger
-        lines = self._lines
         if (
             type(ledger) is MemoryLedger
-            and lines
+            and op.name == "commit"
             and not (telemetry.active() or plugins.has_observers())
+            and ledger.settle(op.args[0], op.args[1], op.kwargs["record"])
         ):
-            # The memory ledger's fast lane: ``_commit_op`` inline, then one
-            # ``settle``, with nobody to tell (no observer, no telemetry).
-            self.settled = True
-            model = self.model
-            provider = self.estimate.provider
-            cost = guard._cost(provider, response_model, model, usage)
-            total = usage.input_tokens + usage.output_tokens
-            amounts: dict[str, int] = {}
-            for line in lines:
-                if line.unit == "tokens":
-                    amounts[line.key] = total
-                elif cost is None:  # pragma: no cover - priced at begin
-                    raise PricingError(model, provider)
-                else:
-                    amounts[line.key] = cost
-            if self.violations:
-                outcome: Outcome = "warned"
-            else:
-                outcome = "ok" if model == self.requested_model else "degraded"
-            record = self._record(usage, cost, outcome, response_model)
-            estimate = self.estimate
-            if total > estimate.input_tokens + estimate.output_tokens:
-                guard.estimate_misses += 1
-            if ledger.settle(self.call_id, amounts, record):
-                return
-            op = Op("commit", (self.call_id, amounts), {"record": record})
-        else:
-            op = self._commit_op(usage, response_model, partial=False)
+            return  # the memory ledger's fast lane: nothing more to tell anyone
         self._committed(op, guard._run(op))
 
     async def acommit(self, usage: Usage, *, response_model: str | None = None) -> None:
@@ -246,13 +221,6 @@ class Ticket:
         await self._guard._adrive(self._release_plan(outcome))
 
     # -- plans --------------------------------------------------------------------
-
-    def _outcome(self, partial: bool) -> Outcome:  # noqa: FBT001
-        if partial:
-            return "partial"
-        if self.violations:
-            return "warned"
-        return "degraded" if self.degraded else "ok"
 
     def _record(
         self,
@@ -326,28 +294,33 @@ class Ticket:
         """Settle this ticket: the operation that charges ``usage`` (not yet run)."""
         self.settled = True
         guard = self._guard
+        model = self.model
         provider = self.estimate.provider
-        cost = guard._cost(provider, response_model, self.model, usage)
+        cost = guard._cost(provider, response_model, model, usage)
+        total = usage.input_tokens + usage.output_tokens
+        lines = self._lines
         amounts: dict[str, int] = {}
-        total = usage.total_tokens
-        for line in self._lines:
+        for line in lines:
             if line.unit == "tokens":
                 amounts[line.key] = total
             elif cost is None:  # pragma: no cover - a USD line was priced at begin
-                raise PricingError(self.model, provider)
+                raise PricingError(model, provider)
             else:
                 amounts[line.key] = cost
-        record = self._record(usage, cost, self._outcome(partial), response_model)
-        if total > self.estimate.total_tokens:
+        if partial:
+            outcome: Outcome = "partial"
+        elif self.violations:
+            outcome = "warned"
+        else:
+            outcome = "ok" if model == self.requested_model else "degraded"
+        record = self._record(usage, cost, outcome, response_model)
+        estimated = self.estimate.input_tokens + self.estimate.output_tokens
+        if total > estimated:
             guard.estimate_misses += 1
             guard._emit(
                 "estimate_missed",
                 self.scope,
-                {
-                    "model": self.model,
-                    "estimated_tokens": self.estimate.total_tokens,
-                    "actual_tokens": total,
-                },
+                {"model": model, "estimated_tokens": estimated, "actual_tokens": total},
             )
         return self._settle_op("commit", amounts, record)
 

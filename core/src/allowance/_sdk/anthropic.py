@@ -14,12 +14,11 @@ from typing import TYPE_CHECKING, Any, Final
 
 from allowance._estimate import (
     MESSAGE_TOKENS,
-    default_output_cap,
     make_estimate,
     make_usage,
     messages_input_bound,
     output_cap,
-    plain_bound,
+    plain_estimate,
     text_bytes,
 )
 from allowance._sdk._adapter import SdkAdapter
@@ -70,15 +69,9 @@ class AnthropicCodec:
         model = body.get("model")
         if type(model) is not str:
             model = str(model or "")
-        plain = plain_bound(body, MESSAGE_TOKENS)
+        plain = plain_estimate("anthropic", model, body, MESSAGE_TOKENS)
         if plain is not None:  # the commonest body, in one small function
-            bound, cap = plain
-            return make_estimate(
-                "anthropic",
-                model,
-                bound,
-                default_output_cap(model) if cap is None else cap,
-            )
+            return plain
         return make_estimate(
             "anthropic",
             model,

@@ -16,12 +16,11 @@ from typing import TYPE_CHECKING, Any, Final
 
 from allowance._estimate import (
     chat_input_bound,
-    default_output_cap,
     exact_input_tokens,
     make_estimate,
     make_usage,
     output_cap,
-    plain_bound,
+    plain_estimate,
     responses_input_bound,
     text_bytes,
 )
@@ -100,15 +99,9 @@ class OpenAICodec:
             model = str(model or "")
         api = _api(path)
         if api == _CHAT:
-            plain = plain_bound(body)
+            plain = plain_estimate("openai", model, body)
             if plain is not None:  # the commonest body, in one small function
-                bound, cap = plain
-                return make_estimate(
-                    "openai",
-                    model,
-                    bound,
-                    default_output_cap(model) if cap is None else cap,
-                )
+                return plain
             return make_estimate(
                 "openai",
                 model,
