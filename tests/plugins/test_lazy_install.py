@@ -90,3 +90,28 @@ def test_patch_imports_no_sdk_the_program_does_not_use():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
     assert out.stdout.split() == ["[]", "True", "False"]
+
+
+def test_import_allowance_leaves_the_heavy_modules_for_first_use():
+    """What ``import allowance`` costs (the README's import time) stays small.
+
+    ``importlib.metadata`` (for ``__version__``), ``asyncio`` (the SQLite
+    ledger's async twins), ``wrapt`` (``patch``'s import hooks, the SDK layer)
+    and the SDKs come when first used, not with the package.
+    """
+    code = textwrap.dedent(
+        """
+        import sys
+        before = set(sys.modules)
+        import allowance
+        heavy = {"importlib.metadata", "asyncio", "wrapt", "openai", "anthropic"}
+        print(sorted(heavy & (set(sys.modules) - before)))
+        print(allowance.__version__ == __import__("importlib.metadata").metadata.version("allowance"))
+        import allowance.typing
+        print(allowance.typing.Usage is allowance.Usage)
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.split() == ["[]", "True", "True"]
