@@ -193,7 +193,7 @@ _AUDIO_TYPES: Final = frozenset({"input_audio"})
 _TOOL_USE_TYPES: Final = frozenset({"tool_use", "server_tool_use", "mcp_tool_use"})
 
 
-def slot_setters(cls: type, names: tuple[str, ...]) -> tuple[Any, ...] | None:
+def _slot_setters(cls: type, names: tuple[str, ...]) -> tuple[Any, ...] | None:
     """Return the slot setters of a frozen slots dataclass with exactly ``names``.
 
     Setting the slots of a new instance builds the same object as calling the
@@ -213,10 +213,10 @@ def slot_setters(cls: type, names: tuple[str, ...]) -> tuple[Any, ...] | None:
     return tuple(slot.__set__ for slot in slots)
 
 
-_ESTIMATE_SLOTS: Final = slot_setters(
+_ESTIMATE_SLOTS: Final = _slot_setters(
     Estimate, ("provider", "model", "input_tokens", "output_tokens", "exact_input")
 )
-_USAGE_SLOTS: Final = slot_setters(
+_USAGE_SLOTS: Final = _slot_setters(
     Usage,
     (
         "input_tokens",

@@ -37,8 +37,6 @@ from allowance._ledger import DEFAULT_LEDGER_URL, open_ledger
 from allowance._ledger._memory import MemoryLedger
 from allowance._policy import Fail, OnLimit, Policy, budgets_from_shorthand
 from allowance._pricing import prices
-from allowance._scope import _budgets as _budgets_var
-from allowance._scope import _scope as _scope_var
 from allowance._scope import current_budgets, current_scope, new_id, validate_scope
 from allowance._ticket import FAILED, NO_LAYOUT, Layout, Line, Op, Ticket
 from allowance.typing import CallRecord, Estimate, Event, KeyState, ReserveItem, Usage
@@ -353,7 +351,7 @@ class Guard:
             return ticket
         return self._drive(self._begin_plan(estimate, adapters, reestimate, refine))
 
-    def _begin_fast(  # noqa: C901 - the hot path, inline on purpose
+    def _begin_fast(
         self,
         estimate: Estimate,
         adapters: tuple[str, ...],
@@ -370,45 +368,22 @@ class Guard:
         if self._pending:
             return None
         now = self._clock()
-        # ``current_scope`` and ``_lines``, their cached cases inline: this runs
-        # between two SDK calls, from cold CPU caches, where every function
-        # call and attribute chain costs several times what it does in a loop.
-        ambient = _scope_var.get()
-        last_scope = self._last_scope
-        scope = last_scope[1] if last_scope[0] is ambient else self.current_scope()
-        extra = _budgets_var.get()
-        last = self._last_layout
-        layout = last[2]
-        if last[0] is not scope or last[1] is not extra or now >= layout.valid_until:
-            layout = self._lines(scope, now)
+        scope = self.current_scope()
+        layout = self._lines(scope, now)
         lines = layout.lines
         if not lines or layout.alerts or (reestimate is not None and layout.degrades):
             return None
-        try:
-            worst_micros: int | None = prices.worst_case_micros(
-                estimate.provider,
-                estimate.model,
-                estimate.input_tokens,
-                estimate.output_tokens,
-            )
-        except PricingError:
-            if layout.needs_usd:
-                raise
-            worst_micros = None
+        worst_micros = self._worst(estimate, required=layout.needs_usd)
         call_id = new_id()
-        tokens = estimate.input_tokens + estimate.output_tokens
+        tokens = estimate.total_tokens
         ledger = self._ledger or self.ledger
-        observed = telemetry.active() or plugins.has_observers()
+        observed = self._observed()  # asked once, used twice
         if type(ledger) is MemoryLedger and not observed:
             # The memory ledger's fast lane: the same hold, without the protocol's
             # value objects. A call that does not fit goes on to ``reserve``
             # below, which decides again and returns what the refusal reports.
-            micros = worst_micros or 0
             held = ledger.hold(
-                [
-                    (line.key, tokens if line.unit == "tokens" else micros, line.limit)
-                    for line in lines
-                ],
+                self._hold_items(lines, tokens, worst_micros or 0),
                 call_id,
                 self.policy.lease_seconds,
             )
@@ -470,6 +445,15 @@ class Guard:
         if exact is not None and exact.total_tokens < estimate.total_tokens:
             return exact
         return None
+
+    @staticmethod
+    def _hold_items(
+        lines: tuple[Line, ...], tokens: int, micros: int
+    ) -> list[tuple[str, int, int]]:
+        return [
+            (line.key, tokens if line.unit == "tokens" else micros, line.limit)
+            for line in lines
+        ]
 
     def _admitted(  # noqa: PLR0917 - the fast path's state, passed on
         self,

@@ -14,10 +14,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, final
 
-from allowance import _telemetry as telemetry
-from allowance import plugins
 from allowance._errors import PricingError, Violation
-from allowance._estimate import slot_setters
 from allowance._ledger._memory import MemoryLedger
 from allowance.typing import CallRecord, Estimate, Usage
 
@@ -69,25 +66,6 @@ class Op(NamedTuple):
 
 
 FAILED = object()
-_new = object.__new__
-_RECORD_SLOTS = slot_setters(
-    CallRecord,
-    (
-        "call_id",
-        "ts",
-        "scope",
-        "provider",
-        "model",
-        "requested_model",
-        "usage",
-        "cost_micros",
-        "adapters",
-        "outcome",
-        "estimate_tokens",
-        "estimate_micros",
-        "latency_ms",
-    ),
-)
 
 
 @final
@@ -175,7 +153,7 @@ class Ticket:
         if (
             type(ledger) is MemoryLedger
             and op.name == "commit"
-            and not (telemetry.active() or plugins.has_observers())
+            and not guard._observed()
             and ledger.settle(op.args[0], op.args[1], op.kwargs["record"])
         ):
             return  # the memory ledger's fast lane: nothing more to tell anyone
@@ -222,6 +200,13 @@ class Ticket:
 
     # -- plans --------------------------------------------------------------------
 
+    def _outcome(self, partial: bool) -> Outcome:  # noqa: FBT001
+        if partial:
+            return "partial"
+        if self.violations:
+            return "warned"
+        return "degraded" if self.degraded else "ok"
+
     def _record(
         self,
         usage: Usage,
@@ -229,56 +214,21 @@ class Ticket:
         outcome: Outcome,
         model: str | None = None,
     ) -> CallRecord:
-        now = time.time()
-        if _RECORD_SLOTS is None:  # pragma: no cover - CallRecord changed shape
-            return CallRecord(
-                call_id=self.call_id,
-                ts=self.started,
-                scope=self.scope,
-                provider=self.estimate.provider,
-                model=model or self.model,
-                requested_model=self.requested_model,
-                usage=usage,
-                cost_micros=cost,
-                adapters=self.adapters,
-                outcome=outcome,
-                estimate_tokens=self.estimate.total_tokens,
-                estimate_micros=self.estimate_micros,
-                latency_ms=(now - self.started) * 1000.0,
-            )
-        # The same object as the constructor builds, without the frozen
-        # dataclass's ``object.__setattr__`` per field (one per call, hot path).
-        (
-            set_call_id,
-            set_ts,
-            set_scope,
-            set_provider,
-            set_model,
-            set_requested_model,
-            set_usage,
-            set_cost_micros,
-            set_adapters,
-            set_outcome,
-            set_estimate_tokens,
-            set_estimate_micros,
-            set_latency_ms,
-        ) = _RECORD_SLOTS
-        estimate = self.estimate
-        record: CallRecord = _new(CallRecord)
-        set_call_id(record, self.call_id)
-        set_ts(record, self.started)
-        set_scope(record, self.scope)
-        set_provider(record, estimate.provider)
-        set_model(record, model or self.model)
-        set_requested_model(record, self.requested_model)
-        set_usage(record, usage)
-        set_cost_micros(record, cost)
-        set_adapters(record, self.adapters)
-        set_outcome(record, outcome)
-        set_estimate_tokens(record, estimate.input_tokens + estimate.output_tokens)
-        set_estimate_micros(record, self.estimate_micros)
-        set_latency_ms(record, (now - self.started) * 1000.0)
-        return record
+        return CallRecord(
+            call_id=self.call_id,
+            ts=self.started,
+            scope=self.scope,
+            provider=self.estimate.provider,
+            model=model or self.model,
+            requested_model=self.requested_model,
+            usage=usage,
+            cost_micros=cost,
+            adapters=self.adapters,
+            outcome=outcome,
+            estimate_tokens=self.estimate.total_tokens,
+            estimate_micros=self.estimate_micros,
+            latency_ms=(time.time() - self.started) * 1000.0,
+        )
 
     def _commit_plan(
         self, usage: Usage, response_model: str | None, *, partial: bool
@@ -294,33 +244,28 @@ class Ticket:
         """Settle this ticket: the operation that charges ``usage`` (not yet run)."""
         self.settled = True
         guard = self._guard
-        model = self.model
         provider = self.estimate.provider
-        cost = guard._cost(provider, response_model, model, usage)
-        total = usage.input_tokens + usage.output_tokens
-        lines = self._lines
+        cost = guard._cost(provider, response_model, self.model, usage)
         amounts: dict[str, int] = {}
-        for line in lines:
+        total = usage.total_tokens
+        for line in self._lines:
             if line.unit == "tokens":
                 amounts[line.key] = total
             elif cost is None:  # pragma: no cover - a USD line was priced at begin
-                raise PricingError(model, provider)
+                raise PricingError(self.model, provider)
             else:
                 amounts[line.key] = cost
-        if partial:
-            outcome: Outcome = "partial"
-        elif self.violations:
-            outcome = "warned"
-        else:
-            outcome = "ok" if model == self.requested_model else "degraded"
-        record = self._record(usage, cost, outcome, response_model)
-        estimated = self.estimate.input_tokens + self.estimate.output_tokens
-        if total > estimated:
+        record = self._record(usage, cost, self._outcome(partial), response_model)
+        if total > self.estimate.total_tokens:
             guard.estimate_misses += 1
             guard._emit(
                 "estimate_missed",
                 self.scope,
-                {"model": model, "estimated_tokens": estimated, "actual_tokens": total},
+                {
+                    "model": self.model,
+                    "estimated_tokens": self.estimate.total_tokens,
+                    "actual_tokens": total,
+                },
             )
         return self._settle_op("commit", amounts, record)
 

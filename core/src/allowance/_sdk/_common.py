@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 import wrapt
 
 from allowance._estimate import make_estimate, make_usage
-from allowance._scope import _adapters, _route
+from allowance._scope import current_adapters, current_route
 
 if TYPE_CHECKING:
     from allowance._guard import Guard
@@ -277,8 +277,8 @@ def make_sync_interceptor(
     ) -> Any:
         if _claimed.get():
             return wrapped(*args, **kwargs)
-        route = _route.get()  # current_route(), inline (hot path)
-        if route is None or not route[2][0]:
+        route = current_route()
+        if route is None:
             guard = guard_for(instance)
         elif route[1]:  # a framework adapter charges this call itself
             return wrapped(*args, **kwargs)
@@ -287,7 +287,7 @@ def make_sync_interceptor(
         call = None if guard is None else _prepare(binding, instance, args, kwargs)
         if call is None or guard is None:
             return wrapped(*args, **kwargs)
-        adapters = _adapters.get()
+        adapters = current_adapters()
         ticket = guard.begin(
             call.estimate,
             adapters=(*adapters, name) if adapters else only_name,
@@ -337,8 +337,8 @@ def make_async_interceptor(
     ) -> Any:
         if _claimed.get():
             return await wrapped(*args, **kwargs)
-        route = _route.get()  # current_route(), inline (hot path)
-        if route is None or not route[2][0]:
+        route = current_route()
+        if route is None:
             guard = guard_for(instance)
         elif route[1]:  # a framework adapter charges this call itself
             return await wrapped(*args, **kwargs)
@@ -347,7 +347,7 @@ def make_async_interceptor(
         call = None if guard is None else _prepare(binding, instance, args, kwargs)
         if call is None or guard is None:
             return await wrapped(*args, **kwargs)
-        adapters = _adapters.get()
+        adapters = current_adapters()
         ticket = await guard.abegin(
             call.estimate,
             adapters=(*adapters, name) if adapters else only_name,

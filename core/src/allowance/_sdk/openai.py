@@ -50,7 +50,6 @@ _EMBEDDINGS = "embeddings"
 
 
 @lru_cache(maxsize=64)
-@lru_cache(maxsize=1024)  # a C-level cache hit: asked several times per call
 def _api(path: str) -> str | None:
     path = path.rstrip("/")
     if path.endswith("/chat/completions"):
