@@ -11,7 +11,7 @@ from hypothesis import given, settings
 
 from allowance import UsageError
 from allowance._ledger._memory import MemoryLedger
-from allowance.typing import CallRecord, ReserveItem, Usage
+from allowance.typing import CallRecord, KeyState, ReserveItem, Usage
 
 KEYS = ("tokens:session=a", "usd:session=a", "usd:tenant=t")
 
@@ -44,6 +44,7 @@ holds = st.tuples(
         max_size=3,
         unique_by=lambda item: item[0],
     ),
+    st.sampled_from([1.0, 4.0, 60.0]),  # leases that end within the steps, or not
 )
 settles = st.tuples(st.just("settle"), st.integers(0, 30), st.integers(0, 60))
 resets = st.tuples(st.just("reset"), st.sampled_from(["usd:", "tokens:", "x"]))
@@ -57,14 +58,15 @@ def test_fast_lane_matches_reserve_and_commit(steps: list[tuple[object, ...]]) -
     ids: list[tuple[str, list[str]]] = []
     for n, step in enumerate(steps):
         if step[0] == "hold":
-            items = step[1]
+            _, items, lease = step
             assert isinstance(items, list)
+            assert isinstance(lease, float)
             rid = f"r{n}"
-            got = fast.hold(items, rid, 60.0)
+            got = fast.hold(items, rid, lease)
             want = reference.reserve(
                 [[ReserveItem(k, a, limit) for k, a, limit in items]],
                 reservation_id=rid,
-                lease_seconds=60.0,
+                lease_seconds=lease,
             )
             assert (got is not None) == (want.plan is not None)
             if got is not None:
@@ -100,3 +102,26 @@ def test_settle_only_takes_held_reservations() -> None:
     assert ledger.state(["tokens:s=a"])["tokens:s=a"].spent == 3
     with pytest.raises(UsageError, match="r1"):
         ledger.hold([("tokens:s=a", 1, 10)], "r1", 60.0)  # ids are never reused
+
+
+def test_leases_end_in_any_order() -> None:
+    """Holds with different leases expire when theirs ends, whatever the order."""
+    now = [1000.0]
+    ledger = MemoryLedger(clock=lambda: now[0])
+    key = "tokens:s=a"
+    assert ledger.hold([(key, 1, 100)], "short", 10.0)
+    assert ledger.hold([(key, 2, 100)], "long", 30.0)
+    assert ledger.hold([(key, 4, 100)], "middle", 20.0)
+    assert ledger.settle("short", {key: 1}, _record("short"))
+    now[0] = 1015.0  # past the settled one's lease only: nothing expires
+    assert ledger.hold([(key, 8, 100)], "later", 60.0)
+    assert ledger.state([key])[key].reserved == 2 + 4 + 8
+    now[0] = 1025.0  # "middle" ends
+    assert ledger.state([key])[key].reserved == 2 + 4 + 8  # reads reap nothing
+    assert ledger.hold([(key, 16, 100)], "last", 60.0)
+    assert ledger.state([key])[key].reserved == 2 + 8 + 16
+    assert not ledger.settle("middle", {key: 3}, _record("middle"))
+    ledger.commit("middle", {key: 3}, record=_record("middle"))  # late: charged
+    now[0] = 1031.0  # "long" ends
+    ledger.reserve([], reservation_id="tick", lease_seconds=1.0)
+    assert ledger.state([key])[key] == KeyState(spent=1 + 3, reserved=8 + 16)

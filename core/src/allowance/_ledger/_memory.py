@@ -10,7 +10,7 @@ instead of hopping to a thread.
 from __future__ import annotations
 
 import dataclasses
-import heapq
+import math
 import threading
 import time
 from collections import deque
@@ -96,13 +96,14 @@ class MemoryLedger:
         self._lock = threading.Lock()
         # key -> [spent, reserved]
         self._counters: dict[str, list[int]] = {}
-        # Held and expired reservations; a settled one is kept as its final
-        # status alone (a str: no object for the garbage collector to visit).
-        self._reservations: dict[str, _Reservation | str] = {}
-        self._expiry: list[tuple[float, str]] = []  # heap over held reservations
-        # The held reservations alone: the heap is rebuilt from them, never from
-        # every reservation of the last day.
+        # The held reservations. No lease among them ends before
+        # ``_next_expiry``: a hold is one dict entry, and the (few) held ones
+        # are scanned only when a lease may have ended.
         self._holding: dict[str, _Reservation] = {}
+        self._next_expiry = math.inf
+        # Expired reservations, and settled ones as their final status alone
+        # (a str: no object for the garbage collector to visit).
+        self._reservations: dict[str, _Reservation | str] = {}
         self._settled: deque[tuple[float, str]] = deque()
         self._markers: dict[str, float] = {}
         # The newest calls only: a memory ledger must not grow without bound.
@@ -155,12 +156,8 @@ class MemoryLedger:
                 index = choose_plan(plans, before)
             if index is None:
                 return ReserveResult(None, before)
-            if reservation_id in self._reservations:
-                msg = (
-                    f"reservation_id={reservation_id!r} is already known to the"
-                    f" ledger {self.url}: every reservation needs a fresh id"
-                )
-                raise UsageError(msg, value=reservation_id, expected="a fresh id")
+            if reservation_id in self._reservations or reservation_id in self._holding:
+                raise self._known(reservation_id)
             holds = fold_amounts(plans[index])
             for key, amount in holds.items():
                 row = counters.get(key)
@@ -168,11 +165,7 @@ class MemoryLedger:
                     counters[key] = [0, amount]
                 else:
                     row[1] += amount
-            expires_at = now + lease_seconds
-            reservation = _Reservation(expires_at, HELD, holds)
-            self._reservations[reservation_id] = reservation
-            self._holding[reservation_id] = reservation
-            heapq.heappush(self._expiry, (expires_at, reservation_id))
+            self._hold(reservation_id, now + lease_seconds, holds)
             return ReserveResult(index, before)
 
     def commit(
@@ -190,7 +183,7 @@ class MemoryLedger:
         check_amounts(amounts)
         with self._lock:
             now = self._clock()
-            reservation = self._reservations.get(reservation_id)
+            reservation = self._find(reservation_id)
             if reservation is None:
                 # Unknown (another process's, or purged): charge, never drop it.
                 self._reservations[reservation_id] = COMMITTED
@@ -229,10 +222,9 @@ class MemoryLedger:
         """
         with self._lock:
             now = self._clock()
-            expiry = self._expiry
             settled = self._settled
             if (
-                (expiry and expiry[0][0] <= now)
+                now >= self._next_expiry
                 or (settled and settled[0][0] < now - PURGE_AFTER_SECONDS)
                 or len(settled) > MAX_SETTLED
             ):
@@ -242,12 +234,8 @@ class MemoryLedger:
                 row = counters.get(key)
                 if (amount if row is None else row[0] + row[1] + amount) > limit:
                     return None
-            if reservation_id in self._reservations:
-                msg = (
-                    f"reservation_id={reservation_id!r} is already known to the"
-                    f" ledger {self.url}: every reservation needs a fresh id"
-                )
-                raise UsageError(msg, value=reservation_id, expected="a fresh id")
+            if reservation_id in self._reservations or reservation_id in self._holding:
+                raise self._known(reservation_id)
             holds: dict[str, int] = {}
             for key, amount, _ in items:
                 holds[key] = amount
@@ -256,13 +244,7 @@ class MemoryLedger:
                     counters[key] = [0, amount]
                 else:
                     row[1] += amount
-            expires_at = now + lease
-            reservation = _Reservation(expires_at, HELD, holds)
-            self._reservations[reservation_id] = reservation
-            self._holding[reservation_id] = reservation
-            heapq.heappush(expiry, (expires_at, reservation_id))
-            if len(expiry) > 2 * len(self._holding) + 1024:
-                self._rebuild_expiry()
+            self._hold(reservation_id, now + lease, holds)
             return holds
 
     def settle(
@@ -303,7 +285,7 @@ class MemoryLedger:
         nothing (use ``record`` for calls that were never reserved).
         """
         with self._lock:
-            reservation = self._reservations.get(reservation_id)
+            reservation = self._find(reservation_id)
             if reservation is None or isinstance(reservation, str):
                 return
             now = self._clock()
@@ -433,11 +415,26 @@ class MemoryLedger:
 
     # -- internals (called with the lock held) --------------------------------
 
-    def _rebuild_expiry(self) -> None:
-        # Settled reservations leave stale heap entries behind; rebuild the heap
-        # from the held ones alone.
-        self._expiry = [(r.expires_at, rid) for rid, r in self._holding.items()]
-        heapq.heapify(self._expiry)
+    def _known(self, reservation_id: str) -> UsageError:
+        msg = (
+            f"reservation_id={reservation_id!r} is already known to the"
+            f" ledger {self.url}: every reservation needs a fresh id"
+        )
+        return UsageError(msg, value=reservation_id, expected="a fresh id")
+
+    def _hold(
+        self, reservation_id: str, expires_at: float, holds: dict[str, int]
+    ) -> None:
+        """Register a reservation whose holds are already on the counters."""
+        self._holding[reservation_id] = _Reservation(expires_at, HELD, holds)
+        self._next_expiry = min(self._next_expiry, expires_at)
+
+    def _find(self, reservation_id: str) -> _Reservation | str | None:
+        """A held or expired reservation, a settled one's status, or None."""
+        reservation = self._holding.get(reservation_id)
+        if reservation is None:
+            return self._reservations.get(reservation_id)
+        return reservation
 
     def _settle(
         self, reservation: _Reservation, status: str, now: float, reservation_id: str
@@ -450,6 +447,7 @@ class MemoryLedger:
             reservation.status = status
             reservation.settled_at = now
             reservation.items = {}
+            self._reservations[reservation_id] = reservation
         else:
             self._reservations[reservation_id] = status
         self._settled.append((now, reservation_id))
@@ -457,31 +455,28 @@ class MemoryLedger:
 
     def _reap(self, now: float) -> None:
         """Expire held reservations whose lease ended; forget old settled ones."""
-        expiry = self._expiry
+        if now >= self._next_expiry:
+            counters = self._counters
+            ended = [
+                (rid, r) for rid, r in self._holding.items() if r.expires_at <= now
+            ]
+            for reservation_id, reservation in ended:
+                for key, amount in self._settle(
+                    reservation, EXPIRED, now, reservation_id
+                ).items():
+                    row = counters.get(key)
+                    if row is not None:
+                        row[1] = max(row[1] - amount, 0)
+            self._next_expiry = min(
+                (r.expires_at for r in self._holding.values()), default=math.inf
+            )
+        # Only settled and expired reservations are in ``_reservations``.
         reservations = self._reservations
-        counters = self._counters
-        while expiry and expiry[0][0] <= now:
-            _, reservation_id = heapq.heappop(expiry)
-            reservation = reservations.get(reservation_id)
-            if not isinstance(reservation, _Reservation) or reservation.status != HELD:
-                continue  # settled before its lease ended
-            for key, amount in self._settle(
-                reservation, EXPIRED, now, reservation_id
-            ).items():
-                row = counters.get(key)
-                if row is not None:
-                    row[1] = max(row[1] - amount, 0)
-        if len(expiry) > 2 * len(self._holding) + 1024:
-            self._rebuild_expiry()
         settled = self._settled
         horizon = now - PURGE_AFTER_SECONDS
         while settled and (settled[0][0] < horizon or len(settled) > MAX_SETTLED):
             _, reservation_id = settled.popleft()
-            reservation = reservations.get(reservation_id)
-            if reservation is not None and (
-                isinstance(reservation, str) or reservation.status != HELD
-            ):
-                del reservations[reservation_id]
+            reservations.pop(reservation_id, None)
 
 
 def _copy(record: CallRecord) -> CallRecord:
