@@ -17,7 +17,7 @@ from __future__ import annotations
 from math import isfinite
 from typing import TYPE_CHECKING
 
-from allowance._errors import ConfigurationError
+from allowance._errors import ConfigurationError, UsageError
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
@@ -33,8 +33,18 @@ __all__ = [
     "choose_plan",
     "fold_amounts",
     "fold_plan",
+    "known_id",
     "plan_keys",
 ]
+
+
+def known_id(reservation_id: str, url: str) -> UsageError:
+    """The error of a reservation id the ledger at ``url`` already knows."""
+    msg = (
+        f"reservation_id={reservation_id!r} is already known to the"
+        f" ledger {url}: every reservation needs a fresh id"
+    )
+    return UsageError(msg, value=reservation_id, expected="a fresh id")
 
 
 def check_plans(plans: Sequence[Sequence[ReserveItem]]) -> None:

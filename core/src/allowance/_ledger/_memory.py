@@ -17,13 +17,13 @@ from collections import deque
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Final
 
-from allowance._errors import UsageError
 from allowance._ledger._admission import (
     check_amounts,
     check_lease,
     check_plans,
     choose_plan,
     fold_amounts,
+    known_id,
     plan_keys,
 )
 from allowance.typing import KeyState, ReserveResult
@@ -157,7 +157,7 @@ class MemoryLedger:
             if index is None:
                 return ReserveResult(None, before)
             if reservation_id in self._reservations or reservation_id in self._holding:
-                raise self._known(reservation_id)
+                raise known_id(reservation_id, self.url)
             holds = fold_amounts(plans[index])
             for key, amount in holds.items():
                 row = counters.get(key)
@@ -235,7 +235,7 @@ class MemoryLedger:
                 if (amount if row is None else row[0] + row[1] + amount) > limit:
                     return None
             if reservation_id in self._reservations or reservation_id in self._holding:
-                raise self._known(reservation_id)
+                raise known_id(reservation_id, self.url)
             holds: dict[str, int] = {}
             for key, amount, _ in items:
                 holds[key] = amount
@@ -414,13 +414,6 @@ class MemoryLedger:
         """Async twin of ``close``."""
 
     # -- internals (called with the lock held) --------------------------------
-
-    def _known(self, reservation_id: str) -> UsageError:
-        msg = (
-            f"reservation_id={reservation_id!r} is already known to the"
-            f" ledger {self.url}: every reservation needs a fresh id"
-        )
-        return UsageError(msg, value=reservation_id, expected="a fresh id")
 
     def _hold(
         self, reservation_id: str, expires_at: float, holds: dict[str, int]

@@ -53,7 +53,6 @@ from allowance._errors import (
     ConfigurationError,
     LedgerError,
     LedgerUnavailableError,
-    UsageError,
 )
 from allowance._ledger import _sqlite_schema as rows
 from allowance._ledger._admission import (
@@ -61,6 +60,7 @@ from allowance._ledger._admission import (
     check_lease,
     check_plans,
     fold_plan,
+    known_id,
     plan_keys,
 )
 from allowance.typing import KeyState, ReserveResult
@@ -499,11 +499,7 @@ class RedisLedger:
             for i, key in enumerate(keys)
         }
         if plan == -2:  # noqa: PLR2004 - the script's "id already known"
-            msg = (
-                f"reservation_id={reservation_id!r} is already known to the"
-                f" ledger {self.url}: every reservation needs a fresh id"
-            )
-            raise UsageError(msg, value=reservation_id, expected="a fresh id")
+            raise known_id(reservation_id, self.url)
         return ReserveResult(None if plan < 0 else plan, before)
 
     def _commit_args(

@@ -30,7 +30,6 @@ from allowance._errors import (
     ConfigurationError,
     LedgerError,
     LedgerUnavailableError,
-    UsageError,
 )
 from allowance._ledger import _sqlite_schema as sql
 from allowance._ledger._admission import (
@@ -39,6 +38,7 @@ from allowance._ledger._admission import (
     check_plans,
     choose_plan,
     fold_amounts,
+    known_id,
     plan_keys,
 )
 from allowance._ledger._worker import Worker
@@ -359,7 +359,7 @@ class SQLiteLedger:
             if self._reserves % _PURGE_EVERY == 0:
                 self._purge_step(conn, now)
         if known:
-            raise self._known(reservation_id)
+            raise known_id(reservation_id, self.url)
         return ReserveResult(index, before)
 
     def _reserve_one(
@@ -403,15 +403,8 @@ class SQLiteLedger:
             raise
         _finish(self, conn, cursor, lock, "reserve")
         if known:
-            raise self._known(reservation_id)
+            raise known_id(reservation_id, self.url)
         return ReserveResult(index, {key: state})
-
-    def _known(self, reservation_id: str) -> UsageError:
-        msg = (
-            f"reservation_id={reservation_id!r} is already known to the"
-            f" ledger {self.url}: every reservation needs a fresh id"
-        )
-        return UsageError(msg, value=reservation_id, expected="a fresh id")
 
     def commit(
         self,
