@@ -45,6 +45,7 @@ from allowance.testing import RedisServer
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from types import CodeType, FrameType
 
 MESSAGES = [{"role": "user", "content": "Say hello in five words."}]
 STREAM_CHUNKS = 200  # words of the streamed answer, one chunk each
@@ -192,6 +193,92 @@ def least_guard(fake: RemoteProvider) -> Any:
 
     client.__dict__["request"] = guarded
     return client
+
+
+ALLOWANCE_DIR = str(Path(allowance.__file__).parent)
+
+
+def is_allowance(frame: FrameType) -> bool:
+    """Allowance's own code, and the ``__init__`` dataclasses generate for its types."""
+    code = frame.f_code
+    if code.co_filename.startswith(ALLOWANCE_DIR):
+        return True
+    if code.co_filename != "<string>" or code.co_name != "__init__":
+        return False
+    return type(frame.f_locals.get("self")).__module__.startswith("allowance")
+
+
+def bytecodes(fn: Callable[[], Any], ours: Callable[[FrameType], bool]) -> int:
+    """The bytecodes frames that ``ours`` accepts run during one call of ``fn``.
+
+    Counted (``f_trace_opcodes``), not timed: no machine noise, so a change of
+    a few bytecodes shows. It depends on the Python version and, by a few
+    bytecodes, on what the process imported (telemetry checks for
+    OpenTelemetry). What it leaves out is code in C (the SDK's parsers,
+    SQLite), which the timed table shows.
+    """
+    fn()  # warm, as before the timed rounds: caches filled, connections open
+    count = 0
+
+    def trace(frame: FrameType, event: str, _: object) -> Any:
+        nonlocal count
+        if not ours(frame):
+            return None
+        if event == "call":
+            frame.f_trace_lines = False
+            frame.f_trace_opcodes = True
+        elif event == "opcode":
+            count += 1
+        return trace
+
+    sys.settrace(trace)
+    try:
+        fn()
+    finally:
+        sys.settrace(None)
+    return count
+
+
+def counted_rows(fake: RemoteProvider, tmp: Path) -> list[tuple[str, str, str]]:
+    """Bytecodes per call: the raw SDK, the least guard, allowance on each ledger."""
+
+    def client() -> Any:
+        return openai.OpenAI(base_url=fake.openai_base_url, api_key="x", max_retries=0)
+
+    least = least_guard(fake)
+    least_code: CodeType = least.__dict__["request"].__code__
+    memory = allowance.wrap(client(), budget="$1000", ledger="memory://")
+    sqlite = allowance.wrap(
+        client(), budget="$1000", ledger=f"sqlite:///{tmp / 'counted.db'}"
+    )
+    chunks = len(stream(client())())
+    per_call = bytecodes(chat(memory), is_allowance)
+    per_stream = bytecodes(stream(memory), is_allowance)
+    rows: list[tuple[str, int | float, str]] = [
+        ("chat, the raw SDK (all of its Python)", bytecodes(chat(client()), bool), ""),
+        (
+            "chat, the least possible guard (no allowance)",
+            bytecodes(chat(least), lambda frame: frame.f_code is least_code),
+            "",
+        ),
+        ("chat, memory ledger", per_call, ""),
+        (
+            "chat, SQLite ledger",
+            bytecodes(chat(sqlite), is_allowance),
+            "SQLite's own work is in C: not counted",
+        ),
+        (
+            "chat stream, memory: per chunk, beyond the per-call cost",
+            (per_stream - per_call) / chunks,
+            f"({per_stream:,} - {per_call:,}) / {chunks} chunks",
+        ),
+    ]
+    for wrapped in (memory, sqlite):
+        wrapped.allowance.guard.close()
+    return [
+        (name, f"{value:,.1f}" if isinstance(value, float) else f"{value:,}", note)
+        for name, value, note in rows
+    ]
 
 
 def per_chunk(result: dict[str, float], chunks: int) -> dict[str, float]:
@@ -546,6 +633,7 @@ def main() -> None:
             rows.append(guard_alone_row(args.rounds))
             rows.append(estimate_row(args.rounds))
             peers = [] if args.no_peers else peer_rows(fake, args.rounds, Path(tmp))
+            counted = counted_rows(fake, Path(tmp))
         fake.start(latency=0.02)
         raw_wall, guarded_wall, raw_cpu, guarded_cpu = concurrency(
             fake, args.concurrent
@@ -606,6 +694,16 @@ def main() -> None:
             note,
         )
     console.print(table)
+    counts = Table(
+        title="Bytecodes run per call: counted, not timed (no machine noise; "
+        f"Python {sys.version_info.major}.{sys.version_info.minor})"
+    )
+    counts.add_column("scenario")
+    counts.add_column("bytecodes", justify="right")
+    counts.add_column("note")
+    for row in counted:
+        counts.add_row(*row)
+    console.print(counts)
 
 
 if __name__ == "__main__":
