@@ -449,10 +449,16 @@ class MemoryLedger:
     def _reap(self, now: float) -> None:
         """Expire held reservations whose lease ended; forget old settled ones."""
         if now >= self._next_expiry:
+            # One pass: the leases that ended, and the next end among the rest.
+            ended: list[tuple[str, _Reservation]] = []
+            next_expiry = math.inf
+            for reservation_id, reservation in self._holding.items():
+                if reservation.expires_at <= now:
+                    ended.append((reservation_id, reservation))
+                else:
+                    next_expiry = min(next_expiry, reservation.expires_at)
+            self._next_expiry = next_expiry
             counters = self._counters
-            ended = [
-                (rid, r) for rid, r in self._holding.items() if r.expires_at <= now
-            ]
             for reservation_id, reservation in ended:
                 for key, amount in self._settle(
                     reservation, EXPIRED, now, reservation_id
@@ -460,9 +466,6 @@ class MemoryLedger:
                     row = counters.get(key)
                     if row is not None:
                         row[1] = max(row[1] - amount, 0)
-            self._next_expiry = min(
-                (r.expires_at for r in self._holding.values()), default=math.inf
-            )
         # Only settled and expired reservations are in ``_reservations``.
         reservations = self._reservations
         settled = self._settled
