@@ -150,6 +150,11 @@ def stream(client: Any, *, usage: bool = True) -> Callable[[], Any]:
     return call
 
 
+def sdk_client(fake: RemoteProvider) -> Any:
+    """A plain OpenAI client of the fake provider (no retries: one request per call)."""
+    return openai.OpenAI(base_url=fake.openai_base_url, api_key="x", max_retries=0)
+
+
 def least_guard(fake: RemoteProvider) -> Any:
     """A client under the least a guard can do: the floor below allowance's row.
 
@@ -159,7 +164,7 @@ def least_guard(fake: RemoteProvider) -> Any:
     no errors handled. Between two SDK calls even this runs from cold CPU
     caches: what is left above it in allowance's row is allowance's features.
     """
-    client = openai.OpenAI(base_url=fake.openai_base_url, api_key="x", max_retries=0)
+    client = sdk_client(fake)
     request = client.request
     lock = threading.Lock()
     counter = [0, 0]  # spent, held (micro-dollars)
@@ -242,20 +247,21 @@ def bytecodes(fn: Callable[[], Any], ours: Callable[[FrameType], bool]) -> int:
 def counted_rows(fake: RemoteProvider, tmp: Path) -> list[tuple[str, str, str]]:
     """Bytecodes per call: the raw SDK, the least guard, allowance on each ledger."""
 
-    def client() -> Any:
-        return openai.OpenAI(base_url=fake.openai_base_url, api_key="x", max_retries=0)
-
     least = least_guard(fake)
     least_code: CodeType = least.__dict__["request"].__code__
-    memory = allowance.wrap(client(), budget="$1000", ledger="memory://")
+    memory = allowance.wrap(sdk_client(fake), budget="$1000", ledger="memory://")
     sqlite = allowance.wrap(
-        client(), budget="$1000", ledger=f"sqlite:///{tmp / 'counted.db'}"
+        sdk_client(fake), budget="$1000", ledger=f"sqlite:///{tmp / 'counted.db'}"
     )
-    chunks = len(stream(client())())
+    chunks = len(stream(sdk_client(fake))())
     per_call = bytecodes(chat(memory), is_allowance)
     per_stream = bytecodes(stream(memory), is_allowance)
     rows: list[tuple[str, int | float, str]] = [
-        ("chat, the raw SDK (all of its Python)", bytecodes(chat(client()), bool), ""),
+        (
+            "chat, the raw SDK (all of its Python)",
+            bytecodes(chat(sdk_client(fake)), bool),
+            "",
+        ),
         (
             "chat, the least possible guard (no allowance)",
             bytecodes(chat(least), lambda frame: frame.f_code is least_code),
@@ -293,14 +299,12 @@ def sync_scenarios(
 ) -> list[Row]:
     rows: list[Row] = []
     chat_memory: dict[str, float] = {}
-    raw_client = openai.OpenAI(
-        base_url=fake.openai_base_url, api_key="x", max_retries=0
-    )
+    raw_client = sdk_client(fake)
     raw = chat(raw_client)
     # The floor of any guard at the SDK layer: a wrapper around ``request``
     # that does nothing. Between two SDK calls even this runs from cold
     # CPU caches, so it shows what the harness itself cannot resolve.
-    bare = openai.OpenAI(base_url=fake.openai_base_url, api_key="x", max_retries=0)
+    bare = sdk_client(fake)
     request = bare.request
 
     def pass_through(*args: Any, **kwargs: Any) -> Any:
@@ -329,7 +333,7 @@ def sync_scenarios(
         ledgers.append(("chat, Redis ledger (local server)", redis_url))
     for name, ledger in ledgers:
         client = allowance.wrap(
-            openai.OpenAI(base_url=fake.openai_base_url, api_key="x", max_retries=0),
+            sdk_client(fake),
             budget="$1000",
             ledger=ledger,
         )
@@ -348,7 +352,7 @@ def sync_scenarios(
         rows.append(("chat, Redis ledger", None, "no redis-server on PATH"))
 
     stream_client = allowance.wrap(
-        openai.OpenAI(base_url=fake.openai_base_url, api_key="x", max_retries=0),
+        sdk_client(fake),
         budget="$1000",
         ledger="memory://",
     )
@@ -451,13 +455,8 @@ def estimate_row(rounds: int) -> Row:
 
 def peer_rows(fake: RemoteProvider, rounds: int, tmp: Path) -> list[Row]:
     """The same scenarios through tokencap, llm-toll and tokenfence."""
-    raw_client = openai.OpenAI(
-        base_url=fake.openai_base_url, api_key="x", max_retries=0
-    )
+    raw_client = sdk_client(fake)
     rows: list[Row] = []
-
-    def fresh() -> Any:
-        return openai.OpenAI(base_url=fake.openai_base_url, api_key="x", max_retries=0)
 
     def tokencap_client() -> Any:
         import tokencap
@@ -473,19 +472,19 @@ def peer_rows(fake: RemoteProvider, rounds: int, tmp: Path) -> list[Row]:
             otel_enabled=False,
             quiet=True,
         )
-        return tokencap.wrap(fresh())
+        return tokencap.wrap(sdk_client(fake))
 
     def tokenfence_client() -> Any:
         import tokenfence
 
-        return tokenfence.guard(fresh(), budget=1000.0, on_limit="raise")
+        return tokenfence.guard(sdk_client(fake), budget=1000.0, on_limit="raise")
 
     def llm_toll_client() -> Any:
         import llm_toll
 
         llm_toll.set_store(llm_toll.SQLiteStore(db_path=str(tmp / "llm_toll.db")))
         llm_toll.set_reporter(llm_toll.CostReporter(enabled=False))  # no line per call
-        inner = fresh()
+        inner = sdk_client(fake)
 
         @llm_toll.track_costs(project="bench", max_budget=1000.0)
         def tracked(**kwargs: Any) -> Any:
