@@ -109,6 +109,7 @@ __all__ = [
     "output_cap",
     "plain_bound",
     "plain_estimate",
+    "plain_tokens",
     "responses_input_bound",
     "text_bytes",
     "token_count",
@@ -609,20 +610,32 @@ def plain_bound(  # noqa: C901, PLR0911, PLR0912 - one function, on purpose
     return total, cap
 
 
+def plain_tokens(
+    model: str, body: Mapping[str, Any], system_tokens: int | None = None
+) -> tuple[int, int] | None:
+    """``(input bound, output cap)`` of the commonest body (see ``plain_bound``).
+
+    None: any other body. The output cap is the model's default when the
+    request sets none, as ``output_cap`` has it.
+    """
+    plain = plain_bound(body, system_tokens)
+    if plain is None:
+        return None
+    bound, cap = plain
+    return bound, default_output_cap(model) if cap is None else cap
+
+
 def plain_estimate(
     provider: str,
     model: str,
     body: Mapping[str, Any],
     system_tokens: int | None = None,
 ) -> Estimate | None:
-    """The ``Estimate`` of the commonest body (see ``plain_bound``), or None."""
-    plain = plain_bound(body, system_tokens)
+    """The ``Estimate`` of the commonest body (see ``plain_tokens``), or None."""
+    plain = plain_tokens(model, body, system_tokens)
     if plain is None:
         return None
-    bound, cap = plain
-    return make_estimate(
-        provider, model, bound, default_output_cap(model) if cap is None else cap
-    )
+    return make_estimate(provider, model, plain[0], plain[1])
 
 
 def chat_input_bound(body: Mapping[str, Any], model: str | None = None) -> int:

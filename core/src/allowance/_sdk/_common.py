@@ -37,9 +37,11 @@ import wrapt
 
 from allowance._estimate import make_estimate, make_usage
 from allowance._scope import current_adapters, current_route
+from allowance._sdk._express import admit, settle
 
 if TYPE_CHECKING:
     from allowance._guard import Guard
+    from allowance._sdk._express import Lane
     from allowance._ticket import Ticket
     from allowance.typing import Estimate, ProviderCodec, StreamAccumulator, Usage
 
@@ -81,10 +83,17 @@ class SdkBinding:
     keep_errors: tuple[type[BaseException], ...]
     provider_of: Callable[[Any], str]
     wants_stream_usage: Callable[[str], bool]
-    # Derived, per binding: what ``_track_*`` tests results against, and the
-    # request URLs seen, each mapped to its path if billable, else None.
+    # ``(model, input bound, output cap)`` of the commonest body of a path, as
+    # ``codec.estimate`` has it, or None: the express lane's estimate.
+    plain: Callable[[str, Mapping[str, Any]], tuple[str, int, int] | None] | None = None
+    # Derived, per binding: what ``_track_*`` tests results against, what the
+    # express lane hands on (streams, raw responses), and the request URLs
+    # seen, each mapped to its path if billable, else None.
     response_types: tuple[type[Any], ...] = field(init=False, repr=False)
     async_response_types: tuple[type[Any], ...] = field(init=False, repr=False)
+    unparsed_types: tuple[type[Any], ...] = field(init=False, repr=False)
+    async_unparsed_types: tuple[type[Any], ...] = field(init=False, repr=False)
+    only_name: tuple[str] = field(init=False, repr=False)
     paths: dict[str, str | None] = field(
         init=False, repr=False, compare=False, default_factory=dict
     )
@@ -95,6 +104,15 @@ class SdkBinding:
         object.__setattr__(
             self, "async_response_types", self.raw_types + self.async_lazy_types
         )
+        object.__setattr__(
+            self, "unparsed_types", self.stream_types + self.response_types
+        )
+        object.__setattr__(
+            self,
+            "async_unparsed_types",
+            self.async_stream_types + self.async_response_types,
+        )
+        object.__setattr__(self, "only_name", (self.name,))
 
     def billable_path(self, url: str) -> str | None:
         """Return the path of ``url`` (no query) if the codec charges it, else None."""
@@ -256,20 +274,112 @@ def _httpx_of(client: Any) -> Any:
     return importlib.import_module("httpx")  # pragma: no cover
 
 
-def _is_release_error(binding: SdkBinding, err: BaseException) -> bool:
-    return isinstance(err, binding.release_errors) and not isinstance(
+def _failed_sync(binding: SdkBinding, ticket: Ticket, err: BaseException) -> None:
+    """Settle a call the SDK raised on: free if the provider did no work."""
+    if isinstance(err, binding.release_errors) and not isinstance(
         err, binding.keep_errors
+    ):
+        ticket.release()
+    else:
+        ticket.keep(outcome="error")
+
+
+async def _failed_async(
+    binding: SdkBinding, ticket: Ticket, err: BaseException
+) -> None:
+    """Async twin of ``_failed_sync``."""
+    if isinstance(err, binding.release_errors) and not isinstance(
+        err, binding.keep_errors
+    ):
+        await ticket.arelease()
+    else:
+        await ticket.akeep(outcome="error")
+
+
+def _express_sync(  # noqa: PLR0917 - the interceptor's state, passed on
+    binding: SdkBinding,
+    wrapped: Callable[..., Any],
+    client: Any,
+    lane: Lane,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
+    """Send a call the express lane admitted, and settle it."""
+    token = _claimed.set(True)
+    try:
+        result = wrapped(*args, **kwargs)
+    except BaseException as err:
+        _failed_sync(binding, lane.ticket(), err)
+        raise
+    finally:
+        _claimed.reset(token)
+    if settle(lane, binding, result, binding.unparsed_types):
+        return result
+    ticket = lane.ticket()
+    return _track_sync(
+        _handed_on(binding, client, ticket, lane.path, args, kwargs), ticket, result
     )
 
 
-def make_sync_interceptor(
+async def _express_async(  # noqa: PLR0917 - the interceptor's state, passed on
+    binding: SdkBinding,
+    wrapped: Callable[..., Awaitable[Any]],
+    client: Any,
+    lane: Lane,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
+    """Async twin of ``_express_sync``.
+
+    The lane runs on the memory ledger only, which never waits (see
+    ``Guard.nonblocking_ledger``): it settles in place.
+    """
+    token = _claimed.set(True)
+    try:
+        result = await wrapped(*args, **kwargs)
+    except BaseException as err:
+        await _failed_async(binding, lane.ticket(), err)
+        raise
+    finally:
+        _claimed.reset(token)
+    if settle(lane, binding, result, binding.async_unparsed_types):
+        return result
+    ticket = lane.ticket()
+    call = _handed_on(binding, client, ticket, lane.path, args, kwargs)
+    return await _track_async(call, ticket, result)
+
+
+def _handed_on(  # noqa: PLR0917 - the express lane's call, rebuilt
+    binding: SdkBinding,
+    client: Any,
+    ticket: Ticket,
+    path: str,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> _Call:
+    """The ``_Call`` ``_prepare`` would have built for an express lane's call."""
+    options = args[1]
+    return _Call(
+        binding,
+        client,
+        path,
+        options.json_data,
+        args[0],
+        options,
+        False,  # noqa: FBT003 - the express lane takes no streams
+        kwargs.get("stream_cls"),
+        ticket.estimate,
+    )
+
+
+def make_sync_interceptor(  # noqa: C901 - one way out per case, on purpose
     binding: SdkBinding, guard_for: Callable[[Any], Guard | None]
 ) -> Callable[[Callable[..., Any], Any, tuple[Any, ...], dict[str, Any]], Any]:
     """Return a wrapt-style wrapper for a sync ``request`` method."""
     name = binding.name
     only_name = (name,)
 
-    def intercept(
+    def intercept(  # noqa: PLR0911 - one way out per case
         wrapped: Callable[..., Any],
         instance: Any,
         args: tuple[Any, ...],
@@ -284,8 +394,13 @@ def make_sync_interceptor(
             return wrapped(*args, **kwargs)
         else:
             guard = route[0]
-        call = None if guard is None else _prepare(binding, instance, args, kwargs)
-        if call is None or guard is None:
+        if guard is None:
+            return wrapped(*args, **kwargs)
+        lane = admit(binding, guard, instance, args, kwargs)
+        if lane is not None:
+            return _express_sync(binding, wrapped, instance, lane, args, kwargs)
+        call = _prepare(binding, instance, args, kwargs)
+        if call is None:
             return wrapped(*args, **kwargs)
         adapters = current_adapters()
         ticket = guard.begin(
@@ -307,10 +422,7 @@ def make_sync_interceptor(
                 call.cast_to, options, stream=call.stream, stream_cls=call.stream_cls
             )
         except BaseException as err:
-            if _is_release_error(binding, err):
-                ticket.release()
-            else:
-                ticket.keep(outcome="error")
+            _failed_sync(binding, ticket, err)
             raise
         finally:
             _claimed.reset(token)
@@ -319,7 +431,7 @@ def make_sync_interceptor(
     return intercept
 
 
-def make_async_interceptor(
+def make_async_interceptor(  # noqa: C901 - one way out per case, on purpose
     binding: SdkBinding, guard_for: Callable[[Any], Guard | None]
 ) -> Callable[
     [Callable[..., Awaitable[Any]], Any, tuple[Any, ...], dict[str, Any]],
@@ -329,7 +441,7 @@ def make_async_interceptor(
     name = binding.name
     only_name = (name,)
 
-    async def intercept(
+    async def intercept(  # noqa: PLR0911 - one way out per case
         wrapped: Callable[..., Awaitable[Any]],
         instance: Any,
         args: tuple[Any, ...],
@@ -344,8 +456,13 @@ def make_async_interceptor(
             return await wrapped(*args, **kwargs)
         else:
             guard = route[0]
-        call = None if guard is None else _prepare(binding, instance, args, kwargs)
-        if call is None or guard is None:
+        if guard is None:
+            return await wrapped(*args, **kwargs)
+        lane = admit(binding, guard, instance, args, kwargs)
+        if lane is not None:
+            return await _express_async(binding, wrapped, instance, lane, args, kwargs)
+        call = _prepare(binding, instance, args, kwargs)
+        if call is None:
             return await wrapped(*args, **kwargs)
         adapters = current_adapters()
         ticket = await guard.abegin(
@@ -367,10 +484,7 @@ def make_async_interceptor(
                 call.cast_to, options, stream=call.stream, stream_cls=call.stream_cls
             )
         except BaseException as err:
-            if _is_release_error(binding, err):
-                await ticket.arelease()
-            else:
-                await ticket.akeep(outcome="error")
+            await _failed_async(binding, ticket, err)
             raise
         finally:
             _claimed.reset(token)

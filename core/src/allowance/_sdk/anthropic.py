@@ -19,6 +19,7 @@ from allowance._estimate import (
     messages_input_bound,
     output_cap,
     plain_estimate,
+    plain_tokens,
     text_bytes,
 )
 from allowance._sdk._adapter import SdkAdapter
@@ -78,6 +79,19 @@ class AnthropicCodec:
             messages_input_bound(body),
             output_cap("anthropic", model, body),
         )
+
+    def plain(self, path: str, body: Mapping[str, Any]) -> tuple[str, int, int] | None:
+        """``(model, input bound, output cap)`` of the commonest body, or None.
+
+        What ``estimate`` returns for it, without building the ``Estimate``:
+        the SDK layer's express lane.
+        """
+        del path  # one billable endpoint
+        model = body.get("model")
+        if type(model) is not str:
+            return None
+        plain = plain_tokens(model, body, MESSAGE_TOKENS)
+        return None if plain is None else (model, plain[0], plain[1])
 
     def with_model(self, body: Mapping[str, Any], model: str) -> dict[str, Any]:
         """Return a copy of ``body`` asking for ``model``."""
@@ -254,6 +268,7 @@ def _binding() -> SdkBinding:
         keep_errors=(anthropic.APITimeoutError,),
         provider_of=lambda _client: "anthropic",
         wants_stream_usage=lambda _path: False,
+        plain=CODEC.plain,
     )
 
 

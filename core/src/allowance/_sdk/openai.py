@@ -21,6 +21,7 @@ from allowance._estimate import (
     make_usage,
     output_cap,
     plain_estimate,
+    plain_tokens,
     responses_input_bound,
     text_bytes,
 )
@@ -115,6 +116,18 @@ class OpenAICodec:
                 output_cap("openai", model, body),
             )
         return make_estimate("openai", model, _embedding_bound(body), 0)
+
+    def plain(self, path: str, body: Mapping[str, Any]) -> tuple[str, int, int] | None:
+        """``(model, input bound, output cap)`` of the commonest chat body, or None.
+
+        What ``estimate`` returns for it, without building the ``Estimate``:
+        the SDK layer's express lane.
+        """
+        model = body.get("model")
+        if type(model) is not str or _api(path) != _CHAT:
+            return None
+        plain = plain_tokens(model, body)
+        return None if plain is None else (model, plain[0], plain[1])
 
     def with_model(self, body: Mapping[str, Any], model: str) -> dict[str, Any]:
         """Return a copy of ``body`` asking for ``model``."""
@@ -530,6 +543,7 @@ def _binding() -> SdkBinding:
         keep_errors=(openai.APITimeoutError,),
         provider_of=provider_of,
         wants_stream_usage=lambda path: _api(path) == _CHAT,
+        plain=CODEC.plain,
     )
 
 

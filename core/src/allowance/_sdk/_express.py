@@ -1,0 +1,254 @@
+"""The express lane: the commonest SDK call, admitted and charged in one pass.
+
+Most calls have one shape: a non-streaming chat (OpenAI Chat Completions,
+Anthropic Messages) with a plain body, through a guard on the memory ledger
+whose budgets have no warn, webhook or degrade threshold, with nobody
+observing events. The general path (``Guard.begin``, a ``Ticket``,
+``_track_*``) takes about thirty function calls and a dozen objects for it,
+run from cold CPU caches after the SDK's own work. This lane does the same
+work with the same pieces (the codec's bound, ``prices``, the memory ledger's
+``hold`` and ``settle``, the codec's usage reader) in a handful.
+
+It never decides differently from the general path:
+
+- Before the ledger is touched, anything else (a stream, another body, another
+  ledger, an observer, a threshold, a price missing, a call that does not fit)
+  returns None, and the general path takes the call from the start.
+- After the hold, anything out of the ordinary (an error, a raw or streamed
+  response, no usage, usage beyond the worst case, a lease ended, an observer
+  that appeared) is handed to the general path as the ``Ticket`` it would have
+  built (``Lane.ticket``), and settled by the same code.
+
+A hypothesis test (``tests/sdk/test_express.py``) drives random calls through
+the real SDKs with the lane on and off, and holds both to the same ledger
+state, call log, responses and errors.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any, final
+
+from allowance._errors import PricingError
+from allowance._estimate import make_estimate
+from allowance._ledger._memory import MemoryLedger
+from allowance._pricing import prices
+from allowance._scope import current_adapters, new_id
+from allowance._ticket import Ticket
+from allowance.typing import CallRecord
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from allowance._guard import Guard
+    from allowance._sdk._common import SdkBinding
+    from allowance._ticket import Line
+
+__all__ = ["Lane", "admit", "settle"]
+
+ENABLED = True
+"""Off only in the tests that hold the express lane to the general path."""
+
+
+@final
+class Lane:
+    """One call admitted by the express lane, until it is settled."""
+
+    __slots__ = (
+        "adapters",
+        "bound",
+        "call_id",
+        "cap",
+        "guard",
+        "held",
+        "ledger",
+        "lines",
+        "model",
+        "path",
+        "provider",
+        "scope",
+        "started",
+        "worst",
+    )
+
+    def __init__(  # noqa: PLR0917 - built in one place, positionally (hot path)
+        self,
+        guard: Guard,
+        ledger: MemoryLedger,
+        call_id: str,
+        scope: Mapping[str, str],
+        path: str,
+        provider: str,
+        model: str,
+        bound: int,
+        cap: int,
+        lines: tuple[Line, ...],
+        held: dict[str, int],
+        worst: int | None,
+        adapters: tuple[str, ...],
+    ) -> None:
+        """Hold the admitted call's state; only ``admit`` builds one."""
+        self.guard = guard
+        self.ledger = ledger
+        self.call_id = call_id
+        self.scope = scope
+        self.path = path
+        self.provider = provider
+        self.model = model
+        self.bound = bound
+        self.cap = cap
+        self.lines = lines
+        self.held = held
+        self.worst = worst
+        self.adapters = adapters
+        self.started = time.time()
+
+    def ticket(self) -> Ticket:
+        """The ticket ``Guard.begin`` would have returned for this call."""
+        ticket = Ticket(
+            self.guard,
+            self.call_id,
+            self.scope,
+            make_estimate(self.provider, self.model, self.bound, self.cap),
+            self.lines,
+            self.held,
+            self.worst,
+            self.adapters,
+            (),
+            False,  # noqa: FBT003 - positional, as Guard builds it
+            self.model,
+        )
+        ticket.started = self.started
+        return ticket
+
+
+def admit(  # noqa: PLR0911 - each way out is a case for the general path
+    binding: SdkBinding,
+    guard: Guard,
+    client: Any,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Lane | None:
+    """Admit the commonest call and hold its worst case; None: not this lane's.
+
+    ``Guard._begin_fast`` for ``_prepare``'s call, when that call is plain: it
+    decides the same, on the same ledger state, or returns None having
+    touched nothing.
+    """
+    plain_of = binding.plain
+    ledger = guard._ledger  # noqa: SLF001 - the guard's own hot path, split in two
+    if (
+        plain_of is None
+        or not ENABLED
+        or len(args) != 2  # noqa: PLR2004 - how the SDKs call it
+        or kwargs.get("stream")
+        or type(ledger) is not MemoryLedger
+        or guard._pending  # noqa: SLF001
+        or guard._observed()  # noqa: SLF001
+    ):
+        return None
+    options = args[1]
+    body = getattr(options, "json_data", None)
+    if type(body) is not dict:
+        return None
+    path = binding.paths.get(getattr(options, "url", ""))
+    if path is None:  # not billable, or not seen yet: ``_prepare`` decides
+        return None
+    plain = plain_of(path, body)
+    if plain is None:
+        return None
+    model, bound, cap = plain
+    provider = binding.provider_of(client)
+    if provider != binding.codec.name:  # Azure: the general path re-estimates
+        return None
+    now = guard._clock()  # noqa: SLF001
+    scope = guard.current_scope()
+    layout = guard._lines(scope, now)  # noqa: SLF001
+    lines = layout.lines
+    if not lines or layout.alerts or layout.degrades:
+        return None
+    try:
+        worst: int | None = prices.worst_case_micros(provider, model, bound, cap)
+    except PricingError:
+        if layout.needs_usd:  # the general path raises it
+            return None
+        worst = None
+    call_id = new_id()
+    held = ledger.hold(
+        [
+            (line.key, bound + cap if line.unit == "tokens" else worst or 0, line.limit)
+            for line in lines
+        ],
+        call_id,
+        guard.policy.lease_seconds,
+    )
+    if held is None:  # the general path decides again, and reports the refusal
+        return None
+    adapters = current_adapters()
+    return Lane(
+        guard,
+        ledger,
+        call_id,
+        scope,
+        path,
+        provider,
+        model,
+        bound,
+        cap,
+        lines,
+        held,
+        worst,
+        (*adapters, binding.name) if adapters else binding.only_name,
+    )
+
+
+def settle(
+    lane: Lane, binding: SdkBinding, result: Any, unparsed: tuple[type[Any], ...]
+) -> bool:
+    """Charge the parsed ``result``'s usage; False: the general path settles it.
+
+    ``Ticket.commit`` of the parsed response, on the memory ledger's fast lane.
+    ``unparsed``: the types ``_track_*`` wraps (streams, raw responses).
+    """
+    if isinstance(result, unparsed):
+        return False
+    codec = binding.codec
+    usage = codec.usage(lane.path, result)
+    if usage is None:
+        return False
+    total = usage.total_tokens
+    guard = lane.guard
+    # Beyond the worst case: the general path counts and reports the miss.
+    if total > lane.bound + lane.cap or guard._observed():  # noqa: SLF001
+        return False
+    model = lane.model
+    response_model = codec.response_model(result)
+    cost = guard._cost(lane.provider, response_model, model, usage)  # noqa: SLF001
+    amounts: dict[str, int] = {}
+    for line in lane.lines:
+        if line.unit == "tokens":
+            amounts[line.key] = total
+        elif cost is None:  # pragma: no cover - a USD line was priced at admission
+            return False
+        else:
+            amounts[line.key] = cost
+    started = lane.started
+    return lane.ledger.settle(
+        lane.call_id,
+        amounts,
+        CallRecord(
+            lane.call_id,
+            started,
+            lane.scope,
+            lane.provider,
+            response_model or model,
+            model,
+            usage,
+            cost,
+            lane.adapters,
+            "ok",
+            lane.bound + lane.cap,
+            lane.worst,
+            (time.time() - started) * 1000.0,
+        ),
+    )

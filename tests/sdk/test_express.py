@@ -1,0 +1,340 @@
+"""The express lane decides and charges exactly as the general path does.
+
+The express lane (``allowance._sdk._express``) admits and charges the
+commonest call in one pass; everything else, and everything unusual after
+admission, goes to the general path. Here random scripts of calls run through
+the real openai and anthropic SDKs (sync and async) against the fake provider,
+once with the lane on and once with it off, and must leave the same ledger
+counters, the same call log, the same responses and the same errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+import allowance
+from allowance import Budget
+from allowance._sdk import _common, _express
+from allowance.testing import FakeProvider, FakeReply, FakeUsage
+
+from .conftest import CLAUDE, GPT, MINI, aw, close
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+pytestmark = pytest.mark.filterwarnings("ignore::allowance.BudgetThresholdWarning")
+
+_UNPRICED = {"openai": "gpt-unpriced-test", "anthropic": "claude-unpriced-test"}
+_MODELS = {"openai": (MINI, GPT), "anthropic": (CLAUDE,)}
+_ID = re.compile(r"[0-9a-f]{12}-\d+")
+
+
+@pytest.fixture(scope="module")
+def fake() -> Iterator[FakeProvider]:
+    """One fake provider for every example (each run enqueues its own replies)."""
+    with FakeProvider() as provider:
+        yield provider
+
+
+@dataclass(frozen=True)
+class Step:
+    """One call of a script."""
+
+    tenant: str
+    user: str
+    model: str  # "priced" (a model of the SDK's with a price) or "unpriced"
+    texts: tuple[str, ...]
+    blocks: bool  # content as a list of blocks: not the plain body
+    max_tokens: int | None
+    temperature: float | None
+    raw: bool  # with_raw_response: a raw response to hand on
+    reply: FakeReply | None
+
+
+@dataclass(frozen=True)
+class Config:
+    """The guard of a script."""
+
+    unit: str
+    limit: int | str
+    user_limit: int | str | None
+    on_limit: str
+
+
+_replies = st.one_of(
+    st.none(),
+    st.builds(FakeReply, status=st.sampled_from([400, 401, 500])),
+    st.builds(
+        FakeReply,
+        usage=st.builds(
+            FakeUsage,
+            input_tokens=st.integers(5, 3000),
+            output_tokens=st.integers(0, 3000),
+            cached_tokens=st.integers(0, 5),
+        ),
+    ),
+    st.just(FakeReply(omit_usage=True)),
+    st.just(FakeReply(model="gpt-4o-2024-08-06")),
+    st.just(FakeReply(truncate_after=0)),
+)
+
+_steps = st.builds(
+    Step,
+    tenant=st.sampled_from(["a", "b"]),
+    user=st.sampled_from(["u", "v"]),
+    model=st.sampled_from(["priced", "priced", "priced", "unpriced"]),
+    texts=st.lists(st.text(max_size=30), min_size=1, max_size=3).map(tuple),
+    blocks=st.sampled_from([False, False, False, True]),
+    max_tokens=st.integers(1, 400) | st.none(),
+    temperature=st.none() | st.just(0.5),
+    raw=st.booleans(),
+    reply=_replies,
+)
+
+# Half the budgets are far from their limits, half may refuse.
+_tokens = st.sampled_from([60, 400, 3000]) | st.just(1_000_000)
+_usd = st.sampled_from(["$0.0001", "$0.002", "$0.05"]) | st.just("$100")
+_configs = st.one_of(
+    st.builds(
+        Config,
+        unit=st.just("tokens"),
+        limit=_tokens,
+        user_limit=st.none() | _tokens,
+        on_limit=st.sampled_from(["raise", "stop"]),
+    ),
+    st.builds(
+        Config,
+        unit=st.just("usd"),
+        limit=_usd,
+        user_limit=st.none() | _usd,
+        on_limit=st.sampled_from(["raise", "stop"]),
+    ),
+)
+
+
+def _client(fake: FakeProvider, sdk: str, kind: str) -> Any:
+    import anthropic
+    import openai
+
+    options: dict[str, Any] = {"api_key": "test", "max_retries": 0, "timeout": 10.0}
+    if sdk == "anthropic":
+        cls: Any = anthropic.Anthropic if kind == "sync" else anthropic.AsyncAnthropic
+        return cls(base_url=fake.anthropic_base_url, **options)
+    cls = openai.OpenAI if kind == "sync" else openai.AsyncOpenAI
+    return cls(base_url=fake.openai_base_url, **options)
+
+
+def _guard(config: Config) -> allowance.Guard:
+    budgets = [Budget(config.limit, per="tenant")]
+    if config.user_limit is not None:
+        budgets.append(Budget(config.user_limit, per="user"))
+    return allowance.Guard(
+        budget=budgets,
+        ledger="memory://",
+        on_limit=config.on_limit,  # type: ignore[arg-type]
+        defaults={},
+    )
+
+
+def _request(sdk: str, step: Step) -> dict[str, Any]:
+    model = (
+        _UNPRICED[sdk]
+        if step.model == "unpriced"
+        else _MODELS[sdk][len(step.texts) % len(_MODELS[sdk])]
+    )
+    messages = [
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": text}] if step.blocks else text,
+        }
+        for text in step.texts
+    ]
+    request: dict[str, Any] = {"model": model, "messages": messages}
+    if step.max_tokens is not None or sdk == "anthropic":
+        request["max_tokens"] = step.max_tokens or 100
+    if step.temperature is not None:
+        request["temperature"] = step.temperature
+    return request
+
+
+_WARM_UP = Step("", "", "priced", ("hi",), False, 1, None, False, None)
+
+
+def _answer(result: Any) -> tuple[Any, ...]:
+    if hasattr(result, "choices"):
+        return ("chat", result.model, result.choices[0].message.content)
+    return ("message", result.model, [getattr(b, "text", None) for b in result.content])
+
+
+async def _run(
+    fake: FakeProvider,
+    sdk: str,
+    kind: str,
+    config: Config,
+    script: list[Step],
+    *,
+    express: bool,
+) -> tuple[Any, ...]:
+    """Run ``script``; return what the caller and the ledger saw."""
+    _express.ENABLED = express
+    client = _client(fake, sdk, kind)
+    guard = _guard(config)
+    allowance.wrap(client, guard=guard)
+    resource = client.chat.completions if sdk == "openai" else client.messages
+    seen: list[tuple[Any, ...]] = []
+    try:
+        # The guard's first call opens its ledger (the general path's work):
+        # one outside the script's scopes, so the script's first may go express.
+        fake.reset()
+        with allowance.scope(tenant="warm-up", user="warm-up"):
+            await aw(resource.create(**_request(sdk, _WARM_UP)))
+        for step in script:
+            fake.reset()
+            if step.reply is not None:
+                fake.enqueue(step.reply)
+            try:
+                with allowance.scope(tenant=step.tenant, user=step.user):
+                    if step.raw:
+                        raw = await aw(
+                            resource.with_raw_response.create(**_request(sdk, step))
+                        )
+                        result = await aw(raw.parse())
+                    else:
+                        result = await aw(resource.create(**_request(sdk, step)))
+                seen.append(_answer(result))
+            except Exception as err:
+                seen.append((type(err).__name__, _ID.sub("<id>", str(err))))
+    finally:
+        _express.ENABLED = True
+        await close(client)
+    ledger = guard.ledger
+    records = [
+        (
+            r.scope,
+            r.provider,
+            r.model,
+            r.requested_model,
+            r.usage,
+            r.cost_micros,
+            r.adapters,
+            r.outcome,
+            r.estimate_tokens,
+            r.estimate_micros,
+        )
+        for r in ledger.calls()
+    ]
+    return tuple(seen), ledger.keys(), records, guard.estimate_misses
+
+
+class _Lanes:
+    """Counts the calls the express lane admitted."""
+
+    def __init__(self) -> None:
+        self.admitted = 0
+
+    def __call__(self, *args: Any) -> Any:
+        lane = _express.admit(*args)
+        self.admitted += lane is not None
+        return lane
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+@pytest.mark.parametrize("sdk", ["openai", "anthropic"])
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(config=_configs, script=st.lists(_steps, min_size=1, max_size=6))
+def test_the_express_lane_decides_and_charges_as_the_general_path(
+    fake: FakeProvider, sdk: str, kind: str, config: Config, script: list[Step]
+) -> None:
+    lanes = _Lanes()
+    _common.admit = lanes  # type: ignore[assignment] - counted, for the statistics
+    try:
+        on = asyncio.run(_run(fake, sdk, kind, config, script, express=True))
+    finally:
+        _common.admit = _express.admit
+    off = asyncio.run(_run(fake, sdk, kind, config, script, express=False))
+    event(f"calls admitted by the express lane: {min(lanes.admitted, 2)}+")
+    assert on == off
+
+
+# -- the lane is taken where it should be, and handed on where it should -------
+
+
+@pytest.fixture
+def lanes(monkeypatch: pytest.MonkeyPatch) -> _Lanes:
+    """Count the express lane's admissions (the interceptor's own reference)."""
+    counter = _Lanes()
+    monkeypatch.setattr(_common, "admit", counter)
+    return counter
+
+
+@pytest.mark.parametrize("sdk", ["openai", "anthropic"])
+async def test_a_plain_call_takes_the_express_lane(
+    fake: FakeProvider, lanes: _Lanes, sdk: str, kind: str
+) -> None:
+    client = _client(fake, sdk, kind)
+    allowance.wrap(client, budget=10_000, ledger="memory://")
+    resource = client.chat.completions if sdk == "openai" else client.messages
+    fake.reset()
+    step = Step(
+        "a",
+        "u",
+        "priced",
+        ("hi",),
+        False,
+        50,
+        None,
+        False,
+        None,
+    )
+    try:
+        for _ in range(2):
+            await aw(resource.create(**_request(sdk, step)))
+        # The first call opened the ledger (the general path); the second was plain.
+        assert lanes.admitted == 1
+        first, second = client.allowance.guard.ledger.calls()
+        assert second.outcome == first.outcome == "ok"
+        assert (second.usage, second.cost_micros) == (first.usage, first.cost_micros)
+        record = second
+        assert record.adapters == (sdk,)
+        assert all(s.reserved == 0 for s in client.allowance.status())
+    finally:
+        await close(client)
+
+
+@pytest.mark.parametrize(
+    "guard_options",
+    [
+        {"threshold": 0.5},  # a warn threshold
+        {"fallback": "gpt-4o-mini", "threshold": 0.5},  # may degrade
+        {"ledger": "sqlite:///:memory:"},  # another ledger
+    ],
+    ids=["warn", "degrade", "sqlite"],
+)
+async def test_calls_the_lane_cannot_take_go_the_general_way(
+    fake: FakeProvider, lanes: _Lanes, guard_options: dict[str, Any], tmp_path: Any
+) -> None:
+    if guard_options.get("ledger", "").startswith("sqlite"):
+        guard_options = {"ledger": f"sqlite:///{tmp_path / 'ledger.db'}"}
+    client = _client(fake, "openai", "sync")
+    allowance.wrap(client, budget=10_000, **{"ledger": "memory://", **guard_options})
+    fake.reset()
+    step = Step("a", "u", "priced", ("hi",), False, 50, None, False, None)
+    try:
+        for _ in range(2):  # the first call also opens the ledger
+            client.chat.completions.create(**_request("openai", step))
+        assert lanes.admitted == 0
+        assert len(client.allowance.guard.ledger.calls()) == 2
+    finally:
+        client.close()
+        client.allowance.guard.close()
