@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 import wrapt
 
 from allowance._estimate import make_estimate, make_usage
+from allowance._ledger._memory import MemoryLedger
 from allowance._scope import current_adapters, current_route
 from allowance._sdk._express import admit, settle
 
@@ -379,7 +380,7 @@ def make_sync_interceptor(  # noqa: C901 - one way out per case, on purpose
     name = binding.name
     only_name = (name,)
 
-    def intercept(  # noqa: PLR0911 - one way out per case
+    def intercept(  # noqa: C901, PLR0911, PLR0912 - one way out per case
         wrapped: Callable[..., Any],
         instance: Any,
         args: tuple[Any, ...],
@@ -396,9 +397,10 @@ def make_sync_interceptor(  # noqa: C901 - one way out per case, on purpose
             guard = route[0]
         if guard is None:
             return wrapped(*args, **kwargs)
-        lane = admit(binding, guard, instance, args, kwargs)
-        if lane is not None:
-            return _express_sync(binding, wrapped, instance, lane, args, kwargs)
+        if type(guard._ledger) is MemoryLedger:  # noqa: SLF001 - the lane's ledger
+            lane = admit(binding, guard, instance, args, kwargs)
+            if lane is not None:
+                return _express_sync(binding, wrapped, instance, lane, args, kwargs)
         call = _prepare(binding, instance, args, kwargs)
         if call is None:
             return wrapped(*args, **kwargs)
@@ -441,7 +443,7 @@ def make_async_interceptor(  # noqa: C901 - one way out per case, on purpose
     name = binding.name
     only_name = (name,)
 
-    async def intercept(  # noqa: PLR0911 - one way out per case
+    async def intercept(  # noqa: C901, PLR0911, PLR0912 - one way out per case
         wrapped: Callable[..., Awaitable[Any]],
         instance: Any,
         args: tuple[Any, ...],
@@ -458,9 +460,12 @@ def make_async_interceptor(  # noqa: C901 - one way out per case, on purpose
             guard = route[0]
         if guard is None:
             return await wrapped(*args, **kwargs)
-        lane = admit(binding, guard, instance, args, kwargs)
-        if lane is not None:
-            return await _express_async(binding, wrapped, instance, lane, args, kwargs)
+        if type(guard._ledger) is MemoryLedger:  # noqa: SLF001 - the lane's ledger
+            lane = admit(binding, guard, instance, args, kwargs)
+            if lane is not None:
+                return await _express_async(
+                    binding, wrapped, instance, lane, args, kwargs
+                )
         call = _prepare(binding, instance, args, kwargs)
         if call is None:
             return await wrapped(*args, **kwargs)
