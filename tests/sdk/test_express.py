@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import allowance
-from allowance import Budget
+from allowance import Budget, Threshold
 from allowance._sdk import _common, _express
 from allowance.testing import FakeProvider, FakeReply, FakeUsage
 
@@ -66,6 +66,8 @@ class Config:
     limit: int | str
     user_limit: int | str | None
     on_limit: str
+    window: str | None = None  # the tenant budget's
+    block_at: float | None = None  # a "block" threshold on the tenant budget
 
 
 _replies = st.one_of(
@@ -101,20 +103,27 @@ _steps = st.builds(
 # Half the budgets are far from their limits, half may refuse.
 _tokens = st.sampled_from([60, 400, 3000]) | st.just(1_000_000)
 _usd = st.sampled_from(["$0.0001", "$0.002", "$0.05"]) | st.just("$100")
+_on_limit = st.sampled_from(["raise", "stop", "warn"])
+_windows = st.sampled_from([None, None, "month"])
+_block_at = st.sampled_from([None, None, 0.5])
 _configs = st.one_of(
     st.builds(
         Config,
         unit=st.just("tokens"),
         limit=_tokens,
         user_limit=st.none() | _tokens,
-        on_limit=st.sampled_from(["raise", "stop"]),
+        on_limit=_on_limit,
+        window=_windows,
+        block_at=_block_at,
     ),
     st.builds(
         Config,
         unit=st.just("usd"),
         limit=_usd,
         user_limit=st.none() | _usd,
-        on_limit=st.sampled_from(["raise", "stop"]),
+        on_limit=_on_limit,
+        window=_windows,
+        block_at=_block_at,
     ),
 )
 
@@ -132,7 +141,17 @@ def _client(fake: FakeProvider, sdk: str, kind: str) -> Any:
 
 
 def _guard(config: Config) -> allowance.Guard:
-    budgets = [Budget(config.limit, per="tenant")]
+    thresholds = (
+        [] if config.block_at is None else [Threshold(config.block_at, "block")]
+    )
+    budgets = [
+        Budget(
+            config.limit,
+            per="tenant",
+            window=config.window,  # type: ignore[arg-type]
+            thresholds=thresholds,
+        )
+    ]
     if config.user_limit is not None:
         budgets.append(Budget(config.user_limit, per="user"))
     return allowance.Guard(
