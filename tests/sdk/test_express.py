@@ -331,6 +331,44 @@ async def test_a_plain_call_takes_the_express_lane(
         await close(client)
 
 
+_HANDED_ON = {
+    "error status": (FakeReply(status=500), False),
+    "connection closed": (FakeReply(truncate_after=0), False),
+    "no usage": (FakeReply(omit_usage=True), False),
+    "usage beyond the worst case": (
+        FakeReply(usage=FakeUsage(input_tokens=5_000, output_tokens=900)),
+        False,
+    ),
+    "another model answered": (FakeReply(model="gpt-4o-2024-08-06"), False),
+    "raw response": (None, True),
+}
+
+
+@pytest.mark.parametrize("case", list(_HANDED_ON))
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_each_unusual_end_of_an_express_call_settles_as_the_general_path(
+    fake: FakeProvider, case: str, kind: str
+) -> None:
+    reply, raw = _HANDED_ON[case]
+    script = [Step("a", "u", "priced", ("hi",), False, 50, None, raw, reply)]
+    config = Config("tokens", 1_000_000, None, "raise")
+    lanes = _Lanes()
+    _common.admit = lanes  # type: ignore[assignment] - counted
+    try:
+        on = asyncio.run(_run(fake, "openai", kind, config, script, express=True))
+    finally:
+        _common.admit = _express.admit
+    assert lanes.admitted == 1  # the script's call: admitted, then handed on
+    off = asyncio.run(_run(fake, "openai", kind, config, script, express=False))
+    assert on == off
+    _, _, records, misses = on
+    assert misses == (case == "usage beyond the worst case")
+    outcome = records[-1][7]
+    assert outcome == {"error status": "error", "connection closed": "error"}.get(
+        case, "unmetered" if case == "no usage" else "ok"
+    )
+
+
 @pytest.mark.parametrize(
     "guard_options",
     [
