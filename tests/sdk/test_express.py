@@ -331,7 +331,9 @@ async def test_a_plain_call_takes_the_express_lane(
         await close(client)
 
 
-_HANDED_ON = {
+# Ends of an admitted call: each but "another model answered" (which the lane
+# prices at the answering model's rates itself) is handed to the general path.
+_UNUSUAL = {
     "error status": (FakeReply(status=500), False),
     "connection closed": (FakeReply(truncate_after=0), False),
     "no usage": (FakeReply(omit_usage=True), False),
@@ -344,12 +346,12 @@ _HANDED_ON = {
 }
 
 
-@pytest.mark.parametrize("case", list(_HANDED_ON))
+@pytest.mark.parametrize("case", list(_UNUSUAL))
 @pytest.mark.parametrize("kind", ["sync", "async"])
 def test_each_unusual_end_of_an_express_call_settles_as_the_general_path(
     fake: FakeProvider, case: str, kind: str
 ) -> None:
-    reply, raw = _HANDED_ON[case]
+    reply, raw = _UNUSUAL[case]
     script = [Step("a", "u", "priced", ("hi",), False, 50, None, raw, reply)]
     config = Config("tokens", 1_000_000, None, "raise")
     lanes = _Lanes()
@@ -358,7 +360,7 @@ def test_each_unusual_end_of_an_express_call_settles_as_the_general_path(
         on = asyncio.run(_run(fake, "openai", kind, config, script, express=True))
     finally:
         _common.admit = _express.admit
-    assert lanes.admitted == 1  # the script's call: admitted, then handed on
+    assert lanes.admitted == 1  # the script's call: admitted by the lane
     off = asyncio.run(_run(fake, "openai", kind, config, script, express=False))
     assert on == off
     _, _, records, misses = on
