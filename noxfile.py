@@ -33,6 +33,7 @@ SDKS = {"latest": "sdk-latest", "legacy": "sdk-legacy"}
 
 # Each framework integration in its own environment: the package, its framework
 # and the SDKs its tests drive (CrewAI and LlamaIndex bring openai 2.x).
+BENCHMARKS = ("overhead.py", "ledger.py", "report.py", "profile_hot_path.py")
 INTEGRATIONS = {
     "langchain": ("langchain", "sdk-latest"),
     "crewai": ("crewai",),
@@ -96,10 +97,12 @@ def lint(session: nox.Session) -> None:
 
 @nox.session(python=PYTHONS[0])
 def typecheck(session: nox.Session) -> None:
-    """Check types with mypy --strict (library and README examples)."""
+    """Check types with mypy --strict (library, README examples, benchmarks)."""
     sync(session, "typecheck", "sdk-latest")
     session.run("mypy")
     session.run("mypy", "tests/typing")
+    # The benchmarks on the core (frameworks.py needs the frameworks: not here).
+    session.run("mypy", *(str(ROOT / "benchmarks" / name) for name in BENCHMARKS))
 
 
 @nox.session(python=PYTHONS[0])

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import itertools
 import multiprocessing
 import tempfile
 import time
 import uuid
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
@@ -62,6 +63,10 @@ async def async_pairs(ledger: Ledger, keys: int) -> float:
     return (time.perf_counter() - start) / (N // 2) * 1e6
 
 
+def run_async_pairs(ledger: Ledger, keys: int) -> float:
+    return asyncio.run(async_pairs(ledger, keys))
+
+
 def best(run: Callable[[], float]) -> float:
     run()
     return min(run() for _ in range(RUNS))
@@ -74,10 +79,8 @@ def one_process(urls: list[tuple[str, str]]) -> Table:
     for name, url in urls:
         ledger = open_ledger(url)
         for keys in (1, 3):
-            sync = best(lambda ledger=ledger, keys=keys: sync_pairs(ledger, keys))
-            asyn = best(
-                lambda ledger=ledger, keys=keys: asyncio.run(async_pairs(ledger, keys))
-            )
+            sync = best(functools.partial(sync_pairs, ledger, keys))
+            asyn = best(functools.partial(run_async_pairs, ledger, keys))
             table.add_row(
                 name, str(keys), f"{sync:.1f}", f"{asyn:.1f}", f"{1e6 / sync:,.0f}"
             )
@@ -85,7 +88,7 @@ def one_process(urls: list[tuple[str, str]]) -> Table:
     return table
 
 
-def _client(url: str, pairs: int, start, results) -> None:
+def _client(url: str, pairs: int, start: Any, results: Any) -> None:
     """One client process: ``pairs`` reserve+commit pairs, timed from ``start``."""
     ledger = open_ledger(url)
     session = uuid.uuid4().hex
@@ -136,7 +139,7 @@ def processes(url: str, count: int, seconds: float) -> float:
     for worker in workers:
         worker.join(timeout=60)
     wall = max(end for _, end in spans) - min(begin for begin, _ in spans)
-    return pairs * count / wall
+    return float(pairs * count / wall)
 
 
 def main() -> None:

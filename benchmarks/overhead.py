@@ -52,7 +52,12 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from types import CodeType, FrameType
 
-MESSAGES = [{"role": "user", "content": "Say hello in five words."}]
+    from openai.types.chat import ChatCompletionMessageParam
+    from rich.console import JustifyMethod
+
+MESSAGES: list[ChatCompletionMessageParam] = [
+    {"role": "user", "content": "Say hello in five words."}
+]
 STREAM_CHUNKS = 200  # words of the streamed answer, one chunk each
 TEXT = " ".join(["word"] * STREAM_CHUNKS)
 CONCURRENT_LABEL = "1,000 concurrent async, 20 ms latency (wall ms)"
@@ -77,8 +82,8 @@ class RoundTrips:
         import redis.connection
 
         self.count = 0
-        self._cls = redis.connection.AbstractConnection
-        self._send = self._cls.send_packed_command
+        self._cls: Any = redis.connection.AbstractConnection
+        self._send: Callable[..., Any] = self._cls.send_packed_command
 
     def __enter__(self) -> RoundTrips:  # noqa: PYI034 - Python 3.10 has no Self
         send = self._send
@@ -87,11 +92,11 @@ class RoundTrips:
             self.count += 1
             return send(connection, *args, **kwargs)
 
-        self._cls.send_packed_command = counted  # type: ignore[method-assign]
+        self._cls.send_packed_command = counted
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._cls.send_packed_command = self._send  # type: ignore[method-assign]
+        self._cls.send_packed_command = self._send
 
 
 def measure(
@@ -397,7 +402,7 @@ def guard_alone_row(rounds: int) -> Row:
         budget="$1000",
         ledger="memory://",
     )
-    guard = client.allowance.guard
+    guard = client.allowance.guard  # type: ignore[attr-defined]  # set by wrap()
     estimate = Estimate("openai", "gpt-4o-mini", 30, 16)
     usage = Usage(12, 16)
 
@@ -491,7 +496,7 @@ def peer_rows(fake: RemoteProvider, rounds: int, tmp: Path) -> list[Row]:
         llm_toll.set_reporter(llm_toll.CostReporter(enabled=False))  # no line per call
         inner = sdk_client(fake)
 
-        @llm_toll.track_costs(project="bench", max_budget=1000.0)
+        @llm_toll.track_costs(project="bench", max_budget=1000.0)  # type: ignore[untyped-decorator]
         def tracked(**kwargs: Any) -> Any:
             return inner.chat.completions.create(**kwargs)
 
@@ -574,7 +579,8 @@ def concurrency(
             return time.perf_counter() - start, time.process_time() - start_cpu
 
     # Alternate, median of several each: one run's wall time is noisy.
-    raws, guardeds = [], []
+    raws: list[tuple[float, float]] = []
+    guardeds: list[tuple[float, float]] = []
     for i in range(runs):
         for guarded in (False, True) if i % 2 else (True, False):
             (guardeds if guarded else raws).append(asyncio.run(run(guarded)))
@@ -742,7 +748,7 @@ def main() -> None:
         "p99 guarded",
         "note",
     ):
-        justify = "left" if column in {"scenario", "note"} else "right"
+        justify: JustifyMethod = "left" if column in {"scenario", "note"} else "right"
         table.add_column(column, justify=justify)
 
     def number(value: float, digits: int = 0) -> str:

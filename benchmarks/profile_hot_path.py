@@ -46,7 +46,7 @@ def main() -> None:
             with profiler:
                 for _ in range(args.calls):
                     call()
-            client.allowance.guard.close()
+            client.allowance.guard.close()  # type: ignore[attr-defined]  # set by wrap()
     finally:
         fake.stop()
     print(

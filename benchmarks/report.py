@@ -114,7 +114,8 @@ def main() -> None:
     console = Console(width=max(100, Console().width))
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "report.db"
-        empty = (SQLiteLedger(path).close(), path.stat().st_size)[1]
+        SQLiteLedger(path).close()
+        empty = path.stat().st_size
         path.unlink()
         seconds = build(path, args.calls, args.days)
         size = path.stat().st_size
