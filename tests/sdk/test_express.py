@@ -27,7 +27,7 @@ from allowance.testing import FakeProvider, FakeReply, FakeUsage
 from .conftest import CLAUDE, GPT, MINI, aw, close
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
 
 pytestmark = pytest.mark.filterwarnings("ignore::allowance.BudgetThresholdWarning")
 
@@ -101,30 +101,20 @@ _steps = st.builds(
 )
 
 # Half the budgets are far from their limits, half may refuse.
-_tokens = st.sampled_from([60, 400, 3000]) | st.just(1_000_000)
-_usd = st.sampled_from(["$0.0001", "$0.002", "$0.05"]) | st.just("$100")
-_on_limit = st.sampled_from(["raise", "stop", "warn"])
-_windows = st.sampled_from([None, None, "month"])
-_block_at = st.sampled_from([None, None, 0.5])
-_configs = st.one_of(
-    st.builds(
+_limits: dict[str, st.SearchStrategy[Any]] = {
+    "tokens": st.sampled_from([60, 400, 3000]) | st.just(1_000_000),
+    "usd": st.sampled_from(["$0.0001", "$0.002", "$0.05"]) | st.just("$100"),
+}
+_configs = st.sampled_from(list(_limits)).flatmap(
+    lambda unit: st.builds(
         Config,
-        unit=st.just("tokens"),
-        limit=_tokens,
-        user_limit=st.none() | _tokens,
-        on_limit=_on_limit,
-        window=_windows,
-        block_at=_block_at,
-    ),
-    st.builds(
-        Config,
-        unit=st.just("usd"),
-        limit=_usd,
-        user_limit=st.none() | _usd,
-        on_limit=_on_limit,
-        window=_windows,
-        block_at=_block_at,
-    ),
+        unit=st.just(unit),
+        limit=_limits[unit],
+        user_limit=st.none() | _limits[unit],
+        on_limit=st.sampled_from(["raise", "stop", "warn"]),
+        window=st.sampled_from([None, None, "month"]),
+        block_at=st.sampled_from([None, None, 0.5]),
+    )
 )
 
 
@@ -199,10 +189,13 @@ async def _run(
     config: Config,
     script: list[Step],
     *,
-    express: bool,
+    lane: Callable[..., _express.Lane | None],
 ) -> tuple[Any, ...]:
-    """Run ``script``; return what the caller and the ledger saw."""
-    _express.ENABLED = express
+    """Run ``script`` with ``lane`` as the interceptor's ``admit``; what was seen.
+
+    ``_Lanes()`` counts the express lane's admissions; ``_never`` turns it off.
+    """
+    _common.admit = lane
     client = _client(fake, sdk, kind)
     guard = _guard(config)
     allowance.wrap(client, guard=guard)
@@ -231,7 +224,7 @@ async def _run(
             except Exception as err:
                 seen.append((type(err).__name__, _ID.sub("<id>", str(err))))
     finally:
-        _express.ENABLED = True
+        _common.admit = _express.admit
         await close(client)
     ledger = guard.ledger
     records = [
@@ -250,6 +243,10 @@ async def _run(
         for r in ledger.calls()
     ]
     return tuple(seen), ledger.keys(), records, guard.estimate_misses
+
+
+def _never(*_args: Any) -> None:
+    """The express lane turned off: every call goes the general way."""
 
 
 class _Lanes:
@@ -276,12 +273,8 @@ def test_the_express_lane_decides_and_charges_as_the_general_path(
     fake: FakeProvider, sdk: str, kind: str, config: Config, script: list[Step]
 ) -> None:
     lanes = _Lanes()
-    _common.admit = lanes  # type: ignore[assignment] - counted, for the statistics
-    try:
-        on = asyncio.run(_run(fake, sdk, kind, config, script, express=True))
-    finally:
-        _common.admit = _express.admit
-    off = asyncio.run(_run(fake, sdk, kind, config, script, express=False))
+    on = asyncio.run(_run(fake, sdk, kind, config, script, lane=lanes))
+    off = asyncio.run(_run(fake, sdk, kind, config, script, lane=_never))
     admitted = lanes.admitted
     event(f"calls admitted by the express lane: {'2+' if admitted > 1 else admitted}")
     assert on == off
@@ -356,13 +349,9 @@ def test_each_unusual_end_of_an_express_call_settles_as_the_general_path(
     script = [Step("a", "u", "priced", ("hi",), False, 50, None, raw, reply)]
     config = Config("tokens", 1_000_000, None, "raise")
     lanes = _Lanes()
-    _common.admit = lanes  # type: ignore[assignment] - counted
-    try:
-        on = asyncio.run(_run(fake, "openai", kind, config, script, express=True))
-    finally:
-        _common.admit = _express.admit
+    on = asyncio.run(_run(fake, "openai", kind, config, script, lane=lanes))
     assert lanes.admitted == 1  # the script's call: admitted by the lane
-    off = asyncio.run(_run(fake, "openai", kind, config, script, express=False))
+    off = asyncio.run(_run(fake, "openai", kind, config, script, lane=_never))
     assert on == off
     _, _, records, misses = on
     assert misses == (case == "usage beyond the worst case")

@@ -378,7 +378,7 @@ def make_sync_interceptor(  # noqa: C901 - one way out per case, on purpose
 ) -> Callable[[Callable[..., Any], Any, tuple[Any, ...], dict[str, Any]], Any]:
     """Return a wrapt-style wrapper for a sync ``request`` method."""
     name = binding.name
-    only_name = (name,)
+    only_name = binding.only_name
 
     def intercept(  # noqa: C901, PLR0911, PLR0912 - one way out per case
         wrapped: Callable[..., Any],
@@ -397,8 +397,9 @@ def make_sync_interceptor(  # noqa: C901 - one way out per case, on purpose
             guard = route[0]
         if guard is None:
             return wrapped(*args, **kwargs)
-        if type(guard._ledger) is MemoryLedger:  # noqa: SLF001 - the lane's ledger
-            lane = admit(binding, guard, instance, args, kwargs)
+        ledger = guard._ledger  # noqa: SLF001 - the express lane's only ledger
+        if type(ledger) is MemoryLedger:
+            lane = admit(binding, guard, ledger, instance, args, kwargs)
             if lane is not None:
                 return _express_sync(binding, wrapped, instance, lane, args, kwargs)
         call = _prepare(binding, instance, args, kwargs)
@@ -441,7 +442,7 @@ def make_async_interceptor(  # noqa: C901 - one way out per case, on purpose
 ]:
     """Return a wrapt-style wrapper for an async ``request`` method."""
     name = binding.name
-    only_name = (name,)
+    only_name = binding.only_name
 
     async def intercept(  # noqa: C901, PLR0911, PLR0912 - one way out per case
         wrapped: Callable[..., Awaitable[Any]],
@@ -460,8 +461,9 @@ def make_async_interceptor(  # noqa: C901 - one way out per case, on purpose
             guard = route[0]
         if guard is None:
             return await wrapped(*args, **kwargs)
-        if type(guard._ledger) is MemoryLedger:  # noqa: SLF001 - the lane's ledger
-            lane = admit(binding, guard, instance, args, kwargs)
+        ledger = guard._ledger  # noqa: SLF001 - the express lane's only ledger
+        if type(ledger) is MemoryLedger:
+            lane = admit(binding, guard, ledger, instance, args, kwargs)
             if lane is not None:
                 return await _express_async(
                     binding, wrapped, instance, lane, args, kwargs

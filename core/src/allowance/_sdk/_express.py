@@ -11,8 +11,9 @@ work with the same pieces (the codec's bound, ``prices``, the memory ledger's
 
 It never decides differently from the general path:
 
-- Before the ledger is touched, anything else (a stream, another body, another
-  ledger, an observer, a threshold, a price missing, a call that does not fit)
+- The interceptor asks only when the guard's ledger is the memory ledger.
+- Before the ledger is touched, anything else (a stream, another body, an
+  observer, a threshold, a price missing, a call that does not fit)
   returns None, and the general path takes the call from the start.
 - After the hold, anything out of the ordinary (an error, a raw or streamed
   response, no usage, usage beyond the worst case, a lease ended, an observer
@@ -31,7 +32,6 @@ from typing import TYPE_CHECKING, Any, final
 
 from allowance._errors import PricingError
 from allowance._estimate import make_estimate
-from allowance._ledger._memory import MemoryLedger
 from allowance._pricing import prices
 from allowance._scope import current_adapters, new_id
 from allowance._ticket import Ticket
@@ -41,13 +41,11 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
 
     from allowance._guard import Guard
+    from allowance._ledger._memory import MemoryLedger
     from allowance._sdk._common import SdkBinding
     from allowance._ticket import Line
 
 __all__ = ["Lane", "admit", "settle"]
-
-ENABLED = True
-"""Off only in the tests that hold the express lane to the general path."""
 
 
 @final
@@ -122,28 +120,26 @@ class Lane:
         return ticket
 
 
-def admit(  # noqa: PLR0911 - each way out is a case for the general path
+def admit(  # noqa: PLR0911, PLR0917 - each way out is a case for the general path
     binding: SdkBinding,
     guard: Guard,
+    ledger: MemoryLedger,
     client: Any,
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
 ) -> Lane | None:
     """Admit the commonest call and hold its worst case; None: not this lane's.
 
-    ``Guard._begin_fast`` for ``_prepare``'s call, when that call is plain: it
-    decides the same, on the same ledger state, or returns None having
-    touched nothing.
+    ``Guard._begin_fast`` for ``_prepare``'s call, when that call is plain and
+    ``ledger`` (the guard's) is the memory ledger: it decides the same, on the
+    same ledger state, or returns None having touched nothing.
     """
     plain_of = binding.plain
-    ledger = guard._ledger  # noqa: SLF001 - the guard's own hot path, split in two
     if (
         plain_of is None
-        or not ENABLED
         or len(args) != 2  # noqa: PLR2004 - how the SDKs call it
         or kwargs.get("stream")
-        or type(ledger) is not MemoryLedger
-        or guard._pending  # noqa: SLF001
+        or guard._pending  # noqa: SLF001 - the guard's own hot path, split in two
         or guard._observed()  # noqa: SLF001
     ):
         return None
@@ -175,10 +171,7 @@ def admit(  # noqa: PLR0911 - each way out is a case for the general path
         worst = None
     call_id = new_id()
     held = ledger.hold(
-        [
-            (line.key, bound + cap if line.unit == "tokens" else worst or 0, line.limit)
-            for line in lines
-        ],
+        guard._hold_items(lines, bound + cap, worst or 0),  # noqa: SLF001
         call_id,
         guard.policy.lease_seconds,
     )
