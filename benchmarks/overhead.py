@@ -652,7 +652,6 @@ def process_rows(rounds: int, processes: int) -> list[Row]:
     where the process's code and data landed in memory; the median of several
     processes moves much less.
     """
-    added: dict[str, list[float]] = {name: [] for name in PROCESS_LEDGERS}
     results: dict[str, list[dict[str, float]]] = {name: [] for name in PROCESS_LEDGERS}
     for _ in range(processes):
         for name in PROCESS_LEDGERS:
@@ -662,20 +661,15 @@ def process_rows(rounds: int, processes: int) -> list[Row]:
                 capture_output=True,
                 text=True,
             ).stdout
-            result = json.loads(out.strip().splitlines()[-1])
-            results[name].append(result)
-            added[name].append(result["added"])
+            results[name].append(json.loads(out.strip().splitlines()[-1]))
     rows: list[Row] = []
-    for name, values in added.items():
-        middle = {
-            key: statistics.median(r[key] for r in results[name])
-            for key in results[name][0]
-        }
+    for name, runs in results.items():
+        added = [r["added"] for r in runs]
         rows.append(
             (
                 f"chat, {name} ledger: median of {processes} processes",
-                middle,
-                f"each process's added: {min(values):.0f}-{max(values):.0f}",
+                {key: statistics.median(r[key] for r in runs) for key in runs[0]},
+                f"each process's added: {min(added):.0f}-{max(added):.0f}",
             )
         )
     return rows
