@@ -7,7 +7,13 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from allowance._ledger import MemoryLedger, SQLiteLedger, _sqlite, open_ledger
+from allowance._ledger import (
+    MemoryLedger,
+    SQLiteLedger,
+    WriteBehindLedger,
+    _sqlite,
+    open_ledger,
+)
 from allowance.testing.conformance import LedgerConformance, ManualClock
 from allowance.typing import KeyState, ReserveItem
 
@@ -19,7 +25,7 @@ if TYPE_CHECKING:
 DAY = 86_400.0
 
 
-BACKENDS = ("memory", "sqlite", "redis")
+BACKENDS = ("memory", "sqlite", "write-behind", "redis")
 
 
 class TestLedger(LedgerConformance):
@@ -39,6 +45,8 @@ class TestLedger(LedgerConformance):
             return "memory://"
         if self.backend == "sqlite":
             return f"sqlite:///{self.tmp_path / 'ledger.db'}"
+        if self.backend == "write-behind":
+            return f"sqlite:///{self.tmp_path / 'ledger.db'}?write_behind=0.001"
         return f"{self.redis_base}?prefix=t-{uuid.uuid4().hex}"
 
     def make_ledger(self) -> Ledger:
@@ -142,6 +150,10 @@ def clocked_backend(request, tmp_path):
         return
     if request.param == "redis":
         ledger = open_ledger(request.getfixturevalue("redis_url"), clock=clock)
+    elif request.param == "write-behind":
+        ledger = WriteBehindLedger(
+            tmp_path / "purge.db", write_behind=0.001, clock=clock
+        )
     else:
         ledger = SQLiteLedger(tmp_path / "purge.db", clock=clock)
     yield ledger, clock

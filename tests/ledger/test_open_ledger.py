@@ -331,7 +331,7 @@ def test_unknown_options_are_named(url: str) -> None:
 def test_unknown_sqlite_option_is_named(tmp_path) -> None:
     with pytest.raises(ConfigurationError, match="ledger option='timeout'") as caught:
         open_ledger(f"sqlite:///{tmp_path / 'x.db'}", timeout=1)
-    assert "busy_timeout, clock" in str(caught.value)
+    assert "busy_timeout, write_behind, clock" in str(caught.value)
 
 
 def test_clock_must_be_callable() -> None:

@@ -13,7 +13,11 @@ A Sentinel URL lists the Sentinels (port 26379 unless given) and names the
 service whose master holds the ledger.
 
 ``sqlite`` URLs follow SQLAlchemy: three slashes then the path, so an absolute
-path gives four. They accept ``?busy_timeout=SECONDS``.
+path gives four. They accept ``?busy_timeout=SECONDS`` and
+``write_behind=SECONDS``: more than 0 (at most 1) opens a
+``WriteBehindLedger``, which admits and charges most calls in memory and
+writes them every that many seconds (what a killed process can lose; see
+``_write_behind``).
 
 ``redis`` URLs need redis-py (``pip install 'allowance[redis]'``). They accept
 ``?prefix=NAME`` (the namespace: every Redis key is ``{NAME}:...``, default
@@ -36,6 +40,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 from allowance._errors import ConfigurationError
 from allowance._ledger._memory import MemoryLedger
 from allowance._ledger._sqlite import SQLiteLedger
+from allowance._ledger._write_behind import MAX_WRITE_BEHIND, WriteBehindLedger
 from allowance.typing import Ledger
 
 if TYPE_CHECKING:
@@ -45,6 +50,7 @@ __all__ = [
     "DEFAULT_LEDGER_URL",
     "MemoryLedger",
     "SQLiteLedger",
+    "WriteBehindLedger",
     "open_ledger",
 ]
 
@@ -67,7 +73,7 @@ def open_ledger(url_or_ledger: str | Ledger, **options: Any) -> Ledger:
             implementing ``allowance.typing.Ledger``.
         **options: Backend options, overriding the URL's query: ``clock`` (a
             callable returning Unix time, for tests) for every backend, and
-            ``busy_timeout`` (seconds) for SQLite, ``prefix`` and
+            ``busy_timeout`` and ``write_behind`` (seconds) for SQLite, ``prefix`` and
             ``max_calls`` for Redis (whose leases use the server's clock
             unless a ``clock`` is given). A named memory ledger takes them
             when it is first opened.
@@ -131,25 +137,39 @@ def _open_sqlite(url: str, options: dict[str, Any]) -> Ledger:
         if path == ":memory:":
             expected = "a file path (use memory:// for an in-process ledger)"
         raise _bad_url(url, expected)
-    busy_timeout = 5.0
-    only = "sqlite:///<path>?busy_timeout=<seconds> (no other query)"
+    seconds = {"busy_timeout": 5.0, "write_behind": 0.0}
+    most = {"busy_timeout": _MAX_BUSY_TIMEOUT, "write_behind": MAX_WRITE_BEHIND}
+    only = (
+        "sqlite:///<path>?busy_timeout=<seconds>&write_behind=<seconds>"
+        " (no other query)"
+    )
     try:
         pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
     except ValueError as err:
         raise _bad_url(url, only) from err
     for name, value in pairs:
-        if name != "busy_timeout":
+        if name not in seconds:
             raise _bad_url(url, only)
         try:
-            busy_timeout = float(value)
+            number = float(value)
         except ValueError:
-            busy_timeout = math.nan
-        if not 0 <= busy_timeout <= _MAX_BUSY_TIMEOUT:  # also rejects nan
-            raise _bad_url(url, "busy_timeout=<seconds>, a number >= 0")
-    busy_timeout = options.pop("busy_timeout", busy_timeout)
+            number = math.nan
+        if not 0 <= number <= most[name]:  # also rejects nan
+            raise _bad_url(url, f"{name}=<seconds>, a number from 0 to {most[name]:g}")
+        seconds[name] = number
+    busy_timeout = options.pop("busy_timeout", seconds["busy_timeout"])
+    write_behind = options.pop("write_behind", seconds["write_behind"])
     clock = _pop_clock(options)
-    _no_more(options, url, "busy_timeout, clock")
-    return SQLiteLedger(path, busy_timeout=busy_timeout, clock=clock, url=url)
+    _no_more(options, url, "busy_timeout, write_behind, clock")
+    if write_behind == 0:
+        return SQLiteLedger(path, busy_timeout=busy_timeout, clock=clock, url=url)
+    return WriteBehindLedger(
+        path,
+        write_behind=write_behind,
+        busy_timeout=busy_timeout,
+        clock=clock,
+        url=url,
+    )
 
 
 def _open_redis(url: str, options: dict[str, Any]) -> Ledger:

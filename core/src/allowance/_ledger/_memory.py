@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
     from allowance.typing import CallRecord, ReserveItem
 
-__all__ = ["MemoryLedger"]
+__all__ = ["MemoryLedger", "copy_record"]
 
 HELD: Final = "held"
 COMMITTED: Final = "committed"
@@ -202,7 +202,7 @@ class MemoryLedger:
                     row[0] += amounts.get(key, 0)
                     row[1] = max(row[1] - held.get(key, 0), 0)
             if record is not None:
-                self._calls.append(_copy(record))
+                self._calls.append(copy_record(record))
 
     # -- the guard's fast lane ---------------------------------------------------
     # ``Guard`` calls these instead of ``reserve``/``commit`` in the common case:
@@ -275,7 +275,7 @@ class MemoryLedger:
                 if key not in amounts:  # pragma: no cover - the guard charges every key
                     row = counters[key]  # a held key keeps its counter (see reset)
                     row[1] = max(row[1] - amount, 0)
-            self._calls.append(_copy(record))
+            self._calls.append(copy_record(record))
             return True
 
     def release(self, reservation_id: str, *, record: CallRecord | None = None) -> None:
@@ -296,7 +296,7 @@ class MemoryLedger:
                 if row is not None:
                     row[1] = max(row[1] - amount, 0)
             if record is not None:
-                self._calls.append(_copy(record))
+                self._calls.append(copy_record(record))
 
     def claim(self, marker: str) -> bool:
         """Set a once-only marker; True when this call set it."""
@@ -309,7 +309,7 @@ class MemoryLedger:
     def record(self, record: CallRecord) -> None:
         """Append a call to the log without touching any counter."""
         with self._lock:
-            self._calls.append(_copy(record))
+            self._calls.append(copy_record(record))
 
     def reset(self, prefix: str = "") -> None:
         """Delete counters, holds and markers whose key starts with ``prefix``.
@@ -475,7 +475,7 @@ class MemoryLedger:
             reservations.pop(reservation_id, None)
 
 
-def _copy(record: CallRecord) -> CallRecord:
+def copy_record(record: CallRecord) -> CallRecord:
     """Detach the record from the caller's mutable scope mapping (if it is one)."""
     if type(record.scope) is MappingProxyType:  # read-only already (the guard's)
         return record

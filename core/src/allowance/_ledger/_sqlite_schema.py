@@ -51,6 +51,7 @@ __all__ = [
     "SELECT_HELD",
     "SETTLE",
     "SET_ITEMS",
+    "SET_SLICE",
     "STATE_ONE",
     "STATUS",
     "SWEEP_END",
@@ -138,6 +139,7 @@ REAP_SELECT: Final = (
     "SELECT items FROM reservations WHERE status = 'held' AND expires_at <= ?"
 )
 SET_ITEMS: Final = "UPDATE reservations SET items = ? WHERE id = ?"
+SET_SLICE: Final = "UPDATE reservations SET items = ?, expires_at = ? WHERE id = ?"
 SWEEP_END: Final = (
     "SELECT max(id) FROM (SELECT id FROM reservations WHERE id > ? ORDER BY id LIMIT ?)"
 )

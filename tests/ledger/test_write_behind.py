@@ -1,0 +1,527 @@
+"""The write-behind SQLite ledger (``sqlite:///x.db?write_behind=SECONDS``).
+
+- In one process it decides every call as the memory ledger does, and ends in
+  the same state, while its thread tops slices up and writes at any moment.
+- Processes sharing the file never overspend.
+- A clean exit writes everything; a killed process loses only what it had
+  not written, and its slice ends with the slice's lease.
+- A failing write keeps the charges in memory and writes them later.
+"""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from typing import TYPE_CHECKING
+
+import hypothesis.strategies as st
+import pytest
+from hypothesis import HealthCheck, given, settings
+
+from allowance import ConfigurationError, UsageError
+from allowance._ledger import (
+    MemoryLedger,
+    SQLiteLedger,
+    WriteBehindLedger,
+    _write_behind,
+    open_ledger,
+)
+from allowance.typing import CallRecord, KeyState, ReserveItem, Usage
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+KEYS = ("tokens:session=a", "usd:session=a", "usd:tenant=t")
+LEASE = 600.0
+
+
+def _record(call_id: str) -> CallRecord:
+    return CallRecord(
+        call_id=call_id,
+        ts=time.time(),
+        scope={"session": "a"},
+        provider="openai",
+        model="m",
+        requested_model="m",
+        usage=Usage(1, 1),
+        cost_micros=1,
+        adapters=(),
+        outcome="ok",
+    )
+
+
+def _admit(
+    ledger: WriteBehindLedger, items: list[tuple[str, int, int]], rid: str
+) -> bool:
+    """What the guard does: the fast lane's ``hold``, else ``reserve``."""
+    if ledger.hold(items, rid, LEASE) is not None:
+        return True
+    plan = [ReserveItem(k, a, limit) for k, a, limit in items]
+    return ledger.reserve([plan], reservation_id=rid, lease_seconds=LEASE).admitted
+
+
+def _charge(ledger: WriteBehindLedger, rid: str, amounts: dict[str, int]) -> None:
+    """What the guard does: the fast lane's ``settle``, else ``commit``."""
+    if not ledger.settle(rid, amounts, _record(rid)):
+        ledger.commit(rid, amounts, record=_record(rid))
+
+
+# -- one process: the same decisions as the memory ledger ------------------------
+
+admits = st.tuples(
+    st.just("admit"),
+    st.lists(
+        st.tuples(
+            st.sampled_from(KEYS),
+            st.one_of(st.integers(1, 4), st.integers(0, 40)),  # small: the slice
+        ),
+        min_size=1,
+        max_size=3,
+        unique_by=lambda item: item[0],
+    ),
+    st.booleans(),  # then write, as the thread would: the slice arrives
+)
+limits = st.tuples(st.just("limit"), st.sampled_from(KEYS), st.integers(0, 400))
+charges = st.tuples(st.just("charge"), st.integers(0, 30), st.integers(0, 50))
+releases = st.tuples(st.just("release"), st.integers(0, 30))
+others = st.tuples(st.sampled_from(["flush", "pause"]))
+resets = st.tuples(st.just("reset"), st.sampled_from(["usd:", "tokens:", "x"]))
+
+
+@settings(
+    max_examples=200,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    st.fixed_dictionaries({key: st.integers(0, 400) for key in KEYS}),
+    st.lists(
+        st.one_of(admits, admits, admits, charges, charges, releases),
+        min_size=4,
+        max_size=40,
+    ),
+    st.lists(st.one_of(others, resets, limits), max_size=8),
+    st.randoms(use_true_random=False),
+)
+def test_one_process_decides_as_the_memory_ledger(
+    tmp_path: Path,
+    limit_of: dict[str, int],
+    calls: list[tuple[object, ...]],
+    events: list[tuple[object, ...]],
+    rand: random.Random,
+) -> None:
+    """Random calls: the same admissions and states as ``MemoryLedger``, step by
+    step, whatever the thread wrote meanwhile; the same file state after close.
+
+    Calls, interleaved with writes, pauses (the thread writes and tops up),
+    resets and limit changes, each budget under its own limit.
+    """
+    steps = list(calls)
+    for extra in events:
+        steps.insert(rand.randint(0, len(steps)), extra)
+    path = tmp_path / f"wb-{time.monotonic_ns()}.db"
+    pair = _Pair(WriteBehindLedger(path, write_behind=0.001), dict(limit_of))
+    try:
+        for n, step in enumerate(steps):
+            getattr(pair, str(step[0]))(n, *step[1:])
+            assert pair.ledger.state(KEYS) == pair.reference.state(KEYS), (n, step)
+        assert len(pair.ledger.calls()) == len(pair.reference.calls())
+    finally:
+        pair.ledger.close()
+    # What the file holds once the ledger is closed: the calls still in flight.
+    plain = SQLiteLedger(path)
+    try:
+        assert plain.state(KEYS) == pair.reference.state(KEYS)
+        assert len(plain.calls()) == len(pair.reference.calls())
+    finally:
+        plain.close()
+
+
+class _Pair:
+    """The write-behind ledger and the memory ledger, given the same steps."""
+
+    def __init__(self, ledger: WriteBehindLedger, limit_of: dict[str, int]) -> None:
+        self.ledger = ledger
+        self.reference = MemoryLedger()
+        self.limit_of = limit_of
+        self.held: list[tuple[str, list[str]]] = []
+
+    def admit(self, n: int, calls: list[tuple[str, int]], then_write: bool) -> None:
+        items = [(key, amount, self.limit_of[key]) for key, amount in calls]
+        rid = f"r{n}"
+        got = _admit(self.ledger, items, rid)
+        if then_write:
+            self.ledger.flush()
+        plan = [ReserveItem(k, a, limit) for k, a, limit in items]
+        want = self.reference.reserve([plan], reservation_id=rid, lease_seconds=LEASE)
+        assert got == want.admitted, (n, calls)
+        if got:
+            self.held.append((rid, [k for k, _, _ in items]))
+
+    def charge(self, _: int, index: int, amount: int) -> None:
+        if self.held:
+            rid, keys = self.held.pop(index % len(self.held))
+            amounts = dict.fromkeys(keys, amount)
+            _charge(self.ledger, rid, amounts)
+            self.reference.commit(rid, amounts, record=_record(rid))
+
+    def release(self, _: int, index: int) -> None:
+        if self.held:
+            rid, _keys = self.held.pop(index % len(self.held))
+            self.ledger.release(rid, record=_record(rid))
+            self.reference.release(rid, record=_record(rid))
+
+    def flush(self, _: int) -> None:
+        self.ledger.flush()
+
+    def pause(self, _: int) -> None:
+        time.sleep(0.005)  # the thread writes and tops up meanwhile
+
+    def limit(self, _: int, key: str, limit: int) -> None:
+        self.limit_of[key] = limit
+
+    def reset(self, _: int, prefix: str) -> None:
+        self.ledger.reset(prefix)
+        self.reference.reset(prefix)
+
+
+# -- the lane and its slice, step by step ------------------------------------------
+
+
+@pytest.fixture
+def ledger(tmp_path: Path):
+    ledger = WriteBehindLedger(tmp_path / "wb.db", write_behind=0.001)
+    yield ledger
+    ledger.close()
+
+
+def test_a_slice_is_taken_after_the_first_call_and_serves_the_next(
+    tmp_path: Path,
+) -> None:
+    ledger = WriteBehindLedger(tmp_path / "wb.db", write_behind=1.0)
+    try:
+        _slice_serves_the_next(ledger)
+    finally:
+        ledger.close()
+
+
+def _slice_serves_the_next(ledger: WriteBehindLedger) -> None:
+    key = "tokens:session=a"
+    assert ledger.hold([(key, 10, 1000)], "r0", LEASE) is None  # no slice yet
+    ledger.flush()  # the top-up the miss asked for
+    assert ledger.hold([(key, 10, 1000)], "r1", LEASE) == {key: 10}
+    assert ledger.settle("r1", {key: 7}, _record("r1"))
+    assert not ledger.settle("r1", {key: 7}, _record("r1"))  # once
+    ledger.commit("r1", {key: 7})  # a second commit changes nothing
+    assert ledger.state([key])[key] == KeyState(spent=7, reserved=0)
+    # Another ledger on the file sees the slice as reserved, and the charge
+    # once written (the thread may have written it already).
+    other = SQLiteLedger(ledger.path)
+    try:
+        before = other.state([key])[key]
+        assert before.used == 10 * _write_behind.SLICE_CALLS
+        assert before.spent in {0, 7}
+        ledger.flush()
+        after = other.state([key])[key]
+        assert after == KeyState(spent=7, reserved=10 * _write_behind.SLICE_CALLS - 7)
+    finally:
+        other.close()
+    with pytest.raises(UsageError, match="r1"):
+        ledger.hold([(key, 1, 1000)], "r1", LEASE)  # ids are never reused
+
+
+def test_a_slice_takes_at_most_half_of_what_is_left(ledger) -> None:
+    key = "usd:tenant=t"
+    assert ledger.reserve(
+        [[ReserveItem(key, 900, 1000)]], reservation_id="big", lease_seconds=LEASE
+    ).admitted
+    assert ledger.hold([(key, 10, 1000)], "r0", LEASE) is None
+    ledger.flush()
+    other = SQLiteLedger(ledger.path)
+    try:
+        assert other.state([key])[key].reserved == 900 + 50  # half of the 100 left
+    finally:
+        other.close()
+
+
+def test_reserve_gives_back_the_unused_slice_first(ledger) -> None:
+    """The slice holds 100 of 200 (half of what was left); a call of 150 it
+    cannot cover is admitted by ``reserve`` on the file, as the memory ledger
+    would admit it, and the next ones are decided exactly too."""
+    key = "tokens:session=a"
+    assert ledger.hold([(key, 10, 200)], "r0", LEASE) is None
+    ledger.flush()
+    assert ledger.state([key])[key] == KeyState(0, 0)  # the slice is not shown
+    assert _admit(ledger, [(key, 150, 200)], "r1")
+    assert ledger.state([key])[key] == KeyState(0, 150)
+    assert not _admit(ledger, [(key, 51, 200)], "r2")
+    assert _admit(ledger, [(key, 50, 200)], "r3")
+    assert ledger.state([key])[key] == KeyState(0, 200)
+
+
+def test_a_lower_limit_is_not_served_from_an_older_slice(ledger) -> None:
+    key = "usd:session=a"
+    ledger.hold([(key, 10, 1000)], "r0", LEASE)
+    ledger.flush()
+    assert ledger.hold([(key, 10, 1000)], "r1", LEASE) == {key: 10}
+    assert ledger.hold([(key, 10, 5)], "r2", LEASE) is None  # limit now 5
+    assert not _admit(ledger, [(key, 10, 5)], "r3")
+
+
+def test_close_writes_everything_and_gives_the_slice_back(tmp_path: Path) -> None:
+    path = tmp_path / "wb.db"
+    ledger = WriteBehindLedger(path, write_behind=1.0)  # the thread waits
+    key = "tokens:session=a"
+    ledger.hold([(key, 10, 1000)], "r0", LEASE)
+    ledger.flush()
+    for n in range(1, 6):
+        assert ledger.hold([(key, 10, 1000)], f"r{n}", LEASE)
+        assert ledger.settle(f"r{n}", {key: 3}, _record(f"r{n}"))
+    assert ledger.hold([(key, 10, 1000)], "inflight", LEASE)
+    ledger.close()
+    plain = SQLiteLedger(path)
+    try:
+        assert plain.state([key])[key] == KeyState(spent=15, reserved=10)
+        assert len(plain.calls()) == 5
+    finally:
+        plain.close()
+
+
+def test_bad_write_behind_is_refused(tmp_path: Path) -> None:
+    for bad in (0, -1.0, 2.0, float("nan"), "0.1"):
+        with pytest.raises(ConfigurationError, match="write_behind"):
+            WriteBehindLedger(tmp_path / "x.db", write_behind=bad)  # type: ignore[arg-type]
+    for url in ("?write_behind=2", "?write_behind=abc", "?write_behind=-1"):
+        with pytest.raises(ConfigurationError, match="write_behind"):
+            open_ledger(f"sqlite:///{tmp_path / 'x.db'}{url}")
+    plain = open_ledger(f"sqlite:///{tmp_path / 'x.db'}?write_behind=0")
+    assert type(plain) is SQLiteLedger
+    plain.close()
+    behind = open_ledger(f"sqlite:///{tmp_path / 'x.db'}?write_behind=0.01")
+    assert type(behind) is WriteBehindLedger
+    assert behind.write_behind == 0.01
+    behind.close()
+
+
+# -- a write that fails --------------------------------------------------------------
+
+
+def test_a_failed_write_loses_nothing(tmp_path: Path) -> None:
+    """Another connection holds the write lock: the write fails after
+    busy_timeout, the charges stay in memory, and the next write has them."""
+    path = tmp_path / "wb.db"
+    ledger = WriteBehindLedger(path, write_behind=1.0, busy_timeout=0.05)
+    key = "tokens:session=a"
+    ledger.hold([(key, 10, 1000)], "r0", LEASE)
+    ledger.flush()
+    assert ledger.hold([(key, 10, 1000)], "r1", LEASE)
+    assert ledger.settle("r1", {key: 4}, _record("r1"))
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(Exception, match="write behind failed"):
+            ledger.flush()
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert ledger.state([key])[key] == KeyState(spent=4, reserved=0)
+    ledger.flush()
+    plain = SQLiteLedger(path)
+    try:
+        assert plain.state([key])[key].spent == 4
+        assert len(plain.calls()) == 1
+    finally:
+        plain.close()
+        ledger.close()
+
+
+def test_a_slice_that_cannot_be_renewed_stops_admitting(tmp_path: Path) -> None:
+    now = [1000.0]
+    ledger = WriteBehindLedger(
+        tmp_path / "wb.db", write_behind=1.0, clock=lambda: now[0]
+    )
+    key = "tokens:session=a"
+    try:
+        ledger.hold([(key, 10, 1000)], "r0", LEASE)
+        ledger.flush()
+        assert ledger.hold([(key, 10, 1000)], "r1", LEASE)
+        now[0] += _write_behind.SLICE_LEASE / 2  # no write renewed it since
+        assert ledger.hold([(key, 10, 1000)], "r2", LEASE) is None
+    finally:
+        ledger.close()
+
+
+# -- processes ---------------------------------------------------------------------
+
+WORKER = textwrap.dedent(
+    """
+    import sys, time
+    from allowance._ledger import open_ledger
+    from allowance.typing import CallRecord, ReserveItem, Usage
+
+    url, key, limit, amount, attempts, ending = sys.argv[1:7]
+    limit, amount, attempts = int(limit), int(amount), int(attempts)
+    ledger = open_ledger(url)
+    admitted = 0
+    for n in range(attempts):
+        rid = f"{n}-{time.monotonic_ns()}"
+        if ledger.hold([(key, amount, limit)], rid, 600.0) is None:
+            plan = [[ReserveItem(key, amount, limit)]]
+            if not ledger.reserve(plan, reservation_id=rid, lease_seconds=600.0).admitted:
+                continue
+        admitted += 1
+        if n == 0:
+            ledger.flush()  # the first call asked for a slice: take it now
+        record = CallRecord(rid, time.time(), {}, "p", "m", "m", Usage(1, 1), 1, (), "ok")
+        if not ledger.settle(rid, {key: amount}, record):
+            ledger.commit(rid, {key: amount}, record=record)
+    print(admitted, flush=True)
+    if ending == "kill":
+        import os, signal
+        os.kill(os.getpid(), signal.SIGKILL)
+    if ending == "close":
+        ledger.close()
+    # "exit": no close; atexit writes what is held in memory
+    """
+)
+
+
+def _workers(url: str, count: int, *args: object) -> list[subprocess.Popen[str]]:
+    return [
+        subprocess.Popen(
+            [sys.executable, "-c", WORKER, url, *map(str, args)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(count)
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ending", ["close", "exit"])
+def test_processes_never_overspend(tmp_path: Path, ending: str) -> None:
+    """4 processes x 60 calls of 3 under 300, each on its own slices: exactly
+    100 admitted and 300 spent, whether they close or simply exit."""
+    url = f"sqlite:///{tmp_path / 'shared.db'}?write_behind=0.002"
+    open_ledger(url).close()
+    workers = _workers(url, 4, "tenant:acme", 300, 3, 60, ending)
+    admitted = 0
+    for worker in workers:
+        out, _ = worker.communicate(timeout=120)
+        assert worker.returncode == 0
+        admitted += int(out)
+    assert admitted == 100
+    plain = SQLiteLedger(tmp_path / "shared.db")
+    try:
+        assert plain.state(["tenant:acme"])["tenant:acme"] == KeyState(300, 0)
+        assert len(plain.calls()) == 100
+    finally:
+        plain.close()
+
+
+@pytest.mark.slow
+def test_a_killed_process_loses_only_what_it_had_not_written(
+    tmp_path: Path,
+) -> None:
+    """SIGKILL before the thread writes (write_behind=1 s): its charges are lost,
+    its slice holds budget until the slice's lease ends, then nothing."""
+    url = f"sqlite:///{tmp_path / 'shared.db'}?write_behind=1"
+    now = [time.time()]
+    (worker,) = _workers(url, 1, "k", 10_000, 10, 5, "kill")
+    out, _ = worker.communicate(timeout=60)
+    assert worker.returncode == -9
+    admitted = int(out)
+    assert admitted == 5
+    plain = SQLiteLedger(tmp_path / "shared.db", clock=lambda: now[0])
+    try:
+        # The first call went to the file (no slice yet); the 4 others were
+        # charged in memory and never written: the price of write-behind.
+        slice_amount = 10 * _write_behind.SLICE_CALLS
+        assert plain.state(["k"])["k"] == KeyState(10, slice_amount)
+        now[0] += _write_behind.SLICE_LEASE + 1
+        plain.reserve([], reservation_id="tick", lease_seconds=1.0)  # reaps
+        assert plain.state(["k"])["k"] == KeyState(10, 0)
+    finally:
+        plain.close()
+
+
+def test_threads_share_one_slice_without_overspending(tmp_path: Path) -> None:
+    """8 threads x 50 calls of 2 under 500: exactly 250 admitted."""
+    ledger = WriteBehindLedger(tmp_path / "wb.db", write_behind=0.001)
+    key = "tokens:session=a"
+    counts: list[int] = []
+    start = threading.Barrier(8)
+
+    def work(t: int) -> None:
+        start.wait()
+        admitted = 0
+        for n in range(50):
+            rid = f"{t}-{n}"
+            if _admit(ledger, [(key, 2, 500)], rid):
+                admitted += 1
+                _charge(ledger, rid, {key: 2})
+        counts.append(admitted)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    try:
+        assert sum(counts) == 250
+        assert ledger.state([key])[key] == KeyState(500, 0)
+    finally:
+        ledger.close()
+    plain = SQLiteLedger(tmp_path / "wb.db")
+    try:
+        assert plain.state([key])[key] == KeyState(500, 0)
+        assert len(plain.calls()) == 250
+    finally:
+        plain.close()
+
+
+def test_a_slice_running_low_is_topped_up_before_it_runs_out(tmp_path: Path) -> None:
+    ledger = WriteBehindLedger(tmp_path / "wb.db", write_behind=1.0)
+    key = "tokens:session=a"
+    try:
+        ledger.hold([(key, 10, 10_000)], "r0", LEASE)
+        ledger.flush()  # a slice of 16 calls
+        # Until fewer than _LOW_WATER calls' worth is left.
+        calls = _write_behind.SLICE_CALLS - _write_behind._LOW_WATER + 1
+        for n in range(1, calls + 1):
+            assert ledger.hold([(key, 10, 10_000)], f"r{n}", LEASE)
+            assert ledger.settle(f"r{n}", {key: 10}, _record(f"r{n}"))
+        # 3 calls' worth left: the top-up was asked for, and comes with the
+        # next write, before any call misses.
+        ledger.flush()
+        for n in range(calls + 1, calls + 10):
+            assert ledger.hold([(key, 10, 10_000)], f"r{n}", LEASE)
+            assert ledger.settle(f"r{n}", {key: 10}, _record(f"r{n}"))
+    finally:
+        ledger.close()
+
+
+def test_an_idle_process_gives_its_slice_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_write_behind, "IDLE", 0.05)
+    ledger = WriteBehindLedger(tmp_path / "wb.db", write_behind=0.001)
+    key = "tokens:session=a"
+    other = SQLiteLedger(tmp_path / "wb.db")
+    try:
+        ledger.hold([(key, 10, 10_000)], "r0", LEASE)
+        ledger.flush()
+        assert ledger.hold([(key, 10, 10_000)], "r1", LEASE)
+        assert ledger.settle("r1", {key: 6}, _record("r1"))
+        deadline = time.monotonic() + 10
+        while other.state([key])[key].reserved and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert other.state([key])[key] == KeyState(spent=6, reserved=0)
+    finally:
+        other.close()
+        ledger.close()
