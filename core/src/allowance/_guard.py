@@ -34,7 +34,7 @@ from allowance._errors import (
 )
 from allowance._events import call_safely, webhooks
 from allowance._ledger import DEFAULT_LEDGER_URL, open_ledger
-from allowance._ledger._memory import MemoryLedger
+from allowance._ledger._write_behind import HOLDING
 from allowance._policy import Fail, OnLimit, Policy, budgets_from_shorthand
 from allowance._pricing import prices
 from allowance._scope import current_budgets, current_scope, new_id, validate_scope
@@ -378,11 +378,11 @@ class Guard:
         tokens = estimate.total_tokens
         ledger = self._ledger or self.ledger
         observed = self._observed()  # asked once, used twice
-        if type(ledger) is MemoryLedger and not observed:
+        if type(ledger) in HOLDING and not observed:
             # The memory ledger's fast lane: the same hold, without the protocol's
             # value objects. A call that does not fit goes on to ``reserve``
             # below, which decides again and returns what the refusal reports.
-            held = ledger.hold(
+            held = ledger.hold(  # type: ignore[attr-defined]  # in HOLDING
                 self._hold_items(lines, tokens, worst_micros or 0),
                 call_id,
                 self.policy.lease_seconds,

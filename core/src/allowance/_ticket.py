@@ -15,7 +15,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, final
 
 from allowance._errors import PricingError, Violation
-from allowance._ledger._memory import MemoryLedger
+from allowance._ledger._write_behind import HOLDING
 from allowance.typing import CallRecord, Estimate, Usage
 
 if TYPE_CHECKING:
@@ -151,10 +151,10 @@ class Ticket:
         guard = self._guard
         ledger = guard._ledger
         if (
-            type(ledger) is MemoryLedger
+            type(ledger) in HOLDING
             and op.name == "commit"
             and not guard._observed()
-            and ledger.settle(op.args[0], op.args[1], op.kwargs["record"])
+            and ledger.settle(op.args[0], op.args[1], op.kwargs["record"])  # type: ignore[union-attr]  # in HOLDING
         ):
             return  # the memory ledger's fast lane: nothing more to tell anyone
         self._committed(op, guard._run(op))

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 import wrapt
 
 from allowance._estimate import make_estimate, make_usage
-from allowance._ledger._memory import MemoryLedger
+from allowance._ledger._write_behind import HOLDING
 from allowance._scope import current_adapters, current_route
 from allowance._sdk._express import admit, settle
 
@@ -397,9 +397,9 @@ def make_sync_interceptor(  # noqa: C901 - one way out per case, on purpose
             guard = route[0]
         if guard is None:
             return wrapped(*args, **kwargs)
-        ledger = guard._ledger  # noqa: SLF001 - the express lane's only ledger
-        if type(ledger) is MemoryLedger:
-            lane = admit(binding, guard, ledger, instance, args, kwargs)
+        ledger = guard._ledger  # noqa: SLF001 - the express lane's ledgers
+        if type(ledger) in HOLDING:  # a ``Holding``: the lane's ``hold``/``settle``
+            lane = admit(binding, guard, ledger, instance, args, kwargs)  # type: ignore[arg-type]
             if lane is not None:
                 return _express_sync(binding, wrapped, instance, lane, args, kwargs)
         call = _prepare(binding, instance, args, kwargs)
@@ -461,9 +461,9 @@ def make_async_interceptor(  # noqa: C901 - one way out per case, on purpose
             guard = route[0]
         if guard is None:
             return await wrapped(*args, **kwargs)
-        ledger = guard._ledger  # noqa: SLF001 - the express lane's only ledger
-        if type(ledger) is MemoryLedger:
-            lane = admit(binding, guard, ledger, instance, args, kwargs)
+        ledger = guard._ledger  # noqa: SLF001 - the express lane's ledgers
+        if type(ledger) in HOLDING:  # a ``Holding``: the lane's ``hold``/``settle``
+            lane = admit(binding, guard, ledger, instance, args, kwargs)  # type: ignore[arg-type]
             if lane is not None:
                 return await _express_async(
                     binding, wrapped, instance, lane, args, kwargs

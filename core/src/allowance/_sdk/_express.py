@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
 
     from allowance._guard import Guard
-    from allowance._ledger._memory import MemoryLedger
+    from allowance._ledger._write_behind import Holding
     from allowance._sdk._common import SdkBinding
     from allowance._ticket import Line
 
@@ -72,7 +72,7 @@ class Lane:
     def __init__(  # noqa: PLR0917 - built in one place, positionally (hot path)
         self,
         guard: Guard,
-        ledger: MemoryLedger,
+        ledger: Holding,
         call_id: str,
         scope: Mapping[str, str],
         path: str,
@@ -123,7 +123,7 @@ class Lane:
 def admit(  # noqa: PLR0911, PLR0917 - each way out is a case for the general path
     binding: SdkBinding,
     guard: Guard,
-    ledger: MemoryLedger,
+    ledger: Holding,
     client: Any,
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
