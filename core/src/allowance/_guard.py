@@ -379,9 +379,10 @@ class Guard:
         ledger = self._ledger or self.ledger
         observed = self._observed()  # asked once, used twice
         if type(ledger) in HOLDING and not observed:
-            # The memory ledger's fast lane: the same hold, without the protocol's
-            # value objects. A call that does not fit goes on to ``reserve``
-            # below, which decides again and returns what the refusal reports.
+            # The fast lane of a ledger that holds in memory: the same hold,
+            # without the protocol's value objects. A call it does not hold goes
+            # on to ``reserve`` below, which decides again (and returns what a
+            # refusal reports).
             held = ledger.hold(  # type: ignore[attr-defined]  # in HOLDING
                 self._hold_items(lines, tokens, worst_micros or 0),
                 call_id,

@@ -156,7 +156,7 @@ class Ticket:
             and not guard._observed()
             and ledger.settle(op.args[0], op.args[1], op.kwargs["record"])  # type: ignore[union-attr]  # in HOLDING
         ):
-            return  # the memory ledger's fast lane: nothing more to tell anyone
+            return  # the ledger's fast lane: nothing more to tell anyone
         self._committed(op, guard._run(op))
 
     async def acommit(self, usage: Usage, *, response_model: str | None = None) -> None:

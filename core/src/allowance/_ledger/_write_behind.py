@@ -37,6 +37,10 @@ What changes, and is the price of the speed:
   see its slices as reserved: near a limit, a call that would fit can be
   refused in another process while this one holds slice unused (until it
   gives it back, after ``IDLE`` seconds without calls).
+- **An estimate missed in another process** (a charge beyond its hold that
+  takes a key over its limit) does not stop this process's slice: it admits
+  what its slice still holds, as that process's hold was admitted before.
+  (In this process such a charge stops the slice at once.)
 - **If the file cannot be written**, charges stay in memory and are retried
   (never dropped); the slice stops admitting before its lease could end, and
   calls go to ``reserve``, where the guard's ``fail`` policy decides.

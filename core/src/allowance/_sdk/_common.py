@@ -332,8 +332,8 @@ async def _express_async(  # noqa: PLR0917 - the interceptor's state, passed on
 ) -> Any:
     """Async twin of ``_express_sync``.
 
-    The lane runs on the memory ledger only, which never waits (see
-    ``Guard.nonblocking_ledger``): it settles in place.
+    The lane runs on ledgers whose ``hold`` and ``settle`` never wait (the
+    memory ledger, the write-behind ledger's slices): it settles in place.
     """
     token = _claimed.set(True)
     try:

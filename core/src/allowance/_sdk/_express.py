@@ -1,17 +1,21 @@
 """The express lane: the commonest SDK call, admitted and charged in one pass.
 
 Most calls have one shape: a non-streaming chat (OpenAI Chat Completions,
-Anthropic Messages) with a plain body, through a guard on the memory ledger
-whose budgets have no warn, webhook or degrade threshold, with nobody
+Anthropic Messages) with a plain body, through a guard on a ledger that
+holds in memory (the memory ledger, the write-behind SQLite ledger) whose
+budgets have no warn, webhook or degrade threshold, with nobody
 observing events. The general path (``Guard.begin``, a ``Ticket``,
 ``_track_*``) takes about thirty function calls and a dozen objects for it,
 run from cold CPU caches after the SDK's own work. This lane does the same
-work with the same pieces (the codec's bound, ``prices``, the memory ledger's
+work with the same pieces (the codec's bound, ``prices``, the ledger's
 ``hold`` and ``settle``, the codec's usage reader) in a handful.
 
 It never decides differently from the general path:
 
-- The interceptor asks only when the guard's ledger is the memory ledger.
+- The interceptor asks only when the guard's ledger holds in memory
+  (``type(ledger) in HOLDING``); a ``hold`` that returns None is not a
+  refusal: the general path decides (the write-behind ledger's slice may
+  just not cover the call).
 - Before the ledger is touched, anything else (a stream, another body, an
   observer, a threshold, a price missing, a call that does not fit)
   returns None, and the general path takes the call from the start.
@@ -131,7 +135,7 @@ def admit(  # noqa: PLR0911, PLR0917 - each way out is a case for the general pa
     """Admit the commonest call and hold its worst case; None: not this lane's.
 
     ``Guard._begin_fast`` for ``_prepare``'s call, when that call is plain and
-    ``ledger`` (the guard's) is the memory ledger: it decides the same, on the
+    ``ledger`` (the guard's) holds in memory: it decides the same, on the
     same ledger state, or returns None having touched nothing.
     """
     plain_of = binding.plain
@@ -200,7 +204,7 @@ def settle(
 ) -> bool:
     """Charge the parsed ``result``'s usage; False: the general path settles it.
 
-    ``Ticket.commit`` of the parsed response, on the memory ledger's fast lane.
+    ``Ticket.commit`` of the parsed response, on the ledger's fast lane.
     ``unparsed``: the types ``_track_*`` wraps (streams, raw responses).
     """
     if isinstance(result, unparsed):
