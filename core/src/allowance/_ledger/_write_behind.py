@@ -179,6 +179,7 @@ class WriteBehindLedger(SQLiteLedger):
         self._renew_at = math.inf
         self._last_use = -math.inf
         self._dirty = False
+        self._dirty_since = 0.0
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -269,18 +270,16 @@ class WriteBehindLedger(SQLiteLedger):
         So the file's state is exactly what admission would see without
         slices, as far as this process is concerned.
         """
-        if self._rows:
-            check_plans(plans)
-            keys = {item.key for plan in plans for item in plan}
-            with self._sync_lock:
-                if self._give_back(keys):
-                    self._sync(top_up=False)  # no top-up before the decision
-                return super().reserve(
-                    plans, reservation_id=reservation_id, lease_seconds=lease_seconds
-                )
-        return super().reserve(
-            plans, reservation_id=reservation_id, lease_seconds=lease_seconds
-        )
+        check_plans(plans)
+        keys = {item.key for plan in plans for item in plan}
+        # Under the write lock of this ledger: a top-up the thread is writing
+        # lands before the give-back, or after the decision.
+        with self._sync_lock:
+            if self._give_back(keys):
+                self._sync(top_up=False)  # no top-up before the decision
+            return super().reserve(
+                plans, reservation_id=reservation_id, lease_seconds=lease_seconds
+            )
 
     def commit(
         self,
@@ -443,6 +442,7 @@ class WriteBehindLedger(SQLiteLedger):
             del done[next(iter(done))]
         if not self._dirty:
             self._dirty = True
+            self._dirty_since = time.monotonic()
             self._kick()
 
     def _want(self, items: Sequence[tuple[str, int, int]]) -> None:
@@ -498,11 +498,20 @@ class WriteBehindLedger(SQLiteLedger):
             self._wake.clear()
             if failures:
                 time.sleep(min(2**failures, 30))
-            elif not self._wants:
-                # Charges wait up to ``write_behind`` to be written together;
-                # a top-up asked for meanwhile (``_kick``) is written at once.
-                self._wake.wait(self.write_behind)
-                self._wake.clear()
+            else:
+                # A charge waits ``write_behind`` from the first unwritten one,
+                # to be written with the next; a top-up asked for meanwhile
+                # (``_kick``) is written at once.
+                while (
+                    self._dirty
+                    and not self._wants
+                    and (
+                        left := self._dirty_since + self.write_behind - time.monotonic()
+                    )
+                    > 0
+                ):
+                    self._wake.wait(left)
+                    self._wake.clear()
             with self._sync_lock:
                 try:
                     idle = self._clock() - self._last_use >= IDLE
@@ -572,6 +581,8 @@ class WriteBehindLedger(SQLiteLedger):
             raise
         with self._lock:
             self._written(spent, give, items, granted)
+            if granted:  # asked for by a call: not idle
+                self._last_use = max(self._last_use, now)
             self._slice_id = slice_id
             self._valid_until = expires - SLICE_LEASE / 2 if slice_id else -math.inf
             self._renew_at = now + RENEW_EVERY
