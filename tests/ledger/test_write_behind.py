@@ -527,3 +527,46 @@ def test_an_idle_process_gives_its_slice_back(
     finally:
         other.close()
         ledger.close()
+
+
+def test_a_charge_through_the_file_beyond_the_limit_stops_the_slice(ledger) -> None:
+    """A call reserved on the file (not the slice) charges more than it held
+    and takes the key over its limit: the slice admits nothing more."""
+    key = "tokens:session=a"
+    assert _admit(ledger, [(key, 10, 100)], "r0")  # on the file: no slice yet
+    ledger.flush()  # a slice of 45 (half of the 90 left)
+    assert ledger.hold([(key, 10, 100)], "r1", LEASE) == {key: 10}
+    ledger.commit("r0", {key: 95})  # estimate missed: 95 spent of 100
+    ledger.release("r1")
+    assert ledger.state([key])[key] == KeyState(95, 0)
+    # The slice still holds 45 in the file, but the key has 5 left.
+    assert ledger.hold([(key, 10, 100)], "r2", LEASE) is None
+    assert not _admit(ledger, [(key, 10, 100)], "r3")
+    assert _admit(ledger, [(key, 5, 100)], "r4")
+
+
+def test_a_charge_in_memory_beyond_the_slice_is_written_before_a_decision(
+    tmp_path: Path,
+) -> None:
+    """A call held on the slice charges more than the whole slice: a call
+    decided on the file is decided with that charge, written first."""
+    ledger = WriteBehindLedger(tmp_path / "wb.db", write_behind=1.0)  # writes wait
+    key = "tokens:session=a"
+    try:
+        ledger.hold([(key, 10, 1000)], "r0", LEASE)
+        ledger.flush()  # a slice of 160
+        time.sleep(0.2)  # the thread's own write, if any, is over
+        assert ledger.hold([(key, 10, 1000)], "r1", LEASE) == {key: 10}
+        assert ledger.settle("r1", {key: 900}, _record("r1"))  # far beyond
+
+        def reserve(amount: int, rid: str) -> bool:  # a call not for the lane
+            plan = [[ReserveItem(key, amount, 1000)]]
+            return ledger.reserve(
+                plan, reservation_id=rid, lease_seconds=LEASE
+            ).admitted
+
+        assert reserve(100, "r2")  # 900 + 100 = 1000
+        assert not reserve(1, "r3")
+        assert ledger.state([key])[key] == KeyState(900, 100)
+    finally:
+        ledger.close()
