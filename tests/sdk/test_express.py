@@ -26,7 +26,7 @@ from allowance._sdk import _common, _express
 from allowance.testing import FakeProvider, FakeReply, FakeUsage
 from allowance.typing import KeyState
 
-from .conftest import CLAUDE, GPT, MINI, aw, close
+from .conftest import CLAUDE, GPT, MINI, aw, close, drain
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -422,4 +422,43 @@ async def test_calls_the_lane_cannot_take_go_the_general_way(
         assert len(client.allowance.guard.ledger.calls()) == 2
     finally:
         client.close()
+        client.allowance.guard.close()
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_streams_use_the_write_behind_slice(
+    fake: FakeProvider, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """Streams (not the lane's calls) hold and settle on the process's slice:
+    only a call the slice cannot cover reserves on the file."""
+    from allowance._ledger import WriteBehindLedger
+
+    reserves: list[str] = []
+    reserve = WriteBehindLedger.reserve
+
+    def counting(self: WriteBehindLedger, *args: Any, **kwargs: Any) -> Any:
+        reserves.append(kwargs["reservation_id"])
+        return reserve(self, *args, **kwargs)
+
+    monkeypatch.setattr(WriteBehindLedger, "reserve", counting)
+    client = _client(fake, "openai", kind)
+    url = f"sqlite:///{tmp_path / 'wb.db'}?write_behind=0.01"
+    allowance.wrap(client, budget=100_000, ledger=url)
+    fake.reset()
+    step = Step("a", "u", "priced", ("hi",), False, 50, None, False, None)
+    try:
+        for _ in range(6):
+            stream = await aw(
+                client.chat.completions.create(**_request("openai", step), stream=True)
+            )
+            await drain(stream)
+            await asyncio.sleep(0.05)  # the thread takes the slice asked for
+        # The first call asks for a slice (async: the first call opens the
+        # ledger on the general path, the second asks).
+        assert len(reserves) == (1 if kind == "sync" else 2)
+        records = client.allowance.guard.ledger.calls()
+        assert [r.outcome for r in records] == ["ok"] * 6
+        assert all(s.reserved == 0 for s in client.allowance.status())
+    finally:
+        await close(client)
         client.allowance.guard.close()

@@ -357,8 +357,13 @@ class Guard:
         adapters: tuple[str, ...],
         reestimate: Callable[[str], Estimate] | None,
         refine: Callable[[], Estimate | None] | None,
+        *,
+        hold_only: bool = False,
     ) -> Ticket | None:
         """``_begin_plan``'s common case without the generator driver, or None.
+
+        ``hold_only``: only the ledger's in-memory ``hold``, never a call that
+        may wait (for ``abegin`` on a ledger whose ``reserve`` does).
 
         The common case: nothing held in memory, no model to degrade to, no
         warn/webhook threshold. A call that fits is admitted here and a refused
@@ -392,6 +397,8 @@ class Guard:
                 return self._admitted(
                     call_id, scope, estimate, lines, held, worst_micros, adapters
                 )
+        if hold_only:
+            return None
         plan = [
             ReserveItem(
                 line.key,
@@ -491,6 +498,12 @@ class Guard:
         """Async twin of ``begin``; never blocks the event loop on the ledger."""
         if self.nonblocking_ledger():
             ticket = self._begin_fast(estimate, adapters, reestimate, refine)
+            if ticket is not None:
+                return ticket
+        elif type(self._ledger) in HOLDING:  # holds in memory, reserves on a file
+            ticket = self._begin_fast(
+                estimate, adapters, reestimate, refine, hold_only=True
+            )
             if ticket is not None:
                 return ticket
         return await self._adrive(

@@ -148,25 +148,33 @@ class Ticket:
         if self.settled:
             return
         op = self._commit_op(usage, response_model, partial=False)
+        if not self._settled_in_memory(op):
+            self._committed(op, self._guard._run(op))
+
+    async def acommit(self, usage: Usage, *, response_model: str | None = None) -> None:
+        """Async twin of ``commit``."""
+        guard = self._guard
+        if guard.nonblocking_ledger():
+            self.commit(usage, response_model=response_model)
+        elif type(guard._ledger) in HOLDING:  # settles in memory, commits on a file
+            if self.settled:
+                return
+            op = self._commit_op(usage, response_model, partial=False)
+            if not self._settled_in_memory(op):
+                self._committed(op, await guard._arun(op))
+        else:
+            await guard._adrive(self._commit_plan(usage, response_model, partial=False))
+
+    def _settled_in_memory(self, op: Op) -> bool:
+        """Charge ``op`` by the ledger's fast lane, if it has one and holds the call."""
         guard = self._guard
         ledger = guard._ledger
-        if (
+        return (
             type(ledger) in HOLDING
             and op.name == "commit"
             and not guard._observed()
             and ledger.settle(op.args[0], op.args[1], op.kwargs["record"])  # type: ignore[union-attr]  # in HOLDING
-        ):
-            return  # the ledger's fast lane: nothing more to tell anyone
-        self._committed(op, guard._run(op))
-
-    async def acommit(self, usage: Usage, *, response_model: str | None = None) -> None:
-        """Async twin of ``commit``."""
-        if self._guard.nonblocking_ledger():
-            self.commit(usage, response_model=response_model)
-            return
-        await self._guard._adrive(
-            self._commit_plan(usage, response_model, partial=False)
-        )
+        )  # the ledger's fast lane: nothing more to tell anyone
 
     def commit_partial(
         self, usage: Usage, *, response_model: str | None = None

@@ -21,8 +21,9 @@ What stays as with ``SQLiteLedger``:
   a limit. A slice whose lease could end (the thread cannot write) admits
   nothing.
 - **The same decisions in one process.** A call the slice cannot cover goes
-  to ``SQLiteLedger.reserve``, after this process gives back what its slice
-  holds unused on the call's keys, so it is decided on the file's exact state.
+  to ``SQLiteLedger.reserve``, decided as if this process held no slice: a
+  refusal is decided again once the process gave back what its slice holds
+  unused on the call's keys (and wrote any charge beyond it).
 - **The protocol.** ``reserve``, ``commit`` and ``release`` of ids this ledger
   did not hold in memory are ``SQLiteLedger``'s. ``state`` and ``keys`` show
   this process's unwritten charges and leave its unused slice out.
@@ -71,13 +72,13 @@ from allowance._ledger._sqlite import (
     _finish,
     _flat,
 )
-from allowance.typing import KeyState
+from allowance.typing import KeyState, ReserveResult
 
 if TYPE_CHECKING:
     import sqlite3
     from collections.abc import Callable, Iterable, Mapping, Sequence
 
-    from allowance.typing import CallRecord, ReserveItem, ReserveResult
+    from allowance.typing import CallRecord, ReserveItem
 
 __all__ = ["HOLDING", "Holding", "WriteBehindLedger"]
 
@@ -265,20 +266,43 @@ class WriteBehindLedger(SQLiteLedger):
         reservation_id: str,
         lease_seconds: float,
     ) -> ReserveResult:
-        """``SQLiteLedger.reserve``, after giving back the unused slice on its keys.
+        """``SQLiteLedger.reserve``, decided as if this process held no slice.
 
-        So the file's state is exactly what admission would see without
-        slices, as far as this process is concerned.
+        A call that fits with the unused slice counted as used is admitted;
+        one that does not is decided again once the unused slice on its keys
+        is given back (at once for plans with gates or fallbacks, where the
+        slice could change which plan fits). The states returned are those
+        ``state`` would show.
         """
         check_plans(plans)
         keys = {item.key for plan in plans for item in plan}
+        simple = len(plans) == 1 and all(item.gate is None for item in plans[0])
         # Under the write lock of this ledger: a top-up the thread is writing
-        # lands before the give-back, or after the decision.
+        # lands before the decision, or after it.
         with self._sync_lock:
-            if self._give_back(keys):
-                self._sync(top_up=False)  # no top-up before the decision
-            return super().reserve(
-                plans, reservation_id=reservation_id, lease_seconds=lease_seconds
+            if simple:
+                # What fits with the unused slice counted as used fits without
+                # it: decide first, give the slice back only if refused.
+                if self._overdrawn(keys):
+                    self._sync(top_up=False)  # charges beyond the slice first
+                result = super().reserve(
+                    plans, reservation_id=reservation_id, lease_seconds=lease_seconds
+                )
+                if result.admitted or not self._give_back(keys):
+                    return self._adjusted_result(result)
+            elif not self._give_back(keys):
+                return self._adjusted_result(
+                    super().reserve(
+                        plans,
+                        reservation_id=reservation_id,
+                        lease_seconds=lease_seconds,
+                    )
+                )
+            self._sync(top_up=False)
+            return self._adjusted_result(
+                super().reserve(
+                    plans, reservation_id=reservation_id, lease_seconds=lease_seconds
+                )
             )
 
     def commit(
@@ -479,6 +503,22 @@ class WriteBehindLedger(SQLiteLedger):
                         row[3] += free
                     stale = stale or free != 0
             return stale
+
+    def _overdrawn(self, keys: Iterable[str]) -> bool:
+        """True when a charge beyond the slice on ``keys`` is not yet written."""
+        with self._lock:
+            rows = self._rows
+            return any(
+                (row := rows.get(key)) is not None
+                and row[0] - row[1] - row[2] - row[3] < 0
+                for key in keys
+            )
+
+    def _adjusted_result(self, result: ReserveResult) -> ReserveResult:
+        """``result`` with the states ``state`` would show (``_sync_lock`` held)."""
+        with self._lock:
+            before = {key: self._adjusted(key, s) for key, s in result.before.items()}
+        return ReserveResult(result.plan, before)
 
     def _adjusted(self, key: str, state: KeyState) -> KeyState:
         row = self._rows.get(key)
