@@ -153,17 +153,12 @@ class Ticket:
 
     async def acommit(self, usage: Usage, *, response_model: str | None = None) -> None:
         """Async twin of ``commit``."""
-        guard = self._guard
-        if guard.nonblocking_ledger():
+        if self._guard.nonblocking_ledger():
             self.commit(usage, response_model=response_model)
-        elif type(guard._ledger) in HOLDING:  # settles in memory, commits on a file
-            if self.settled:
-                return
-            op = self._commit_op(usage, response_model, partial=False)
-            if not self._settled_in_memory(op):
-                self._committed(op, await guard._arun(op))
-        else:
-            await guard._adrive(self._commit_plan(usage, response_model, partial=False))
+            return
+        await self._guard._adrive(
+            self._commit_plan(usage, response_model, partial=False)
+        )
 
     def _settled_in_memory(self, op: Op) -> bool:
         """Charge ``op`` by the ledger's fast lane, if it has one and holds the call."""
@@ -244,7 +239,8 @@ class Ticket:
         if self.settled:
             return
         op = self._commit_op(usage, response_model, partial=partial)
-        self._committed(op, (yield op))
+        if not self._settled_in_memory(op):  # nothing to wait for: no yield
+            self._committed(op, (yield op))
 
     def _commit_op(
         self, usage: Usage, response_model: str | None, *, partial: bool

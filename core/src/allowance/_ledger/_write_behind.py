@@ -50,6 +50,7 @@ What changes, and is the price of the speed:
 from __future__ import annotations
 
 import atexit
+import functools
 import logging
 import math
 import os
@@ -151,7 +152,7 @@ class WriteBehindLedger(SQLiteLedger):
         self,
         path: str | os.PathLike[str],
         *,
-        write_behind: float = 0.005,
+        write_behind: float = 0.05,
         busy_timeout: float = 5.0,
         clock: Callable[[], float] = time.time,
         url: str | None = None,
@@ -212,6 +213,7 @@ class WriteBehindLedger(SQLiteLedger):
             now = self._clock()
             rows = self._rows
             if now < self._valid_until:
+                # ``_free`` written out: this runs on every call.
                 for key, amount, limit in items:
                     row = rows.get(key)
                     if (
@@ -276,34 +278,29 @@ class WriteBehindLedger(SQLiteLedger):
         """
         check_plans(plans)
         keys = {item.key for plan in plans for item in plan}
-        simple = len(plans) == 1 and all(item.gate is None for item in plans[0])
+        decide = functools.partial(
+            super().reserve,
+            plans,
+            reservation_id=reservation_id,
+            lease_seconds=lease_seconds,
+        )
         # Under the write lock of this ledger: a top-up the thread is writing
         # lands before the decision, or after it.
         with self._sync_lock:
-            if simple:
+            if len(plans) == 1 and all(item.gate is None for item in plans[0]):
                 # What fits with the unused slice counted as used fits without
                 # it: decide first, give the slice back only if refused.
-                if self._overdrawn(keys):
+                with self._lock:
+                    overdrawn = any(_free(row) < 0 for row in self._rows_of(keys))
+                if overdrawn:
                     self._sync(top_up=False)  # charges beyond the slice first
-                result = super().reserve(
-                    plans, reservation_id=reservation_id, lease_seconds=lease_seconds
-                )
+                result = decide()
                 if result.admitted or not self._give_back(keys):
                     return self._adjusted_result(result)
-            elif not self._give_back(keys):
-                return self._adjusted_result(
-                    super().reserve(
-                        plans,
-                        reservation_id=reservation_id,
-                        lease_seconds=lease_seconds,
-                    )
-                )
-            self._sync(top_up=False)
-            return self._adjusted_result(
-                super().reserve(
-                    plans, reservation_id=reservation_id, lease_seconds=lease_seconds
-                )
-            )
+                self._sync(top_up=False)
+            elif self._give_back(keys):
+                self._sync(top_up=False)
+            return self._adjusted_result(decide())
 
     def commit(
         self,
@@ -314,18 +311,23 @@ class WriteBehindLedger(SQLiteLedger):
     ) -> None:
         """Charge ``amounts``; in memory when the call was held in memory."""
         check_amounts(amounts)
+        if not self._settle_in_memory(reservation_id, amounts, record):
+            super().commit(reservation_id, amounts, record=record)
+            self._after_overrun(amounts)
+
+    def _settle_in_memory(
+        self, reservation_id: str, amounts: Mapping[str, int], record: CallRecord | None
+    ) -> bool:
+        """``commit``/``release`` of a call held in memory; False: not one."""
         with self._lock:
             holds = self._holds.pop(reservation_id, None)
-            if holds is not None:
-                self._charge_held(holds, amounts)
-                if record is not None:
-                    self._records.append(copy_record(record))
-                self._settled(reservation_id)
-                return
-            if reservation_id in self._done:
-                return
-        super().commit(reservation_id, amounts, record=record)
-        self._after_overrun(amounts)
+            if holds is None:
+                return reservation_id in self._done  # settled already: no change
+            self._charge_held(holds, amounts)
+            if record is not None:
+                self._records.append(copy_record(record))
+            self._settled(reservation_id)
+            return True
 
     def _after_overrun(self, amounts: Mapping[str, int]) -> None:
         """Give back the slice on keys a commit pushed over their limit.
@@ -353,17 +355,8 @@ class WriteBehindLedger(SQLiteLedger):
 
     def release(self, reservation_id: str, *, record: CallRecord | None = None) -> None:
         """Drop the hold; in memory when the call was held in memory."""
-        with self._lock:
-            holds = self._holds.pop(reservation_id, None)
-            if holds is not None:
-                self._charge_held(holds, {})
-                if record is not None:
-                    self._records.append(copy_record(record))
-                self._settled(reservation_id)
-                return
-            if reservation_id in self._done:
-                return
-        super().release(reservation_id, record=record)
+        if not self._settle_in_memory(reservation_id, {}, record):
+            super().release(reservation_id, record=record)
 
     def reset(self, prefix: str = "") -> None:
         """``SQLiteLedger.reset``, after writing this process's charges."""
@@ -487,32 +480,26 @@ class WriteBehindLedger(SQLiteLedger):
             thread.start()
         self._wake.set()
 
-    def _give_back(self, keys: Iterable[str]) -> bool:
-        """Give back the unused slice on ``keys``; True: write before deciding.
+    def _give_back(self, keys: Iterable[str] | None = None) -> bool:
+        """Give back the unused slice on ``keys`` (None: all); True: write first.
 
-        Unwritten, the file counts ``free`` more than is used on a key (the
-        unused slice) or, after a charge beyond its hold, less (``free`` < 0).
+        The file is exact on ``keys`` only once written: before, it counts
+        ``free`` more than is used on a key (the unused slice) or, after a
+        charge beyond its hold, less (``free`` < 0).
         """
         with self._lock:
             stale = False
-            for key in keys:
-                row = self._rows.get(key)
-                if row is not None:
-                    free = row[0] - row[1] - row[2] - row[3]
-                    if free > 0:
-                        row[3] += free
-                    stale = stale or free != 0
+            for row in self._rows.values() if keys is None else self._rows_of(keys):
+                free = _free(row)
+                if free > 0:
+                    row[3] += free
+                stale = stale or free != 0
             return stale
 
-    def _overdrawn(self, keys: Iterable[str]) -> bool:
-        """True when a charge beyond the slice on ``keys`` is not yet written."""
-        with self._lock:
-            rows = self._rows
-            return any(
-                (row := rows.get(key)) is not None
-                and row[0] - row[1] - row[2] - row[3] < 0
-                for key in keys
-            )
+    def _rows_of(self, keys: Iterable[str]) -> list[list[int]]:
+        """The rows of those ``keys`` this process has (``_lock`` held)."""
+        rows = self._rows
+        return [row for key in keys if (row := rows.get(key)) is not None]
 
     def _adjusted_result(self, result: ReserveResult) -> ReserveResult:
         """``result`` with the states ``state`` would show (``_sync_lock`` held)."""
@@ -588,12 +575,9 @@ class WriteBehindLedger(SQLiteLedger):
         top-ups asked for (else they wait for the next write).
         """
         rows = self._rows
+        if give_all:
+            self._give_back()
         with self._lock:
-            if give_all:
-                for row in rows.values():
-                    free = row[0] - row[1] - row[2] - row[3]
-                    if free > 0:
-                        row[3] += free
             spent = {key: row[2] for key, row in rows.items() if row[2]}
             give = {key: row[3] for key, row in rows.items() if row[3]}
             held = {key: row[1] for key, row in rows.items() if row[1]}
@@ -735,6 +719,11 @@ class WriteBehindLedger(SQLiteLedger):
         for chunk in _chunks(grants):
             cursor.execute(sql.hold(len(chunk)), _flat(chunk))
         return granted
+
+
+def _free(row: list[int]) -> int:
+    """What a key's row can still admit: its slice less held, spent, given."""
+    return row[0] - row[1] - row[2] - row[3]
 
 
 def _spend(
