@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import hypothesis.strategies as st
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 
 from allowance import ConfigurationError, UsageError
 from allowance._ledger import (
@@ -56,13 +56,27 @@ def _record(call_id: str) -> CallRecord:
 
 
 def _admit(
-    ledger: WriteBehindLedger, items: list[tuple[str, int, int]], rid: str
+    ledger: WriteBehindLedger,
+    items: list[tuple[str, int, int]],
+    rid: str,
+    ceilings: list[int] | None = None,
 ) -> bool:
     """What the guard does: the fast lane's ``hold``, else ``reserve``."""
-    if ledger.hold(items, rid, LEASE) is not None:
+    if ledger.hold(items, rid, LEASE, ceilings) is not None:
         return True
-    plan = [ReserveItem(k, a, limit) for k, a, limit in items]
+    plan = _plan(items, ceilings)
     return ledger.reserve([plan], reservation_id=rid, lease_seconds=LEASE).admitted
+
+
+def _plan(
+    items: list[tuple[str, int, int]], ceilings: list[int] | None
+) -> list[ReserveItem]:
+    """The plan ``reserve`` decides for ``hold``'s items and ceilings (gates)."""
+    gates = ceilings or [None] * len(items)
+    return [
+        ReserveItem(key, amount, limit, gate)
+        for (key, amount, limit), gate in zip(items, gates, strict=True)
+    ]
 
 
 def _charge(ledger: WriteBehindLedger, rid: str, amounts: dict[str, int]) -> None:
@@ -85,6 +99,7 @@ admits = st.tuples(
         unique_by=lambda item: item[0],
     ),
     st.booleans(),  # then write, as the thread would: the slice arrives
+    st.none() | st.integers(0, 300),  # a ceiling (a threshold's gate) on each key
 )
 limits = st.tuples(st.just("limit"), st.sampled_from(KEYS), st.integers(0, 400))
 charges = st.tuples(st.just("charge"), st.integers(0, 30), st.integers(0, 50))
@@ -124,8 +139,75 @@ def test_one_process_decides_as_the_memory_ledger(
     steps = list(calls)
     for extra in events:
         steps.insert(rand.randint(0, len(steps)), extra)
+    _same_as_memory(tmp_path, limit_of, steps)
+
+
+# Calls under ceilings (a threshold's gate): most admitted, some ceilings met.
+gated_admits = st.tuples(
+    st.just("admit"),
+    st.lists(
+        st.tuples(st.sampled_from(KEYS[:2]), st.integers(1, 8)),
+        min_size=1,
+        max_size=2,
+        unique_by=lambda item: item[0],
+    ),
+    st.booleans(),
+    st.integers(0, 120),
+)
+
+
+@settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    st.lists(
+        st.one_of(gated_admits, gated_admits, gated_admits, admits, charges, charges),
+        min_size=4,
+        max_size=40,
+    ),
+    st.lists(st.one_of(others, others, resets), max_size=8),
+    st.randoms(use_true_random=False),
+    st.booleans(),
+)
+def test_calls_under_ceilings_are_decided_as_the_memory_ledger(
+    tmp_path: Path,
+    calls: list[tuple[object, ...]],
+    events: list[tuple[object, ...]],
+    rand: random.Random,
+    threaded: bool,
+) -> None:
+    """Gated holds (``hold``'s ceilings): admitted on the slice only when what
+    the key holds (the file beyond the slice, read at each write or set by
+    ``reserve``, and this process's calls since) is within the ceiling, as
+    the memory ledger decides. Without the thread, memory and the file part
+    for as long as possible: only ``flush`` and ``pause`` steps write."""
+    steps = list(calls)
+    for extra in events:
+        steps.insert(rand.randint(0, len(steps)), extra)
+    ledger = WriteBehindLedger if threaded else _Unthreaded
+    _same_as_memory(tmp_path, dict.fromkeys(KEYS, 1_000), steps, ledger)
+
+
+class _Unthreaded(WriteBehindLedger):
+    """Writes only when flushed (``pause`` flushes): no background thread."""
+
+    def _kick(self) -> None:
+        pass
+
+    def pause(self) -> None:
+        self.flush()
+
+
+def _same_as_memory(
+    tmp_path: Path,
+    limit_of: dict[str, int],
+    steps: list[tuple[object, ...]],
+    ledger: type[WriteBehindLedger] = WriteBehindLedger,
+) -> None:
     path = tmp_path / f"wb-{time.monotonic_ns()}.db"
-    pair = _Pair(WriteBehindLedger(path, write_behind=0.001), dict(limit_of))
+    pair = _Pair(ledger(path, write_behind=0.001), dict(limit_of))
     try:
         for n, step in enumerate(steps):
             getattr(pair, str(step[0]))(n, *step[1:])
@@ -151,13 +233,23 @@ class _Pair:
         self.limit_of = limit_of
         self.held: list[tuple[str, list[str]]] = []
 
-    def admit(self, n: int, calls: list[tuple[str, int]], then_write: bool) -> None:
+    def admit(
+        self,
+        n: int,
+        calls: list[tuple[str, int]],
+        then_write: bool,
+        ceiling: int | None,
+    ) -> None:
         items = [(key, amount, self.limit_of[key]) for key, amount in calls]
+        ceilings = None if ceiling is None else [ceiling] * len(items)
         rid = f"r{n}"
-        got = _admit(self.ledger, items, rid)
+        held = self.ledger.hold(items, rid, LEASE, ceilings) is not None
+        if held:
+            event(f"held on the slice{'' if ceilings is None else ', under ceilings'}")
+        got = held or _admit(self.ledger, items, rid, ceilings)
         if then_write:
             self.ledger.flush()
-        plan = [ReserveItem(k, a, limit) for k, a, limit in items]
+        plan = _plan(items, ceilings)
         want = self.reference.reserve([plan], reservation_id=rid, lease_seconds=LEASE)
         assert got == want.admitted, (n, calls)
         if got:
@@ -180,7 +272,10 @@ class _Pair:
         self.ledger.flush()
 
     def pause(self, _: int) -> None:
-        time.sleep(0.005)  # the thread writes and tops up meanwhile
+        if isinstance(self.ledger, _Unthreaded):
+            self.ledger.pause()
+        else:
+            time.sleep(0.005)  # the thread writes and tops up meanwhile
 
     def limit(self, _: int, key: str, limit: int) -> None:
         self.limit_of[key] = limit
@@ -271,6 +366,37 @@ def test_a_lower_limit_is_not_served_from_an_older_slice(ledger) -> None:
     assert ledger.hold([(key, 10, 1000)], "r1", LEASE) == {key: 10}
     assert ledger.hold([(key, 10, 5)], "r2", LEASE) is None  # limit now 5
     assert not _admit(ledger, [(key, 10, 5)], "r3")
+
+
+def test_a_gated_call_holds_on_the_slice_while_its_keys_are_under_the_gate(
+    tmp_path: Path,
+) -> None:
+    """Gates count what the key holds beyond the slice as of the last write:
+    another process's spend (here another ledger on the file) applies from
+    this process's next write; this process's own calls at once."""
+    key = "tokens:session=a"
+    ledger = _Unthreaded(tmp_path / "wb.db", write_behind=1.0)
+    other = SQLiteLedger(tmp_path / "wb.db")
+    try:
+        assert ledger.hold([(key, 10, 1000)], "r0", LEASE, [50]) is None
+        ledger.flush()  # the slice, and what the file holds beyond it: 0
+        for n in range(1, 6):  # 0, 10, ..., 40 held before each: within 50
+            assert ledger.hold([(key, 10, 1000)], f"r{n}", LEASE, [50])
+        assert ledger.hold([(key, 10, 1000)], "r6", LEASE, [49]) is None  # 50 held
+        assert ledger.hold([(key, 10, 1000)], "r6", LEASE, [50]) == {key: 10}
+        for n in range(1, 7):  # charged 1 each: 6 held
+            _charge(ledger, f"r{n}", {key: 1})
+        assert ledger.state([key])[key] == KeyState(6, 0)
+        # Another process spends 100: not seen until this process writes.
+        other.commit("elsewhere", {key: 100})
+        assert ledger.hold([(key, 10, 1000)], "r7", LEASE, [50]) == {key: 10}
+        ledger.flush()
+        assert ledger.hold([(key, 10, 1000)], "r8", LEASE, [50]) is None
+        assert not _admit(ledger, [(key, 10, 1000)], "r8", [50])  # 100 + 6 + 10
+        assert _admit(ledger, [(key, 10, 1000)], "r9")  # no gate: within the limit
+    finally:
+        ledger.close()
+        other.close()
 
 
 def test_close_writes_everything_and_gives_the_slice_back(tmp_path: Path) -> None:

@@ -4,15 +4,18 @@ The express lane (``allowance._sdk._express``) admits and charges the
 commonest call in one pass; everything else, and everything unusual after
 admission, goes to the general path. Here random scripts of calls run through
 the real openai and anthropic SDKs (sync and async) against the fake provider,
-once with the lane on and once with it off, and must leave the same ledger
-counters, the same call log, the same responses and the same errors.
+once with the lane on and once with both fast ways off (the lane and the
+guard's fast begin: every call through the full plan), and must leave the
+same ledger counters, call log, responses, errors and threshold events.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import uuid
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -71,6 +74,9 @@ class Config:
     on_limit: str
     window: str | None = None  # the tenant budget's
     block_at: float | None = None  # a "block" threshold on the tenant budget
+    warn_at: float | None = None  # a "warn" threshold on both budgets
+    degrade_at: float | None = None  # a "degrade" threshold on the tenant budget
+    fallback: str | None = None  # the policy's: "priced", "unpriced" or None
 
 
 _replies = st.one_of(
@@ -83,6 +89,12 @@ _replies = st.one_of(
             input_tokens=st.integers(5, 3000),
             output_tokens=st.integers(0, 3000),
             cached_tokens=st.integers(0, 5),
+        ),
+    ),
+    st.builds(  # within the worst case of most calls
+        FakeReply,
+        usage=st.builds(
+            FakeUsage, input_tokens=st.integers(1, 30), output_tokens=st.integers(0, 60)
         ),
     ),
     st.just(FakeReply(omit_usage=True)),
@@ -117,8 +129,16 @@ _configs = st.sampled_from(list(_limits)).flatmap(
         on_limit=st.sampled_from(["raise", "stop", "warn"]),
         window=st.sampled_from([None, None, "month"]),
         block_at=st.sampled_from([None, None, 0.5]),
+        warn_at=st.sampled_from([None, None, 0.001, 0.05, 0.3, 0.8]),
+        degrade_at=st.sampled_from([None, None, 0.001, 0.05, 0.5]),
+        fallback=st.sampled_from([None, None, "priced", "unpriced"]),
     )
 )
+_FALLBACKS = {
+    ("openai", "priced"): "gpt-4.1-nano",
+    ("anthropic", "priced"): "claude-3-haiku-20240307",
+    **{(sdk, "unpriced"): model for sdk, model in _UNPRICED.items()},
+}
 
 
 def _client(fake: FakeProvider, sdk: str, kind: str) -> Any:
@@ -133,10 +153,19 @@ def _client(fake: FakeProvider, sdk: str, kind: str) -> Any:
     return cls(base_url=fake.openai_base_url, **options)
 
 
-def _guard(config: Config, ledger: str = "memory://") -> allowance.Guard:
-    thresholds = (
-        [] if config.block_at is None else [Threshold(config.block_at, "block")]
+def _guard(
+    config: Config, sdk: str, events: list[Any], ledger: str = "memory://"
+) -> allowance.Guard:
+    warn = (
+        []
+        if config.warn_at is None
+        else [Threshold(config.warn_at, "warn", callback=events.append)]
     )
+    thresholds = [*warn]
+    if config.block_at is not None:
+        thresholds.append(Threshold(config.block_at, "block"))
+    if config.degrade_at is not None:
+        thresholds.append(Threshold(config.degrade_at, "degrade"))
     budgets = [
         Budget(
             config.limit,
@@ -146,11 +175,12 @@ def _guard(config: Config, ledger: str = "memory://") -> allowance.Guard:
         )
     ]
     if config.user_limit is not None:
-        budgets.append(Budget(config.user_limit, per="user"))
+        budgets.append(Budget(config.user_limit, per="user", thresholds=warn))
     return allowance.Guard(
         budget=budgets,
         ledger=ledger,
         on_limit=config.on_limit,  # type: ignore[arg-type]
+        fallback=_FALLBACKS.get((sdk, config.fallback or "")),
         defaults={},
     )
 
@@ -201,7 +231,10 @@ async def _run(
     """
     _common.admit = lane
     client = _client(fake, sdk, kind)
-    guard = _guard(config, ledger)
+    events: list[Any] = []
+    guard = _guard(config, sdk, events, ledger)
+    if lane is _never:  # the reference: the full plan, not the guard's fast begin
+        guard._begin_fast = _never  # type: ignore[method-assign]
     allowance.wrap(client, guard=guard)
     resource = client.chat.completions if sdk == "openai" else client.messages
     seen: list[tuple[Any, ...]] = []
@@ -209,7 +242,10 @@ async def _run(
         # The guard's first call opens its ledger (the general path's work):
         # one outside the script's scopes, so the script's first may go express.
         fake.reset()
-        with allowance.scope(tenant="warm-up", user="warm-up"):
+        with (
+            allowance.scope(tenant="warm-up", user="warm-up"),
+            contextlib.suppress(allowance.PricingError),  # an unpriced fallback
+        ):
             await aw(resource.create(**_request(sdk, _WARM_UP)))
         for step in script:
             fake.reset()
@@ -248,18 +284,26 @@ async def _run(
     ]
     counters = ledger.keys()
     guard.close()
-    return tuple(seen), counters, records, guard.estimate_misses
+    fired = [(e.kind, e.budget, e.scope, e.data) for e in events]
+    return tuple(seen), counters, records, guard.estimate_misses, fired
 
 
 def _charged(run: tuple[Any, ...]) -> tuple[Any, ...]:
     """A run's outcome without its counters at zero: the write-behind ledger
     keeps one for a key its slice was granted on and gave back uncharged."""
-    seen, counters, records, misses = run
-    return seen, {k: v for k, v in counters.items() if v != KeyState()}, records, misses
+    seen, counters, records, *rest = run
+    charged = {k: v for k, v in counters.items() if v != KeyState()}
+    return seen, charged, records, *rest
 
 
-def _never(*_args: Any) -> None:
-    """The express lane turned off: every call goes the general way."""
+def _write_behind(tmp_path: Path) -> str:
+    """A fresh write-behind ledger whose thread writes (and tops up) at once."""
+    return f"sqlite:///{tmp_path / uuid.uuid4().hex}.db?write_behind=0.001"
+
+
+def _never(*_args: Any, **_kwargs: Any) -> None:
+    """The express lane (and the guard's fast begin) turned off: every call
+    goes through the full plan, ``Guard._begin_plan``."""
 
 
 class _Lanes:
@@ -293,6 +337,76 @@ def test_the_express_lane_decides_and_charges_as_the_general_path(
     assert on == off
 
 
+# Thresholds that apply within a few calls: one tenant, short prompts, small
+# caps, usage within the worst case, so most calls are admitted.
+_threshold_steps = st.builds(
+    Step,
+    tenant=st.just("a"),
+    user=st.sampled_from(["u", "v"]),
+    model=st.sampled_from(["priced", "priced", "priced", "unpriced"]),
+    texts=st.lists(st.text("abc xyz", max_size=20), min_size=1, max_size=2).map(tuple),
+    blocks=st.just(False),
+    max_tokens=st.integers(1, 60),
+    temperature=st.none(),
+    raw=st.sampled_from([False, False, False, True]),
+    reply=st.none()
+    | st.builds(
+        FakeReply,
+        usage=st.builds(
+            FakeUsage, input_tokens=st.integers(1, 20), output_tokens=st.integers(0, 60)
+        ),
+    ),
+)
+_threshold_configs = st.builds(
+    Config,
+    unit=st.just("tokens"),
+    limit=st.sampled_from([300, 1_000]),
+    user_limit=st.none() | st.sampled_from([200, 1_000]),
+    on_limit=st.sampled_from(["raise", "stop", "warn"]),
+    block_at=st.sampled_from([None, 0.9]),
+    warn_at=st.sampled_from([None, 0.05, 0.2, 0.5]),
+    degrade_at=st.sampled_from([None, 0.1, 0.4]),
+    fallback=st.sampled_from([None, "priced", "priced", "unpriced"]),
+)
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+@pytest.mark.parametrize("sdk", ["openai", "anthropic"])
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    config=_threshold_configs,
+    script=st.lists(_threshold_steps, max_size=8),
+    write_behind=st.booleans(),
+)
+def test_under_thresholds_the_lane_decides_as_the_general_path(
+    fake: FakeProvider,
+    tmp_path: Path,
+    *,
+    sdk: str,
+    kind: str,
+    config: Config,
+    script: list[Step],
+    write_behind: bool,
+) -> None:
+    """Warn and degrade thresholds that apply within the script: the lane
+    admits below them (``Guard._ceilings``), the general path from them on;
+    on the memory ledger, or on the write-behind ledger (whose slices know
+    what a key holds as of their last write) against the memory ledger."""
+    lanes = _Lanes()
+    ledger = _write_behind(tmp_path) if write_behind else "memory://"
+    on = asyncio.run(_run(fake, sdk, kind, config, script, lane=lanes, ledger=ledger))
+    off = asyncio.run(_run(fake, sdk, kind, config, script, lane=_never))
+    event(f"calls admitted by the express lane: {min(lanes.admitted, 2)}")
+    event(f"thresholds fired: {min(len(on[-1]), 2)}")
+    degraded = sum(r[2] != r[3] for r in on[2])
+    event(f"calls degraded: {min(degraded, 2)}")
+    assert _charged(on) == _charged(off)
+
+
 @pytest.mark.parametrize("kind", ["sync", "async"])
 @pytest.mark.parametrize("sdk", ["openai", "anthropic"])
 @settings(
@@ -313,7 +427,7 @@ def test_the_write_behind_ledger_decides_and_charges_as_the_memory_ledger(
     """The lane on the write-behind ledger (its slices topped up by its thread
     at any moment) against the general path on the memory ledger."""
     lanes = _Lanes()
-    url = f"sqlite:///{tmp_path / uuid.uuid4().hex}.db?write_behind=0.001"
+    url = _write_behind(tmp_path)
     on = asyncio.run(_run(fake, sdk, kind, config, script, lane=lanes, ledger=url))
     off = asyncio.run(_run(fake, sdk, kind, config, script, lane=_never))
     admitted = lanes.admitted
@@ -394,7 +508,7 @@ def test_each_unusual_end_of_an_express_call_settles_as_the_general_path(
     assert lanes.admitted == 1  # the script's call: admitted by the lane
     off = asyncio.run(_run(fake, "openai", kind, config, script, lane=_never))
     assert on == off
-    _, _, records, misses = on
+    _, _, records, misses, _ = on
     assert misses == (case == "usage beyond the worst case")
     outcome = records[-1][7]
     assert outcome == {"error status": "error", "connection closed": "error"}.get(
@@ -402,22 +516,12 @@ def test_each_unusual_end_of_an_express_call_settles_as_the_general_path(
     )
 
 
-@pytest.mark.parametrize(
-    "guard_options",
-    [
-        {"threshold": 0.5},  # a warn threshold
-        {"fallback": "gpt-4o-mini", "threshold": 0.5},  # may degrade
-        {"ledger": "sqlite:///:memory:"},  # another ledger
-    ],
-    ids=["warn", "degrade", "sqlite"],
-)
 async def test_calls_the_lane_cannot_take_go_the_general_way(
-    fake: FakeProvider, lanes: _Lanes, guard_options: dict[str, Any], tmp_path: Any
+    fake: FakeProvider, lanes: _Lanes, tmp_path: Path
 ) -> None:
-    if guard_options.get("ledger", "").startswith("sqlite"):
-        guard_options = {"ledger": f"sqlite:///{tmp_path / 'ledger.db'}"}
     client = _client(fake, "openai", "sync")
-    allowance.wrap(client, budget=10_000, **{"ledger": "memory://", **guard_options})
+    ledger = f"sqlite:///{tmp_path / 'ledger.db'}"  # holds nothing in memory
+    allowance.wrap(client, budget=10_000, ledger=ledger, threshold=0.5)
     fake.reset()
     step = Step("a", "u", "priced", ("hi",), False, 50, None, False, None)
     try:
@@ -428,6 +532,64 @@ async def test_calls_the_lane_cannot_take_go_the_general_way(
     finally:
         client.close()
         client.allowance.guard.close()
+
+
+@pytest.mark.parametrize(
+    "guard_options",
+    [
+        {"threshold": 0.1},  # warn at 100 tokens
+        {"fallback": MINI, "threshold": 0.1},  # degrade to MINI at 100 tokens
+        {"budget": [Budget(1_000, thresholds=[Threshold(0.1, "warn")])]},
+    ],
+    ids=["warn", "degrade", "warn-budget"],
+)
+@pytest.mark.parametrize("ledger", ["memory", "write-behind"])
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_the_lane_takes_calls_until_a_threshold_applies(
+    fake: FakeProvider,
+    lanes: _Lanes,
+    tmp_path: Path,
+    *,
+    guard_options: dict[str, Any],
+    kind: str,
+    ledger: str,
+) -> None:
+    """Below a threshold the lane admits; from the call that would fire it,
+    the general path takes over (a warning fired once lets the lane back)."""
+    client = _client(fake, "openai", kind)
+    options: dict[str, Any] = {"budget": 1_000, **guard_options}
+    url = (
+        "memory://"
+        if ledger == "memory"
+        else f"sqlite:///{tmp_path / 'wb.db'}?write_behind=0.01"
+    )
+    allowance.wrap(client, ledger=url, **options)
+    step = Step("a", "u", "priced", ("hi",), False, 50, None, False, None)
+    admitted: list[int] = []
+    try:
+        with warnings.catch_warnings(record=True) as warned:
+            warnings.simplefilter("always", allowance.BudgetThresholdWarning)
+            for _ in range(5):
+                fake.reset()  # each call is charged 40 tokens
+                fake.enqueue(
+                    FakeReply(usage=FakeUsage(input_tokens=20, output_tokens=20))
+                )
+                before = lanes.admitted
+                await aw(client.chat.completions.create(**_request("openai", step)))
+                admitted.append(lanes.admitted - before)
+                await asyncio.sleep(0.05)  # the write-behind thread's slice
+        records = client.allowance.guard.ledger.calls()
+    finally:
+        await close(client)
+        client.allowance.guard.close()
+    # Held before each call: 0 (the general path opens the ledger, and asks
+    # for the write-behind ledger's slice; in async the second call asks),
+    # 40, 80, then 120: over the threshold's 100.
+    degrade = "fallback" in guard_options
+    second = 0 if ledger == "write-behind" and kind == "async" else 1
+    assert admitted == [0, second, 1, 0, 0 if degrade else 1]
+    assert [r.model for r in records] == [GPT] * 3 + [MINI if degrade else GPT] * 2
+    assert len(warned) == (0 if degrade else 1)
 
 
 @pytest.mark.parametrize("kind", ["sync", "async"])

@@ -38,7 +38,7 @@ from allowance._ledger._write_behind import HOLDING
 from allowance._policy import Fail, OnLimit, Policy, budgets_from_shorthand
 from allowance._pricing import prices
 from allowance._scope import current_budgets, current_scope, new_id, validate_scope
-from allowance._ticket import FAILED, NO_LAYOUT, Layout, Line, Op, Ticket
+from allowance._ticket import FAILED, NO_LAYOUT, Alert, Layout, Line, Op, Ticket
 from allowance.typing import CallRecord, Estimate, Event, KeyState, ReserveItem, Usage
 
 if TYPE_CHECKING:
@@ -292,6 +292,16 @@ class Guard:
                 line.limit = min(line.limit, limit)
                 if gate is not None:
                     line.gate = gate if line.gate is None else min(line.gate, gate)
+        for line in lines.values():
+            # A threshold fires on a call made when ``used >= at * limit``.
+            line.alerts = tuple(
+                Alert(
+                    f"{line.key}#{t.action}@{t.at}", math.ceil(t.at * b.limit) - 1, b, t
+                )
+                for b in line.budgets
+                for t in b.thresholds
+                if t.action in {"warn", "webhook"}
+            )
         degrade_to = next(
             (
                 t.to
@@ -351,7 +361,7 @@ class Guard:
             return ticket
         return self._drive(self._begin_plan(estimate, adapters, reestimate, refine))
 
-    def _begin_fast(
+    def _begin_fast(  # noqa: C901, PLR0911 - one way out per case
         self,
         estimate: Estimate,
         adapters: tuple[str, ...],
@@ -368,7 +378,10 @@ class Guard:
         The common case: nothing held in memory, no model to degrade to, no
         warn/webhook threshold. A call that fits is admitted here and a refused
         one refused here (one reserve either way); None sends the call to the
-        full plan (degrade, thresholds, a buffer to flush).
+        full plan (degrade, thresholds, a buffer to flush). Under thresholds,
+        on a ledger that holds in memory, a call is admitted here when its
+        keys hold too little for any to apply (``_ceilings``); any other goes
+        to the full plan.
         """
         if self._pending:
             return None
@@ -376,28 +389,38 @@ class Guard:
         scope = self.current_scope()
         layout = self._lines(scope, now)
         lines = layout.lines
-        if not lines or layout.alerts or (reestimate is not None and layout.degrades):
+        if not lines:
+            return None
+        ledger = self._ledger or self.ledger
+        holding = type(ledger) in HOLDING
+        gated = reestimate is not None and layout.degrades
+        if (layout.alerts or gated) and not holding:
             return None
         worst_micros = self._worst(estimate, required=layout.needs_usd)
         call_id = new_id()
         tokens = estimate.total_tokens
-        ledger = self._ledger or self.ledger
         observed = self._observed()  # asked once, used twice
-        if type(ledger) in HOLDING and not observed:
+        if holding and not observed:
             # The fast lane of a ledger that holds in memory: the same hold,
             # without the protocol's value objects. A call it does not hold goes
             # on to ``reserve`` below, which decides again (and returns what a
-            # refusal reports).
+            # refusal reports), or to the full plan under thresholds.
+            ceilings = (
+                self._ceilings(layout, estimate.model, estimate.provider, gated=gated)
+                if layout.alerts or gated
+                else None
+            )
             held = ledger.hold(  # type: ignore[attr-defined]  # in HOLDING
                 self._hold_items(lines, tokens, worst_micros or 0),
                 call_id,
                 self.policy.lease_seconds,
+                ceilings,
             )
             if held is not None:
                 return self._admitted(
                     call_id, scope, estimate, lines, held, worst_micros, adapters
                 )
-        if hold_only:
+        if hold_only or layout.alerts or gated:
             return None
         plan = [
             ReserveItem(
@@ -453,6 +476,38 @@ class Guard:
         if exact is not None and exact.total_tokens < estimate.total_tokens:
             return exact
         return None
+
+    def _ceilings(
+        self, layout: Layout, model: str, provider: str, *, gated: bool
+    ) -> list[int] | None:
+        """Per line, the most its key may hold for a call to be admitted plainly.
+
+        Plainly: as asked, with no warn or webhook threshold to fire, as the full
+        plan (``_begin_plan``) would admit it when the key holds no more. None:
+        no such bound (the limit is the only one). ``gated``: the call may go to
+        a fallback, so a degrade threshold's gate bounds it too; a fallback the
+        full plan cannot price (it raises) gives ceilings no call fits under.
+        """
+        gate = False
+        if gated and layout.degrades:
+            target = self.policy.fallback_for(model, provider, layout.degrade_to)
+            if target is not None:
+                if layout.needs_usd and not prices.has_price(provider, target):
+                    return [-1] * len(layout.lines)
+                gate = True
+        if not (gate or layout.alerts):
+            return None
+        fired = self._fired
+        ceilings = []
+        for line in layout.lines:
+            ceiling = line.limit
+            if gate and line.gate is not None:
+                ceiling = min(ceiling, line.gate)
+            for alert in line.alerts:
+                if alert.quiet < ceiling and alert.marker not in fired:
+                    ceiling = alert.quiet
+            ceilings.append(ceiling)
+        return ceilings
 
     @staticmethod
     def _hold_items(
@@ -774,26 +829,22 @@ class Guard:
         crossed: list[str] = []
         for line in lines:
             used = before.get(line.key, KeyState()).used
-            for b in line.budgets:
-                for t in b.thresholds:
-                    if t.action not in {"warn", "webhook"} or used < t.at * b.limit:
-                        continue
-                    marker = f"{line.key}#{t.action}@{t.at}"
-                    if marker in self._fired:
-                        continue
-                    claimed = yield Op("claim", (marker,))
-                    self._remember(marker)
-                    if claimed is True:
-                        message = self._fire(
-                            threshold=t,
-                            budget=b,
-                            line=line,
-                            used=used,
-                            scope=scope,
-                            model=model,
-                        )
-                        if t.action == "warn":
-                            crossed.append(message)
+            for marker, quiet, b, t in line.alerts:
+                if used <= quiet or marker in self._fired:
+                    continue
+                claimed = yield Op("claim", (marker,))
+                self._remember(marker)
+                if claimed is True:
+                    message = self._fire(
+                        threshold=t,
+                        budget=b,
+                        line=line,
+                        used=used,
+                        scope=scope,
+                        model=model,
+                    )
+                    if t.action == "warn":
+                        crossed.append(message)
         return crossed
 
     def _remember(self, marker: str) -> None:

@@ -21,11 +21,11 @@ from allowance.typing import CallRecord, Estimate, Usage
 if TYPE_CHECKING:
     from collections.abc import Generator, Mapping
 
-    from allowance._budget import Budget
+    from allowance._budget import Budget, Threshold
     from allowance._guard import Guard
     from allowance.typing import Outcome, Unit
 
-__all__ = ["FAILED", "NO_LAYOUT", "Layout", "Line", "Op", "Ticket"]
+__all__ = ["FAILED", "NO_LAYOUT", "Alert", "Layout", "Line", "Op", "Ticket"]
 
 _NO_KWARGS: Mapping[str, Any] = MappingProxyType({})
 
@@ -43,6 +43,15 @@ class Layout:
     degrades: bool = False  # a call may go to a fallback (policy's, or degrade_to)
 
 
+class Alert(NamedTuple):
+    """A warn or webhook threshold of one line's budget."""
+
+    marker: str  # once-only, across processes: ``{key}#{action}@{at}``
+    quiet: int  # the most the key may hold before a call for it not to fire
+    budget: Budget
+    threshold: Threshold
+
+
 @dataclass(slots=True)
 class Line:
     """One ledger key a call draws on, with the budgets that count it."""
@@ -52,6 +61,7 @@ class Line:
     budgets: list[Budget]
     limit: int
     gate: int | None = None
+    alerts: tuple[Alert, ...] = ()  # the warn/webhook thresholds, in order
 
 
 NO_LAYOUT = Layout((), (), -math.inf, needs_usd=False, alerts=False, degrade_to=None)

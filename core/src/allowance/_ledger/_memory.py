@@ -210,12 +210,17 @@ class MemoryLedger:
     # (the guard built the values: ints >= 0, distinct keys, a fresh id).
 
     def hold(
-        self, items: Sequence[tuple[str, int, int]], reservation_id: str, lease: float
+        self,
+        items: Sequence[tuple[str, int, int]],
+        reservation_id: str,
+        lease: float,
+        ceilings: Sequence[int] | None = None,
     ) -> dict[str, int] | None:
         """Hold every ``(key, amount, limit)`` if all fit; return the holds, or None.
 
         ``reserve([[ReserveItem(key, amount, limit), ...]], ...)`` for one plan
-        with no gates and distinct keys; the guard's own fast lane.
+        with distinct keys; the guard's own fast lane. ``ceilings``, one per
+        item: the gates (``ReserveItem.gate``), the most each key may hold.
 
         Raises:
             UsageError: ``reservation_id`` is already known to the ledger.
@@ -234,6 +239,11 @@ class MemoryLedger:
                 row = counters.get(key)
                 if (amount if row is None else row[0] + row[1] + amount) > limit:
                     return None
+            if ceilings is not None:
+                for (key, _, _), ceiling in zip(items, ceilings, strict=True):
+                    row = counters.get(key)
+                    if (0 if row is None else row[0] + row[1]) > ceiling:
+                        return None
             if reservation_id in self._reservations or reservation_id in self._holding:
                 raise known_id(reservation_id, self.url)
             holds: dict[str, int] = {}

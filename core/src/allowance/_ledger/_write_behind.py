@@ -23,7 +23,12 @@ What stays as with ``SQLiteLedger``:
 - **The same decisions in one process.** A call the slice cannot cover goes
   to ``SQLiteLedger.reserve``, decided as if this process held no slice: a
   refusal is decided again once the process gave back what its slice holds
-  unused on the call's keys (and wrote any charge beyond it).
+  unused on the call's keys (and wrote any charge beyond it). A gated call
+  (``hold``'s ceilings: a threshold the guard must not miss) is held on the
+  slice only when what its keys hold is within its gates, counted as
+  ``state`` counts it: what the file holds beyond the slice (read at each
+  write, and set by each ``reserve`` and ``commit`` through the file, which
+  hold ``_sync_lock``) plus this process's calls since.
 - **The protocol.** ``reserve``, ``commit`` and ``release`` of ids this ledger
   did not hold in memory are ``SQLiteLedger``'s. ``state`` and ``keys`` show
   this process's unwritten charges and leave its unused slice out.
@@ -38,6 +43,10 @@ What changes, and is the price of the speed:
   see its slices as reserved: near a limit, a call that would fit can be
   refused in another process while this one holds slice unused (until it
   gives it back, after ``IDLE`` seconds without calls).
+- **A gate another process's spend crossed** applies here from this
+  process's next write, at most ``write_behind`` after its last call (whose
+  charge is written then): until then its slice admits gated calls as of
+  the last write. The limits stay strict.
 - **An estimate missed in another process** (a charge beyond its hold that
   takes a key over its limit) does not stop this process's slice: it admits
   what its slice still holds, as that process's hold was admitted before.
@@ -73,13 +82,13 @@ from allowance._ledger._sqlite import (
     _finish,
     _flat,
 )
-from allowance.typing import KeyState, ReserveResult
+from allowance.typing import KeyState, ReserveItem, ReserveResult
 
 if TYPE_CHECKING:
     import sqlite3
     from collections.abc import Callable, Iterable, Mapping, Sequence
 
-    from allowance.typing import CallRecord, ReserveItem
+    from allowance.typing import CallRecord
 
 __all__ = ["HOLDING", "Holding", "WriteBehindLedger"]
 
@@ -90,6 +99,9 @@ SLICE_CALLS: Final = 16
 
 _LOW_WATER: Final = 4
 """A slice that can admit fewer than this many more such calls asks for a top-up."""
+
+_GATED_KEPT: Final = 1024
+"""Keys the thread reads for gated calls at most (then forgotten, asked again)."""
 
 SLICE_LEASE: Final = 30.0
 """Seconds a slice holds budget after the last write that renewed it."""
@@ -119,7 +131,11 @@ class Holding(Protocol):
     """A ledger with the guard's fast lane: ``hold`` and ``settle`` in memory."""
 
     def hold(
-        self, items: Sequence[tuple[str, int, int]], reservation_id: str, lease: float
+        self,
+        items: Sequence[tuple[str, int, int]],
+        reservation_id: str,
+        lease: float,
+        ceilings: Sequence[int] | None = None,
     ) -> dict[str, int] | None:
         """Hold every item in memory, or return None (``reserve`` decides)."""
         ...
@@ -176,6 +192,14 @@ class WriteBehindLedger(SQLiteLedger):
         self._done: dict[str, None] = {}
         self._records: list[CallRecord] = []
         self._wants: dict[str, tuple[int, int]] = {}
+        # Gated calls (``hold``'s ceilings) need what a key holds beyond this
+        # process's slice: the file's ``spent + reserved`` less the slice, read
+        # at each write for the keys such calls asked about, and set by
+        # ``reserve``. Every change to the file in this process holds
+        # ``_sync_lock``: one that does not say what it changed forgets them.
+        self._gated: dict[str, None] = {}
+        self._bases: dict[str, int] = {}
+        self._bases_wanted = False
         self._slice_id: str | None = None
         self._valid_until = -math.inf
         self._renew_at = math.inf
@@ -200,11 +224,15 @@ class WriteBehindLedger(SQLiteLedger):
         items: Sequence[tuple[str, int, int]],
         reservation_id: str,
         lease: float,  # noqa: ARG002 - the slice's lease covers the holds
+        ceilings: Sequence[int] | None = None,
     ) -> dict[str, int] | None:
         """Hold every ``(key, amount, limit)`` on this process's slice, or None.
 
         None is not a refusal: the slice does not cover the call (and a top-up
-        is asked for), so ``reserve`` decides on the file.
+        is asked for), so ``reserve`` decides on the file. ``ceilings``, one
+        per item, are gates (``ReserveItem.gate``): what each key may hold
+        before the call, counted as ``state`` shows it: the file beyond this
+        slice as of the last write, and this process's calls since.
 
         Raises:
             UsageError: ``reservation_id`` is held in memory already.
@@ -223,6 +251,8 @@ class WriteBehindLedger(SQLiteLedger):
                     ):
                         break
                 else:
+                    if ceilings is not None and not self._under(items, ceilings):
+                        return None
                     if reservation_id in self._holds or reservation_id in self._done:
                         raise known_id(reservation_id, self.url)
                     holds: dict[str, int] = {}
@@ -239,7 +269,43 @@ class WriteBehindLedger(SQLiteLedger):
                         self._want(items)
                     return holds
             self._want(items)
+            if ceilings is not None:  # read at the write that tops the slice up
+                self._gate(items)
             return None
+
+    def _under(
+        self, items: Sequence[tuple[str, int, int]], ceilings: Sequence[int]
+    ) -> bool:
+        """True when no key holds more than its ceiling (``_lock`` held).
+
+        False too when what a key holds beyond the slice is not known since
+        this process last changed the file: the next write reads it.
+        """
+        bases, rows = self._bases, self._rows
+        known = True
+        for (key, _, _), ceiling in zip(items, ceilings, strict=True):
+            base = bases.get(key)
+            if base is None:
+                known = False
+                continue
+            row = rows.get(key)
+            if row is not None:
+                base += row[1] + row[2]
+            if base > ceiling:
+                return False
+        if not known:
+            self._gate(items)
+            self._bases_wanted = True
+            self._kick()
+        return known
+
+    def _gate(self, items: Sequence[tuple[str, int, int]]) -> None:
+        """Read what ``items``' keys hold beyond the slice at each write from now."""
+        gated = self._gated
+        if len(gated) >= _GATED_KEPT:  # keys of windows past, scopes gone
+            gated.clear()
+        for key, _, _ in items:
+            gated[key] = None
 
     def settle(
         self, reservation_id: str, amounts: dict[str, int], record: CallRecord
@@ -270,37 +336,71 @@ class WriteBehindLedger(SQLiteLedger):
     ) -> ReserveResult:
         """``SQLiteLedger.reserve``, decided as if this process held no slice.
 
-        A call that fits with the unused slice counted as used is admitted;
-        one that does not is decided again once the unused slice on its keys
-        is given back (at once for plans with gates or fallbacks, where the
-        slice could change which plan fits). The states returned are those
-        ``state`` would show.
+        The first plan is tried alone with the unused slice counted as used
+        (its gates raised by it): what fits that way fits without the slice,
+        and is the plan the full decision would choose. Otherwise the unused
+        slice on the call's keys is given back, and every plan decided again
+        (only if something was given back, for a single plan). The states
+        returned are those ``state`` would show.
         """
         check_plans(plans)
         keys = {item.key for plan in plans for item in plan}
         decide = functools.partial(
-            super().reserve,
-            plans,
-            reservation_id=reservation_id,
-            lease_seconds=lease_seconds,
+            super().reserve, reservation_id=reservation_id, lease_seconds=lease_seconds
         )
         # Under the write lock of this ledger: a top-up the thread is writing
         # lands before the decision, or after it.
         with self._sync_lock:
-            if len(plans) == 1 and all(item.gate is None for item in plans[0]):
-                # What fits with the unused slice counted as used fits without
-                # it: decide first, give the slice back only if refused.
-                with self._lock:
-                    overdrawn = any(_free(row) < 0 for row in self._rows_of(keys))
-                if overdrawn:
-                    self._sync(top_up=False)  # charges beyond the slice first
-                result = decide()
-                if result.admitted or not self._give_back(keys):
-                    return self._adjusted_result(result)
+            with self._lock:
+                overdrawn = any(_free(row) < 0 for row in self._rows_of(keys))
+            if overdrawn:
+                self._sync(top_up=False)  # charges beyond the slice first
+            with self._lock:
+                first = (
+                    [[self._counting_slice(item) for item in plans[0]]] if plans else []
+                )
+            result = decide(first)
+            if result.admitted or not plans:
+                return self._reserved(plans, result)
+            gave = self._give_back(keys)
+            if gave:
                 self._sync(top_up=False)
-            elif self._give_back(keys):
-                self._sync(top_up=False)
-            return self._adjusted_result(decide())
+            if gave or len(plans) > 1:
+                result = decide(plans)
+            return self._reserved(plans, result)
+
+    def _counting_slice(self, item: ReserveItem) -> ReserveItem:
+        """``item`` with its gate raised by the unused slice (``_lock`` held).
+
+        The file counts the slice as reserved: a gate on what the key holds
+        must not (``state`` does not).
+        """
+        row = self._rows.get(item.key)
+        if item.gate is None or row is None:
+            return item
+        unused = row[0] - row[1] - row[2]  # in the file, not used by calls
+        return ReserveItem(item.key, item.amount, item.limit, item.gate + unused)
+
+    def _reserved(
+        self, plans: Sequence[Sequence[ReserveItem]], result: ReserveResult
+    ) -> ReserveResult:
+        """Note what a reservation changed in the file; the result ``state``'s way.
+
+        ``_sync_lock`` held: the slice in the file is the one in memory.
+        """
+        with self._lock:
+            if result.plan is not None:
+                rows, bases = self._rows, self._bases
+                for item in plans[result.plan]:
+                    state = result.before[item.key]
+                    row = rows.get(item.key)
+                    bases[item.key] = (
+                        state.spent
+                        + state.reserved
+                        + item.amount
+                        - (0 if row is None else row[0])
+                    )
+        return self._adjusted_result(result)
 
     def commit(
         self,
@@ -311,9 +411,11 @@ class WriteBehindLedger(SQLiteLedger):
     ) -> None:
         """Charge ``amounts``; in memory when the call was held in memory."""
         check_amounts(amounts)
-        if not self._settle_in_memory(reservation_id, amounts, record):
+        if self._settle_in_memory(reservation_id, amounts, record):
+            return
+        with self._sync_lock:  # no write between the commit and what follows
             super().commit(reservation_id, amounts, record=record)
-            self._after_overrun(amounts)
+            self._after_commit(amounts)
 
     def _settle_in_memory(
         self, reservation_id: str, amounts: Mapping[str, int], record: CallRecord | None
@@ -329,40 +431,54 @@ class WriteBehindLedger(SQLiteLedger):
             self._settled(reservation_id)
             return True
 
-    def _after_overrun(self, amounts: Mapping[str, int]) -> None:
-        """Give back the slice on keys a commit pushed over their limit.
+    def _forget_bases(self) -> None:
+        """Forget what keys hold beyond the slice (``_sync_lock`` held)."""
+        with self._lock:
+            self._bases = {}
 
-        A slice admits only while the file's ``spent + reserved`` is within
-        the limit it was granted under; a commit beyond its reservation (an
-        estimate missed) can end that, and then the slice must not admit.
+    def _after_commit(self, amounts: Mapping[str, int]) -> None:
+        """Read what a commit through the file left on its keys (``_sync_lock``).
+
+        - What gated keys hold beyond the slice, for ``hold``'s ceilings (the
+          others are forgotten: the commit may have released holds on them).
+        - The slice on keys the commit pushed over their limit is given back:
+          a slice admits only while the file's ``spent + reserved`` is within
+          the limit it was granted under, and a commit beyond its reservation
+          (an estimate missed) can end that.
         """
-        rows = self._rows
-        with self._sync_lock:  # no write between the test and the give-back
-            with self._lock:
-                keys = [key for key in amounts if key in rows]
-            if not keys:
-                return
-            states = super().state(keys)
-            with self._lock:
-                over = []
-                for key in keys:
-                    row = rows.get(key)
-                    if row is not None and states[key].used > row[4]:
-                        row[4] = _SPENT_OUT  # admits nothing until granted again
-                        over.append(key)
-            if over and self._give_back(over):
-                self._sync(top_up=False)
+        rows, gated = self._rows, self._gated
+        with self._lock:
+            self._bases = {}
+            keys = [key for key in amounts if key in rows or key in gated]
+        if not keys:
+            return
+        states = super().state(keys)
+        with self._lock:
+            over = []
+            for key in keys:
+                used = states[key].used
+                row = rows.get(key)
+                if key in gated:
+                    self._bases[key] = used - (0 if row is None else row[0])
+                if row is not None and used > row[4]:
+                    row[4] = _SPENT_OUT  # admits nothing until granted again
+                    over.append(key)
+        if over and self._give_back(over):
+            self._sync(top_up=False)
 
     def release(self, reservation_id: str, *, record: CallRecord | None = None) -> None:
         """Drop the hold; in memory when the call was held in memory."""
         if not self._settle_in_memory(reservation_id, {}, record):
-            super().release(reservation_id, record=record)
+            with self._sync_lock:
+                super().release(reservation_id, record=record)
+                self._forget_bases()
 
     def reset(self, prefix: str = "") -> None:
         """``SQLiteLedger.reset``, after writing this process's charges."""
         with self._sync_lock:
             self._sync()
             super().reset(prefix)  # drops the keys from the slice's row too
+            self._forget_bases()
             with self._lock:
                 rows = self._rows
                 for key, row in rows.items():
@@ -527,11 +643,11 @@ class WriteBehindLedger(SQLiteLedger):
                 time.sleep(min(2**failures, 30))
             else:
                 # A charge waits ``write_behind`` from the first unwritten one,
-                # to be written with the next; a top-up asked for meanwhile
-                # (``_kick``) is written at once.
+                # to be written with the next; a top-up (or a read of what keys
+                # hold) asked for meanwhile (``_kick``) is written at once.
                 while (
                     self._dirty
-                    and not self._wants
+                    and not (self._wants or self._bases_wanted)
                     and (
                         left := self._dirty_since + self.write_behind - time.monotonic()
                     )
@@ -590,11 +706,13 @@ class WriteBehindLedger(SQLiteLedger):
             slice_id = self._slice_id
             now = self._clock()
             renew = slice_id is not None and now >= self._renew_at
-        if not (spent or give or records or wants or renew):
+            gated = list(self._gated)
+            bases_wanted, self._bases_wanted = self._bases_wanted, False
+        if not (spent or give or records or wants or renew or bases_wanted):
             return
         try:
-            items, granted, slice_id, expires = self._write(
-                slice_id, (spent, give, held), records, wants
+            items, granted, slice_id, expires, bases = self._write(
+                slice_id, (spent, give, held), records, wants, gated
             )
         except BaseException:
             with self._lock:
@@ -602,9 +720,11 @@ class WriteBehindLedger(SQLiteLedger):
                 for key, want in wants.items():
                     self._wants.setdefault(key, want)
                 self._dirty = True
+                self._bases_wanted |= bases_wanted
             raise
         with self._lock:
             self._written(spent, give, items, granted)
+            self._bases = bases
             if granted:  # asked for by a call: not idle
                 self._last_use = max(self._last_use, now)
             self._slice_id = slice_id
@@ -642,10 +762,12 @@ class WriteBehindLedger(SQLiteLedger):
         moves: tuple[dict[str, int], dict[str, int], dict[str, int]],
         records: list[CallRecord],
         wants: dict[str, tuple[int, int]],
-    ) -> tuple[dict[str, int], dict[str, int], str | None, float]:
-        """One transaction; returns the slice's items, the grants' limits, its id.
+        gated: list[str],
+    ) -> tuple[dict[str, int], dict[str, int], str | None, float, dict[str, int]]:
+        """One transaction: the slice's items, grants' limits, id, lease's end.
 
-        ``moves``: per key, the charges to write, what to give back, and what
+        And, for the ``gated`` keys the slice holds, what the file holds beyond
+        it. ``moves``: per key, the charges to write, what to give back, and what
         calls in flight hold (which the slice keeps holding).
         """
         handle = self._connection()
@@ -684,11 +806,16 @@ class WriteBehindLedger(SQLiteLedger):
                 slice_id = None
             if records:
                 cursor.executemany(sql.INSERT_CALL, [sql.call_row(r) for r in records])
+            gated = [key for key in gated if key in items]
+            states = self._read_states(conn, gated) if gated else {}
+            bases = {
+                key: s.spent + s.reserved - items[key] for key, s in states.items()
+            }
         except BaseException as exc:
             _abort(self, conn, lock, exc, "write behind")
             raise
         _finish(self, conn, cursor, lock, "write behind")
-        return items, granted, slice_id, expires
+        return items, granted, slice_id, expires, bases
 
     def _top_up(
         self,

@@ -2,11 +2,12 @@
 
 Most calls have one shape: a non-streaming chat (OpenAI Chat Completions,
 Anthropic Messages) with a plain body, through a guard on a ledger that
-holds in memory (the memory ledger, the write-behind SQLite ledger) whose
-budgets have no warn, webhook or degrade threshold, with nobody
-observing events. The general path (``Guard.begin``, a ``Ticket``,
-``_track_*``) takes about thirty function calls and a dozen objects for it,
-run from cold CPU caches after the SDK's own work. This lane does the same
+holds in memory (the memory ledger, the write-behind SQLite ledger), with
+nobody observing events, whose keys hold too little for a warn, webhook or
+degrade threshold to apply.
+The general path (``Guard.begin``, a ``Ticket``, ``_track_*``) takes about
+thirty function calls and a dozen objects for it, run from cold CPU caches
+after the SDK's own work. This lane does the same
 work with the same pieces (the codec's bound, ``prices``, the ledger's
 ``hold`` and ``settle``, the codec's usage reader) in a handful.
 
@@ -17,8 +18,10 @@ It never decides differently from the general path:
   refusal: the general path decides (the write-behind ledger's slice may
   just not cover the call).
 - Before the ledger is touched, anything else (a stream, another body, an
-  observer, a threshold, a price missing, a call that does not fit)
-  returns None, and the general path takes the call from the start.
+  observer, a price missing) returns None, and the general path takes the
+  call from the start; so does a call ``hold`` does not admit: one that
+  does not fit, or whose keys hold enough for a threshold to apply
+  (``Guard._ceilings``).
 - After the hold, anything out of the ordinary (an error, a raw or streamed
   response, no usage, usage beyond the worst case, a lease ended, an observer
   that appeared) is handed to the general path as the ``Ticket`` it would have
@@ -165,7 +168,7 @@ def admit(  # noqa: PLR0911, PLR0917 - each way out is a case for the general pa
     scope = guard.current_scope()
     layout = guard._lines(scope, now)  # noqa: SLF001
     lines = layout.lines
-    if not lines or layout.alerts or layout.degrades:
+    if not lines:
         return None
     try:
         worst: int | None = prices.worst_case_micros(provider, model, bound, cap)
@@ -178,6 +181,9 @@ def admit(  # noqa: PLR0911, PLR0917 - each way out is a case for the general pa
         guard._hold_items(lines, bound + cap, worst or 0),  # noqa: SLF001
         call_id,
         guard.policy.lease_seconds,
+        guard._ceilings(layout, model, provider, gated=True)  # noqa: SLF001
+        if layout.alerts or layout.degrades
+        else None,
     )
     if held is None:  # the general path decides again, and reports the refusal
         return None
