@@ -256,6 +256,10 @@ def bytecodes(fn: Callable[[], Any], ours: Callable[[FrameType], bool]) -> int:
     return count
 
 
+# A budget that degrades to a cheaper model at 80% (far from it in the bench).
+DEGRADE: dict[str, Any] = {"fallback": "gpt-4.1-nano", "threshold": 0.8}
+
+
 def counted_rows(fake: RemoteProvider, tmp: Path) -> list[tuple[str, str, str]]:
     """Bytecodes per call: the raw SDK, the least guard, allowance on each ledger."""
 
@@ -270,7 +274,17 @@ def counted_rows(fake: RemoteProvider, tmp: Path) -> list[tuple[str, str, str]]:
         budget="$1000",
         ledger=f"sqlite:///{tmp / 'behind.db'}?write_behind=0.05",
     )
+    degrading = allowance.wrap(
+        sdk_client(fake), budget="$1000", ledger="memory://", **DEGRADE
+    )
+    behind_degrading = allowance.wrap(
+        sdk_client(fake),
+        budget="$1000",
+        ledger=f"sqlite:///{tmp / 'behind-degrade.db'}?write_behind=0.05",
+        **DEGRADE,
+    )
     chat(behind)()  # the first call asks for a slice; the thread takes it
+    chat(behind_degrading)()
     time.sleep(0.05)
     chunks = len(stream(sdk_client(fake))())
     per_call = bytecodes(chat(memory), is_allowance)
@@ -298,12 +312,22 @@ def counted_rows(fake: RemoteProvider, tmp: Path) -> list[tuple[str, str, str]]:
             "admitted and charged in memory; the thread writes",
         ),
         (
+            "chat, memory ledger, degrade at 80%",
+            bytecodes(chat(degrading), is_allowance),
+            "far from 80%: the express lane, under a gate",
+        ),
+        (
+            "chat, SQLite write-behind, degrade at 80%",
+            bytecodes(chat(behind_degrading), is_allowance),
+            "far from 80%: held on the slice, under a gate",
+        ),
+        (
             "chat stream, memory: per chunk, beyond the per-call cost",
             (per_stream - per_call) / chunks,
             f"({per_stream:,} - {per_call:,}) / {chunks} chunks",
         ),
     ]
-    for wrapped in (memory, sqlite, behind):
+    for wrapped in (memory, sqlite, behind, degrading, behind_degrading):
         wrapped.allowance.guard.close()
     return [
         (name, f"{value:,.1f}" if isinstance(value, float) else f"{value:,}", note)
@@ -349,21 +373,19 @@ def sync_scenarios(
             "one budget in a dict: bound, hold, call, charge",
         )
     )
-    ledgers = [
-        ("chat, memory ledger", "memory://"),
-        ("chat, SQLite ledger", f"sqlite:///{tmp / 'bench.db'}"),
-        (
-            "chat, SQLite ledger, write_behind=0.05",
-            f"sqlite:///{tmp / 'behind.db'}?write_behind=0.05",
-        ),
+    behind = f"sqlite:///{tmp / 'behind.db'}?write_behind=0.05"
+    ledgers: list[tuple[str, str, dict[str, Any]]] = [
+        ("chat, memory ledger", "memory://", {}),
+        ("chat, SQLite ledger", f"sqlite:///{tmp / 'bench.db'}", {}),
+        ("chat, SQLite ledger, write_behind=0.05", behind, {}),
+        ("chat, memory ledger, degrade at 80%", "memory://", DEGRADE),
+        ("chat, SQLite write-behind, degrade at 80%", behind, DEGRADE),
     ]
     if redis_url is not None:
-        ledgers.append(("chat, Redis ledger (local server)", redis_url))
-    for name, ledger in ledgers:
+        ledgers.append(("chat, Redis ledger (local server)", redis_url, {}))
+    for name, ledger, options in ledgers:
         client = allowance.wrap(
-            sdk_client(fake),
-            budget="$1000",
-            ledger=ledger,
+            sdk_client(fake), budget="$1000", ledger=ledger, **options
         )
         if ledger.startswith("redis"):
             with RoundTrips() as trips:
@@ -372,7 +394,7 @@ def sync_scenarios(
             note = f"{per_call:.2f} round trips per call (reserve, commit)"
         else:
             result, note = measure(raw, chat(client), rounds), ""
-        if ledger == "memory://":
+        if ledger == "memory://" and not options:
             chat_memory = result
         rows.append((name, result, note))
         client.allowance.guard.close()
