@@ -530,6 +530,69 @@ def _workers(url: str, count: int, *args: object) -> list[subprocess.Popen[str]]
     ]
 
 
+FORKER = textwrap.dedent(
+    """
+    import os, sys, time, warnings
+    from allowance._ledger import open_ledger
+    from allowance.typing import CallRecord, ReserveItem, Usage
+
+    warnings.simplefilter("ignore", DeprecationWarning)  # 3.12: fork with threads
+    url, key = sys.argv[1:3]
+    ledger = open_ledger(url)
+
+    def call(rid):
+        if ledger.hold([(key, 3, 300)], rid, 600.0) is None:
+            plan = [[ReserveItem(key, 3, 300)]]
+            assert ledger.reserve(plan, reservation_id=rid, lease_seconds=600.0).admitted
+        record = CallRecord(rid, time.time(), {}, "p", "m", "m", Usage(1, 1), 3, (), "ok")
+        if not ledger.settle(rid, {key: 3}, record):
+            ledger.commit(rid, {key: 3}, record=record)
+
+    assert ledger.hold([(key, 3, 300)], "probe", 600.0) is None
+    ledger.flush()  # the parent's slice
+    for n in range(10):
+        call(f"parent-{n}")  # charged in memory: written within 1 s, or at close
+    pid = os.fork()
+    if pid == 0:
+        # The child starts empty: no slice, none of the parent's charges.
+        fresh = not ledger._rows and not ledger._records and not ledger._holds
+        for n in range(10):
+            call(f"child-{n}")
+        ledger.close()
+        os._exit(0 if fresh else 3)
+    _, status = os.waitpid(pid, 0)
+    ledger.close()
+    print(os.waitstatus_to_exitcode(status), flush=True)
+    """
+)
+
+
+def test_a_forked_child_starts_empty_and_neither_process_loses_a_charge(
+    tmp_path: Path,
+) -> None:
+    """A child forked with the parent's slice and unwritten charges in memory
+    starts with neither: each process writes its own 10 charges, once."""
+    url = f"sqlite:///{tmp_path / 'fork.db'}?write_behind=1.0"
+    key = "tenant:acme"
+    done = subprocess.run(
+        [sys.executable, "-c", FORKER, url, key],
+        capture_output=True,
+        text=True,
+        timeout=30,  # a child that inherited the parent's locks hangs
+        check=True,
+    )
+    assert done.stdout.strip() == "0", done.stderr  # the child's exit code
+    plain = SQLiteLedger(tmp_path / "fork.db")
+    try:
+        assert plain.state([key])[key] == KeyState(60, 0)
+        ids = sorted(record.call_id for record in plain.calls())
+        assert ids == sorted(
+            [f"parent-{n}" for n in range(10)] + [f"child-{n}" for n in range(10)]
+        )
+    finally:
+        plain.close()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("ending", ["close", "exit"])
 def test_processes_never_overspend(tmp_path: Path, ending: str) -> None:
