@@ -359,6 +359,42 @@ def test_reserve_gives_back_the_unused_slice_first(ledger) -> None:
     assert ledger.state([key])[key] == KeyState(0, 200)
 
 
+def test_reserve_picks_the_plan_it_would_pick_without_the_slice(
+    tmp_path: Path,
+) -> None:
+    """A plan the unused slice refuses on a limit is decided again without
+    the slice; one its gate refuses is passed over, and the slice kept."""
+    key = "usd:session=a"
+    ledger = _Unthreaded(tmp_path / "wb.db", write_behind=1.0)
+    try:
+        assert ledger.hold([(key, 10, 100)], "probe", LEASE) is None
+        ledger.flush()  # a slice of 50: half of what is left
+        assert ledger.hold([(key, 10, 100)], "r0", LEASE) == {key: 10}
+        # 60 fits under 100 without the slice's 40 unused, not with it.
+        plans = [[ReserveItem(key, 60, 100)], [ReserveItem(key, 5, 100)]]
+        result = ledger.reserve(plans, reservation_id="r1", lease_seconds=LEASE)
+        assert result.plan == 0
+        ledger.release("r1")
+        assert ledger.hold([(key, 10, 100)], "r2", LEASE) is None  # given back
+        ledger.flush()  # a slice again: half of the 90 left
+        # A gated hold: what the key holds beyond the slice is read from now.
+        assert ledger.hold([(key, 10, 100)], "r3", LEASE, [100]) is None
+        ledger.flush()
+        assert ledger.hold([(key, 10, 100)], "r3", LEASE, [100]) == {key: 10}
+        # 20 held: over a gate of 15, whatever the slice; the fallback fits.
+        gated = [[ReserveItem(key, 5, 100, gate=15)], [ReserveItem(key, 5, 100)]]
+        result = ledger.reserve(gated, reservation_id="r4", lease_seconds=LEASE)
+        assert result.plan == 1
+        # 25 held: within a gate of 25.
+        gated = [[ReserveItem(key, 5, 100, gate=25)], [ReserveItem(key, 5, 100)]]
+        result = ledger.reserve(gated, reservation_id="r5", lease_seconds=LEASE)
+        assert result.plan == 0
+        assert ledger.hold([(key, 10, 100)], "r6", LEASE) == {key: 10}  # kept
+        assert ledger.state([key])[key] == KeyState(0, 40)
+    finally:
+        ledger.close()
+
+
 def test_a_lower_limit_is_not_served_from_an_older_slice(ledger) -> None:
     key = "usd:session=a"
     ledger.hold([(key, 10, 1000)], "r0", LEASE)

@@ -336,12 +336,13 @@ class WriteBehindLedger(SQLiteLedger):
     ) -> ReserveResult:
         """``SQLiteLedger.reserve``, decided as if this process held no slice.
 
-        The first plan is tried alone with the unused slice counted as used
-        (its gates raised by it): what fits that way fits without the slice,
-        and is the plan the full decision would choose. Otherwise the unused
-        slice on the call's keys is given back, and every plan decided again
-        (only if something was given back, for a single plan). The states
-        returned are those ``state`` would show.
+        Each plan is tried alone, in order, with the unused slice counted as
+        used (its gates raised by it): what fits that way fits without the
+        slice, and is the plan the full decision would choose when the plans
+        before it were refused by their gates alone (which the slice does not
+        change). Otherwise the unused slice on the call's keys is given back,
+        and every plan decided again (only if something was given back, for a
+        single plan). The states returned are those ``state`` would show.
         """
         check_plans(plans)
         keys = {item.key for plan in plans for item in plan}
@@ -355,19 +356,39 @@ class WriteBehindLedger(SQLiteLedger):
                 overdrawn = any(_free(row) < 0 for row in self._rows_of(keys))
             if overdrawn:
                 self._sync(top_up=False)  # charges beyond the slice first
-            with self._lock:
-                first = (
-                    [[self._counting_slice(item) for item in plans[0]]] if plans else []
-                )
-            result = decide(first)
-            if result.admitted or not plans:
-                return self._reserved(plans, result)
+            result = None
+            for index, plan in enumerate(plans):
+                with self._lock:
+                    if self._gated_out_here(plan):
+                        continue  # no need to ask the file
+                    raised = [self._counting_slice(item) for item in plan]
+                result = decide([raised])
+                if result.admitted:
+                    return self._reserved(plans, ReserveResult(index, result.before))
+                if not _gated_out(raised, result.before):
+                    break  # a limit refused it: without the slice it may fit
             gave = self._give_back(keys)
             if gave:
                 self._sync(top_up=False)
-            if gave or len(plans) > 1:
+            if result is None or gave or len(plans) > 1:
                 result = decide(plans)
             return self._reserved(plans, result)
+
+    def _gated_out_here(self, plan: Sequence[ReserveItem]) -> bool:
+        """True when a gate refuses ``plan`` by what memory knows (``_lock`` held).
+
+        What a key holds beyond the slice is known since the last write, or
+        since this process's last change to the file (``_sync_lock`` held).
+        """
+        bases, rows = self._bases, self._rows
+        for item in plan:
+            gate, base = item.gate, bases.get(item.key)
+            if gate is None or base is None:
+                continue
+            row = rows.get(item.key)
+            if base + (0 if row is None else row[1] + row[2]) > gate:
+                return True
+        return False
 
     def _counting_slice(self, item: ReserveItem) -> ReserveItem:
         """``item`` with its gate raised by the unused slice (``_lock`` held).
@@ -846,6 +867,13 @@ class WriteBehindLedger(SQLiteLedger):
         for chunk in _chunks(grants):
             cursor.execute(sql.hold(len(chunk)), _flat(chunk))
         return granted
+
+
+def _gated_out(plan: Sequence[ReserveItem], before: Mapping[str, KeyState]) -> bool:
+    """True when a gate refuses ``plan``, whatever the limits leave room for."""
+    return any(
+        item.gate is not None and before[item.key].used > item.gate for item in plan
+    )
 
 
 def _free(row: list[int]) -> int:
