@@ -592,6 +592,38 @@ async def test_the_lane_takes_calls_until_a_threshold_applies(
     assert len(warned) == (0 if degrade else 1)
 
 
+def test_after_a_degraded_call_the_lane_waits_for_one_made_as_asked(
+    fake: FakeProvider, lanes: _Lanes
+) -> None:
+    """A degraded call sends the next ones of its scope to the full plan (the
+    lane would find the gate closed); one the full plan admits as asked (here,
+    after a reset) sends them back to the lane."""
+    client = _client(fake, "openai", "sync")
+    allowance.wrap(
+        client, budget=1_000, fallback=MINI, threshold=0.1, ledger="memory://"
+    )
+    step = Step("a", "u", "priced", ("hi",), False, 50, None, False, None)
+    admitted: list[int] = []
+    models: list[str] = []
+    try:
+        for n in range(7):
+            if n == 5:
+                client.allowance.guard.ledger.reset()
+            fake.reset()
+            fake.enqueue(FakeReply(usage=FakeUsage(input_tokens=20, output_tokens=20)))
+            before = lanes.admitted
+            models.append(
+                client.chat.completions.create(**_request("openai", step)).model
+            )
+            admitted.append(lanes.admitted - before)
+    finally:
+        client.close()
+        client.allowance.guard.close()
+    # 0, 40, 80 held: as asked; 120, 160: degraded; reset: 0, then 40.
+    assert models == [GPT] * 3 + [MINI] * 2 + [GPT] * 2
+    assert admitted == [0, 1, 1, 0, 0, 0, 1]
+
+
 @pytest.mark.parametrize("kind", ["sync", "async"])
 async def test_streams_use_the_write_behind_slice(
     fake: FakeProvider, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str

@@ -182,6 +182,9 @@ class Guard:
         self._clock = clock
         prices.preload()
         self._fired: set[str] = set()
+        # Layouts whose last call through the full plan was degraded: their
+        # calls skip the fast ways, which would only find the gate closed.
+        self._degraded: dict[int, Layout] = {}
         self._last_scope: tuple[object, Mapping[str, str]] = (None, {})
         self._last_layout: tuple[object, object, Layout] = (None, None, NO_LAYOUT)
         self._layouts: dict[
@@ -394,7 +397,9 @@ class Guard:
         ledger = self._ledger or self.ledger
         holding = type(ledger) in HOLDING
         gated = reestimate is not None and layout.degrades
-        if (layout.alerts or gated) and not holding:
+        if (layout.alerts or gated) and (
+            not holding or (gated and self.degrading(layout))
+        ):
             return None
         worst_micros = self._worst(estimate, required=layout.needs_usd)
         call_id = new_id()
@@ -476,6 +481,14 @@ class Guard:
         if exact is not None and exact.total_tokens < estimate.total_tokens:
             return exact
         return None
+
+    def degrading(self, layout: Layout) -> bool:
+        """True when the last call in ``layout`` through the full plan degraded.
+
+        Only a hint for the fast ways (the full plan decides every call it
+        takes): one that admits a call as asked clears it.
+        """
+        return self._degraded.get(id(layout)) is layout
 
     def _ceilings(
         self, layout: Layout, model: str, provider: str, *, gated: bool
@@ -666,6 +679,11 @@ class Guard:
                 scope,
                 {"requested_model": estimate.model, "model": model, "call_id": call_id},
             )
+            if len(self._degraded) >= _LINES_CACHE_SIZE:
+                self._degraded.clear()
+            self._degraded[id(layout)] = layout
+        elif self._degraded:
+            self._degraded.pop(id(layout), None)
         crossed = (
             (yield from self._threshold_plan(lines, result.before, scope, model))
             if layout.alerts

@@ -168,7 +168,7 @@ def admit(  # noqa: PLR0911, PLR0917 - each way out is a case for the general pa
     scope = guard.current_scope()
     layout = guard._lines(scope, now)  # noqa: SLF001
     lines = layout.lines
-    if not lines:
+    if not lines or (layout.degrades and guard.degrading(layout)):
         return None
     try:
         worst: int | None = prices.worst_case_micros(provider, model, bound, cap)
