@@ -37,6 +37,23 @@ if TYPE_CHECKING:
 
 pytestmark = pytest.mark.filterwarnings("ignore::allowance.BudgetThresholdWarning")
 
+_HOOKED: list[Any] = []  # the webhook threshold's events (its callback)
+# Posted off the call path; nothing listens on port 9, so the post fails there.
+_WEBHOOK = {
+    "budget": [
+        Budget(
+            1_000,
+            thresholds=[
+                Threshold(
+                    0.1,
+                    "webhook",
+                    to="http://127.0.0.1:9/hook",
+                    callback=_HOOKED.append,
+                )
+            ],
+        )
+    ]
+}
 _UNPRICED = {"openai": "gpt-unpriced-test", "anthropic": "claude-unpriced-test"}
 _MODELS = {"openai": (MINI, GPT), "anthropic": (CLAUDE,)}
 _ID = re.compile(r"[0-9a-f]{12}-\d+")
@@ -540,8 +557,9 @@ async def test_calls_the_lane_cannot_take_go_the_general_way(
         {"threshold": 0.1},  # warn at 100 tokens
         {"fallback": MINI, "threshold": 0.1},  # degrade to MINI at 100 tokens
         {"budget": [Budget(1_000, thresholds=[Threshold(0.1, "warn")])]},
+        _WEBHOOK,
     ],
-    ids=["warn", "degrade", "warn-budget"],
+    ids=["warn", "degrade", "warn-budget", "webhook"],
 )
 @pytest.mark.parametrize("ledger", ["memory", "write-behind"])
 @pytest.mark.parametrize("kind", ["sync", "async"])
@@ -556,6 +574,7 @@ async def test_the_lane_takes_calls_until_a_threshold_applies(
 ) -> None:
     """Below a threshold the lane admits; from the call that would fire it,
     the general path takes over (a warning fired once lets the lane back)."""
+    _HOOKED.clear()
     client = _client(fake, "openai", kind)
     options: dict[str, Any] = {"budget": 1_000, **guard_options}
     url = (
@@ -589,7 +608,12 @@ async def test_the_lane_takes_calls_until_a_threshold_applies(
     second = 0 if ledger == "write-behind" and kind == "async" else 1
     assert admitted == [0, second, 1, 0, 0 if degrade else 1]
     assert [r.model for r in records] == [GPT] * 3 + [MINI if degrade else GPT] * 2
-    assert len(warned) == (0 if degrade else 1)
+    webhook = guard_options is _WEBHOOK
+    warnings_issued = [
+        w for w in warned if issubclass(w.category, allowance.BudgetThresholdWarning)
+    ]
+    assert len(warnings_issued) == (0 if degrade or webhook else 1)
+    assert len(_HOOKED) == webhook  # fired once, as the warning
 
 
 def test_after_a_degraded_call_the_lane_waits_for_one_made_as_asked(
