@@ -1,4 +1,7 @@
-"""Fixtures of the ledger tests: a redis-server of their own, per session."""
+"""Fixtures of the ledger tests: a redis-server of their own, per session.
+
+And what the fast-lane tests share: their keys, and a call record.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +10,26 @@ import uuid
 import pytest
 
 from allowance.testing import RedisServer
+from allowance.typing import CallRecord, Usage
+
+KEYS = ("tokens:session=a", "usd:session=a", "usd:tenant=t")
+
+
+def call_record(call_id: str) -> CallRecord:
+    """A call's log line, for ``settle``/``commit`` (the same for every id)."""
+    return CallRecord(
+        call_id=call_id,
+        ts=0.0,
+        scope={"session": "a"},
+        provider="openai",
+        model="m",
+        requested_model="m",
+        usage=Usage(1, 1),
+        cost_micros=1,
+        adapters=(),
+        outcome="ok",
+    )
+
 
 NO_REDIS = "no redis-server binary on PATH (apt-get install redis-server)"
 

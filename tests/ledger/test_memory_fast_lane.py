@@ -11,25 +11,9 @@ from hypothesis import given, settings
 
 from allowance import UsageError
 from allowance._ledger._memory import MemoryLedger
-from allowance.typing import CallRecord, KeyState, ReserveItem, Usage
+from allowance.typing import KeyState, ReserveItem
 
-KEYS = ("tokens:session=a", "usd:session=a", "usd:tenant=t")
-
-
-def _record(call_id: str) -> CallRecord:
-    return CallRecord(
-        call_id=call_id,
-        ts=0.0,
-        scope={"session": "a"},
-        provider="openai",
-        model="m",
-        requested_model="m",
-        usage=Usage(1, 1),
-        cost_micros=1,
-        adapters=(),
-        outcome="ok",
-    )
-
+from .conftest import KEYS, call_record
 
 # One step: hold keys (distinct) with amounts and limits, or settle an earlier id.
 holds = st.tuples(
@@ -80,9 +64,9 @@ def test_fast_lane_matches_reserve_and_commit(steps: list[tuple[object, ...]]) -
                 continue
             rid, keys = ids[index % len(ids)]
             amounts = dict.fromkeys(keys, amount)
-            if not fast.settle(rid, amounts, _record(rid)):
-                fast.commit(rid, amounts, record=_record(rid))
-            reference.commit(rid, amounts, record=_record(rid))
+            if not fast.settle(rid, amounts, call_record(rid)):
+                fast.commit(rid, amounts, record=call_record(rid))
+            reference.commit(rid, amounts, record=call_record(rid))
         else:
             prefix = step[1]
             assert isinstance(prefix, str)
@@ -96,9 +80,9 @@ def test_settle_only_takes_held_reservations() -> None:
     ledger = MemoryLedger()
     assert ledger.hold([("tokens:s=a", 5, 10)], "r1", 60.0) == {"tokens:s=a": 5}
     assert ledger.hold([("tokens:s=a", 6, 10)], "r2", 60.0) is None  # 5 + 6 > 10
-    assert ledger.settle("r1", {"tokens:s=a": 3}, _record("r1"))
-    assert not ledger.settle("r1", {"tokens:s=a": 3}, _record("r1"))  # once
-    assert not ledger.settle("unknown", {"tokens:s=a": 3}, _record("unknown"))
+    assert ledger.settle("r1", {"tokens:s=a": 3}, call_record("r1"))
+    assert not ledger.settle("r1", {"tokens:s=a": 3}, call_record("r1"))  # once
+    assert not ledger.settle("unknown", {"tokens:s=a": 3}, call_record("unknown"))
     assert ledger.state(["tokens:s=a"])["tokens:s=a"].spent == 3
     with pytest.raises(UsageError, match="r1"):
         ledger.hold([("tokens:s=a", 1, 10)], "r1", 60.0)  # ids are never reused
@@ -112,7 +96,7 @@ def test_leases_end_in_any_order() -> None:
     assert ledger.hold([(key, 1, 100)], "short", 10.0)
     assert ledger.hold([(key, 2, 100)], "long", 30.0)
     assert ledger.hold([(key, 4, 100)], "middle", 20.0)
-    assert ledger.settle("short", {key: 1}, _record("short"))
+    assert ledger.settle("short", {key: 1}, call_record("short"))
     now[0] = 1015.0  # past the settled one's lease only: nothing expires
     assert ledger.hold([(key, 8, 100)], "later", 60.0)
     assert ledger.state([key])[key].reserved == 2 + 4 + 8
@@ -120,8 +104,8 @@ def test_leases_end_in_any_order() -> None:
     assert ledger.state([key])[key].reserved == 2 + 4 + 8  # reads reap nothing
     assert ledger.hold([(key, 16, 100)], "last", 60.0)
     assert ledger.state([key])[key].reserved == 2 + 8 + 16
-    assert not ledger.settle("middle", {key: 3}, _record("middle"))
-    ledger.commit("middle", {key: 3}, record=_record("middle"))  # late: charged
+    assert not ledger.settle("middle", {key: 3}, call_record("middle"))
+    ledger.commit("middle", {key: 3}, record=call_record("middle"))  # late: charged
     now[0] = 1031.0  # "long" ends
     ledger.reserve([], reservation_id="tick", lease_seconds=1.0)
     assert ledger.state([key])[key] == KeyState(spent=1 + 3, reserved=8 + 16)

@@ -31,28 +31,14 @@ from allowance._ledger import (
     _write_behind,
     open_ledger,
 )
-from allowance.typing import CallRecord, KeyState, ReserveItem, Usage
+from allowance.typing import KeyState, ReserveItem
+
+from .conftest import KEYS, call_record
 
 if TYPE_CHECKING:
     from pathlib import Path
 
-KEYS = ("tokens:session=a", "usd:session=a", "usd:tenant=t")
 LEASE = 600.0
-
-
-def _record(call_id: str) -> CallRecord:
-    return CallRecord(
-        call_id=call_id,
-        ts=time.time(),
-        scope={"session": "a"},
-        provider="openai",
-        model="m",
-        requested_model="m",
-        usage=Usage(1, 1),
-        cost_micros=1,
-        adapters=(),
-        outcome="ok",
-    )
 
 
 def _admit(
@@ -81,8 +67,8 @@ def _plan(
 
 def _charge(ledger: WriteBehindLedger, rid: str, amounts: dict[str, int]) -> None:
     """What the guard does: the fast lane's ``settle``, else ``commit``."""
-    if not ledger.settle(rid, amounts, _record(rid)):
-        ledger.commit(rid, amounts, record=_record(rid))
+    if not ledger.settle(rid, amounts, call_record(rid)):
+        ledger.commit(rid, amounts, record=call_record(rid))
 
 
 # -- one process: the same decisions as the memory ledger ------------------------
@@ -260,13 +246,13 @@ class _Pair:
             rid, keys = self.held.pop(index % len(self.held))
             amounts = dict.fromkeys(keys, amount)
             _charge(self.ledger, rid, amounts)
-            self.reference.commit(rid, amounts, record=_record(rid))
+            self.reference.commit(rid, amounts, record=call_record(rid))
 
     def release(self, _: int, index: int) -> None:
         if self.held:
             rid, _keys = self.held.pop(index % len(self.held))
-            self.ledger.release(rid, record=_record(rid))
-            self.reference.release(rid, record=_record(rid))
+            self.ledger.release(rid, record=call_record(rid))
+            self.reference.release(rid, record=call_record(rid))
 
     def flush(self, _: int) -> None:
         self.ledger.flush()
@@ -310,8 +296,8 @@ def _slice_serves_the_next(ledger: WriteBehindLedger) -> None:
     assert ledger.hold([(key, 10, 1000)], "r0", LEASE) is None  # no slice yet
     ledger.flush()  # the top-up the miss asked for
     assert ledger.hold([(key, 10, 1000)], "r1", LEASE) == {key: 10}
-    assert ledger.settle("r1", {key: 7}, _record("r1"))
-    assert not ledger.settle("r1", {key: 7}, _record("r1"))  # once
+    assert ledger.settle("r1", {key: 7}, call_record("r1"))
+    assert not ledger.settle("r1", {key: 7}, call_record("r1"))  # once
     ledger.commit("r1", {key: 7})  # a second commit changes nothing
     assert ledger.state([key])[key] == KeyState(spent=7, reserved=0)
     # Another ledger on the file sees the slice as reserved, and the charge
@@ -443,7 +429,7 @@ def test_close_writes_everything_and_gives_the_slice_back(tmp_path: Path) -> Non
     ledger.flush()
     for n in range(1, 6):
         assert ledger.hold([(key, 10, 1000)], f"r{n}", LEASE)
-        assert ledger.settle(f"r{n}", {key: 3}, _record(f"r{n}"))
+        assert ledger.settle(f"r{n}", {key: 3}, call_record(f"r{n}"))
     assert ledger.hold([(key, 10, 1000)], "inflight", LEASE)
     ledger.close()
     plain = SQLiteLedger(path)
@@ -482,7 +468,7 @@ def test_a_failed_write_loses_nothing(tmp_path: Path) -> None:
     ledger.hold([(key, 10, 1000)], "r0", LEASE)
     ledger.flush()
     assert ledger.hold([(key, 10, 1000)], "r1", LEASE)
-    assert ledger.settle("r1", {key: 4}, _record("r1"))
+    assert ledger.settle("r1", {key: 4}, call_record("r1"))
     blocker = sqlite3.connect(path, isolation_level=None)
     blocker.execute("BEGIN IMMEDIATE")
     try:
@@ -722,13 +708,13 @@ def test_a_slice_running_low_is_topped_up_before_it_runs_out(tmp_path: Path) -> 
         calls = _write_behind.SLICE_CALLS - _write_behind._LOW_WATER + 1
         for n in range(1, calls + 1):
             assert ledger.hold([(key, 10, 10_000)], f"r{n}", LEASE)
-            assert ledger.settle(f"r{n}", {key: 10}, _record(f"r{n}"))
+            assert ledger.settle(f"r{n}", {key: 10}, call_record(f"r{n}"))
         # 3 calls' worth left: the top-up was asked for, and comes with the
         # next write, before any call misses.
         ledger.flush()
         for n in range(calls + 1, calls + 10):
             assert ledger.hold([(key, 10, 10_000)], f"r{n}", LEASE)
-            assert ledger.settle(f"r{n}", {key: 10}, _record(f"r{n}"))
+            assert ledger.settle(f"r{n}", {key: 10}, call_record(f"r{n}"))
     finally:
         ledger.close()
 
@@ -744,7 +730,7 @@ def test_an_idle_process_gives_its_slice_back(
         ledger.hold([(key, 10, 10_000)], "r0", LEASE)
         ledger.flush()
         assert ledger.hold([(key, 10, 10_000)], "r1", LEASE)
-        assert ledger.settle("r1", {key: 6}, _record("r1"))
+        assert ledger.settle("r1", {key: 6}, call_record("r1"))
         deadline = time.monotonic() + 10
         while other.state([key])[key].reserved and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -782,7 +768,7 @@ def test_a_charge_in_memory_beyond_the_slice_is_written_before_a_decision(
         ledger.flush()  # a slice of 160
         time.sleep(0.2)  # the thread's own write, if any, is over
         assert ledger.hold([(key, 10, 1000)], "r1", LEASE) == {key: 10}
-        assert ledger.settle("r1", {key: 900}, _record("r1"))  # far beyond
+        assert ledger.settle("r1", {key: 900}, call_record("r1"))  # far beyond
 
         def reserve(amount: int, rid: str) -> bool:  # a call not for the lane
             plan = [[ReserveItem(key, amount, 1000)]]
