@@ -281,17 +281,12 @@ class WriteBehindLedger(SQLiteLedger):
         False too when what a key holds beyond the slice is not known since
         this process last changed the file: the next write reads it.
         """
-        bases, rows = self._bases, self._rows
         known = True
         for (key, _, _), ceiling in zip(items, ceilings, strict=True):
-            base = bases.get(key)
-            if base is None:
+            used = self._used(key)
+            if used is None:
                 known = False
-                continue
-            row = rows.get(key)
-            if row is not None:
-                base += row[1] + row[2]
-            if base > ceiling:
+            elif used > ceiling:
                 return False
         if not known:
             self._gate(items)
@@ -380,15 +375,29 @@ class WriteBehindLedger(SQLiteLedger):
         What a key holds beyond the slice is known since the last write, or
         since this process's last change to the file (``_sync_lock`` held).
         """
-        bases, rows = self._bases, self._rows
         for item in plan:
-            gate, base = item.gate, bases.get(item.key)
-            if gate is None or base is None:
-                continue
-            row = rows.get(item.key)
-            if base + (0 if row is None else row[1] + row[2]) > gate:
-                return True
+            if item.gate is not None:
+                used = self._used(item.key)
+                if used is not None and used > item.gate:
+                    return True
         return False
+
+    def _used(self, key: str) -> int | None:
+        """What ``key`` holds as ``state`` counts it; None: not known (``_lock``).
+
+        What the file holds beyond the slice (``_bases``), and this process's
+        calls in flight and charges not yet written.
+        """
+        base = self._bases.get(key)
+        if base is None:
+            return None
+        row = self._rows.get(key)
+        return base if row is None else base + row[1] + row[2]
+
+    def _set_base(self, key: str, used: int) -> None:
+        """Note what the file holds on ``key``: ``used``, its slice included."""
+        row = self._rows.get(key)
+        self._bases[key] = used - (0 if row is None else row[0])
 
     def _counting_slice(self, item: ReserveItem) -> ReserveItem:
         """``item`` with its gate raised by the unused slice (``_lock`` held).
@@ -411,16 +420,8 @@ class WriteBehindLedger(SQLiteLedger):
         """
         with self._lock:
             if result.plan is not None:
-                rows, bases = self._rows, self._bases
                 for item in plans[result.plan]:
-                    state = result.before[item.key]
-                    row = rows.get(item.key)
-                    bases[item.key] = (
-                        state.spent
-                        + state.reserved
-                        + item.amount
-                        - (0 if row is None else row[0])
-                    )
+                    self._set_base(item.key, result.before[item.key].used + item.amount)
         return self._adjusted_result(result)
 
     def commit(
@@ -478,9 +479,9 @@ class WriteBehindLedger(SQLiteLedger):
             over = []
             for key in keys:
                 used = states[key].used
-                row = rows.get(key)
                 if key in gated:
-                    self._bases[key] = used - (0 if row is None else row[0])
+                    self._set_base(key, used)
+                row = rows.get(key)
                 if row is not None and used > row[4]:
                     row[4] = _SPENT_OUT  # admits nothing until granted again
                     over.append(key)
@@ -703,7 +704,13 @@ class WriteBehindLedger(SQLiteLedger):
 
     def _idle(self) -> bool:
         """Nothing to write or renew (``_lock`` held)."""
-        return not (self._dirty or self._wants or self._holds or self._slice_id)
+        return not (
+            self._dirty
+            or self._wants
+            or self._bases_wanted
+            or self._holds
+            or self._slice_id
+        )
 
     def _sync(self, *, give_all: bool = False, top_up: bool = True) -> None:
         """Write what memory holds in one transaction (``_sync_lock`` held).
@@ -732,7 +739,7 @@ class WriteBehindLedger(SQLiteLedger):
         if not (spent or give or records or wants or renew or bases_wanted):
             return
         try:
-            items, granted, slice_id, expires, bases = self._write(
+            items, granted, slice_id, expires, used = self._write(
                 slice_id, (spent, give, held), records, wants, gated
             )
         except BaseException:
@@ -745,7 +752,9 @@ class WriteBehindLedger(SQLiteLedger):
             raise
         with self._lock:
             self._written(spent, give, items, granted)
-            self._bases = bases
+            self._bases = {}  # read again for the gated keys the slice holds
+            for key, amount in used.items():
+                self._set_base(key, amount)
             if granted:  # asked for by a call: not idle
                 self._last_use = max(self._last_use, now)
             self._slice_id = slice_id
@@ -787,9 +796,10 @@ class WriteBehindLedger(SQLiteLedger):
     ) -> tuple[dict[str, int], dict[str, int], str | None, float, dict[str, int]]:
         """One transaction: the slice's items, grants' limits, id, lease's end.
 
-        And, for the ``gated`` keys the slice holds, what the file holds beyond
-        it. ``moves``: per key, the charges to write, what to give back, and what
-        calls in flight hold (which the slice keeps holding).
+        And, for the ``gated`` keys the slice holds, what the file holds on them
+        (``spent + reserved``, the slice included). ``moves``: per key, the
+        charges to write, what to give back, and what calls in flight hold
+        (which the slice keeps holding).
         """
         handle = self._connection()
         conn, cursor = handle.conn, handle.cursor
@@ -829,14 +839,12 @@ class WriteBehindLedger(SQLiteLedger):
                 cursor.executemany(sql.INSERT_CALL, [sql.call_row(r) for r in records])
             gated = [key for key in gated if key in items]
             states = self._read_states(conn, gated) if gated else {}
-            bases = {
-                key: s.spent + s.reserved - items[key] for key, s in states.items()
-            }
         except BaseException as exc:
             _abort(self, conn, lock, exc, "write behind")
             raise
         _finish(self, conn, cursor, lock, "write behind")
-        return items, granted, slice_id, expires, bases
+        used = {key: state.used for key, state in states.items()}
+        return items, granted, slice_id, expires, used
 
     def _top_up(
         self,
