@@ -13,10 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import queue
 import re
+import threading
 import uuid
 import warnings
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -37,23 +41,6 @@ if TYPE_CHECKING:
 
 pytestmark = pytest.mark.filterwarnings("ignore::allowance.BudgetThresholdWarning")
 
-_HOOKED: list[Any] = []  # the webhook threshold's events (its callback)
-# Posted off the call path; nothing listens on port 9, so the post fails there.
-_WEBHOOK = {
-    "budget": [
-        Budget(
-            1_000,
-            thresholds=[
-                Threshold(
-                    0.1,
-                    "webhook",
-                    to="http://127.0.0.1:9/hook",
-                    callback=_HOOKED.append,
-                )
-            ],
-        )
-    ]
-}
 _UNPRICED = {"openai": "gpt-unpriced-test", "anthropic": "claude-unpriced-test"}
 _MODELS = {"openai": (MINI, GPT), "anthropic": (CLAUDE,)}
 _ID = re.compile(r"[0-9a-f]{12}-\d+")
@@ -455,6 +442,37 @@ def test_the_write_behind_ledger_decides_and_charges_as_the_memory_ledger(
 # -- the lane is taken where it should be, and handed on where it should -------
 
 
+class _Hook:
+    """A webhook receiver on 127.0.0.1: each POST's JSON body, answered 204."""
+
+    def __init__(self) -> None:
+        self.received: queue.Queue[dict[str, Any]] = queue.Queue()
+        received = self.received
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers["content-length"])
+                received.put(json.loads(self.rfile.read(length)))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = HTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+@pytest.fixture
+def hook() -> Iterator[_Hook]:
+    """A webhook receiver of the test's own (nothing left retrying after it)."""
+    receiver = _Hook()
+    yield receiver
+    receiver.server.shutdown()
+    receiver.server.server_close()
+
+
 @pytest.fixture
 def lanes(monkeypatch: pytest.MonkeyPatch) -> _Lanes:
     """Count the express lane's admissions (the interceptor's own reference)."""
@@ -557,7 +575,7 @@ async def test_calls_the_lane_cannot_take_go_the_general_way(
         {"threshold": 0.1},  # warn at 100 tokens
         {"fallback": MINI, "threshold": 0.1},  # degrade to MINI at 100 tokens
         {"budget": [Budget(1_000, thresholds=[Threshold(0.1, "warn")])]},
-        _WEBHOOK,
+        {"webhook": 0.1},  # a webhook threshold, posted to ``hook``
     ],
     ids=["warn", "degrade", "warn-budget", "webhook"],
 )
@@ -567,6 +585,7 @@ async def test_the_lane_takes_calls_until_a_threshold_applies(
     fake: FakeProvider,
     lanes: _Lanes,
     tmp_path: Path,
+    hook: _Hook,
     *,
     guard_options: dict[str, Any],
     kind: str,
@@ -574,8 +593,15 @@ async def test_the_lane_takes_calls_until_a_threshold_applies(
 ) -> None:
     """Below a threshold the lane admits; from the call that would fire it,
     the general path takes over (a warning fired once lets the lane back)."""
-    _HOOKED.clear()
     client = _client(fake, "openai", kind)
+    webhook = "webhook" in guard_options
+    if webhook:
+        at = guard_options["webhook"]
+        guard_options = {
+            "budget": [
+                Budget(1_000, thresholds=[Threshold(at, "webhook", to=hook.url)])
+            ]
+        }
     options: dict[str, Any] = {"budget": 1_000, **guard_options}
     url = (
         "memory://"
@@ -608,12 +634,13 @@ async def test_the_lane_takes_calls_until_a_threshold_applies(
     second = 0 if ledger == "write-behind" and kind == "async" else 1
     assert admitted == [0, second, 1, 0, 0 if degrade else 1]
     assert [r.model for r in records] == [GPT] * 3 + [MINI if degrade else GPT] * 2
-    webhook = guard_options is _WEBHOOK
     warnings_issued = [
         w for w in warned if issubclass(w.category, allowance.BudgetThresholdWarning)
     ]
     assert len(warnings_issued) == (0 if degrade or webhook else 1)
-    assert len(_HOOKED) == webhook  # fired once, as the warning
+    if webhook:  # posted once, as the warning is issued once
+        assert hook.received.get(timeout=5)["data"]["action"] == "webhook"
+    assert hook.received.empty()
 
 
 def test_after_a_degraded_call_the_lane_waits_for_one_made_as_asked(
