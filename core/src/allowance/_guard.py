@@ -501,13 +501,15 @@ class Guard:
         a fallback, so a degrade threshold's gate bounds it too; a fallback the
         full plan cannot price (it raises) gives ceilings no call fits under.
         """
-        gate = False
-        if gated and layout.degrades:
-            target = self.policy.fallback_for(model, provider, layout.degrade_to)
-            if target is not None:
-                if layout.needs_usd and not prices.has_price(provider, target):
-                    return [-1] * len(layout.lines)
-                gate = True
+        target = self._fallback(layout, model, provider) if gated else None
+        gate = target is not None
+        # A fallback the full plan cannot price: it raises.
+        if (
+            target is not None
+            and layout.needs_usd
+            and not prices.has_price(provider, target)
+        ):
+            return [-1] * len(layout.lines)
         if not (gate or layout.alerts):
             return None
         fired = self._fired
@@ -745,19 +747,21 @@ class Guard:
     ) -> list[tuple[str, Estimate, int | None]]:
         """The models a call may go to, in order: the one asked for, the fallback."""
         candidates = [(estimate.model, estimate, worst_micros)]
-        if reestimate is None or (
-            self.policy.fallback is None and layout.degrade_to is None
-        ):
+        if reestimate is None:
             return candidates
-        target = self.policy.fallback_for(
-            estimate.model, estimate.provider, layout.degrade_to
-        )
+        target = self._fallback(layout, estimate.model, estimate.provider)
         if target is not None:
             fallback = reestimate(target)
             candidates.append(
                 (target, fallback, self._worst(fallback, required=layout.needs_usd))
             )
         return candidates
+
+    def _fallback(self, layout: Layout, model: str, provider: str) -> str | None:
+        """The model a call in ``layout`` may be degraded to, or None."""
+        if not layout.degrades:
+            return None
+        return self.policy.fallback_for(model, provider, layout.degrade_to)
 
     def _worst(self, estimate: Estimate, *, required: bool) -> int | None:
         try:
