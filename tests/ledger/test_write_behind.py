@@ -31,7 +31,7 @@ from allowance._ledger import (
     _write_behind,
     open_ledger,
 )
-from allowance.typing import KeyState, ReserveItem
+from allowance.typing import KeyState, ReserveItem, ReserveResult
 
 from .conftest import KEYS, call_record
 
@@ -129,6 +129,9 @@ def test_one_process_decides_as_the_memory_ledger(
 
 
 # Calls under ceilings (a threshold's gate): most admitted, some ceilings met.
+# Some have a fallback (a degrade threshold): ``reserve`` of two plans, the
+# first gated, the second half the amounts, after a ``hold`` (the lane) or
+# without one (a layout the guard knows degrades).
 gated_admits = st.tuples(
     st.just("admit"),
     st.lists(
@@ -139,6 +142,7 @@ gated_admits = st.tuples(
     ),
     st.booleans(),
     st.integers(0, 120),
+    st.sampled_from([None, None, "hold", "reserve"]),
 )
 
 
@@ -153,7 +157,7 @@ gated_admits = st.tuples(
         min_size=4,
         max_size=40,
     ),
-    st.lists(st.one_of(others, others, resets), max_size=8),
+    st.lists(st.one_of(others, others, resets, limits), max_size=8),
     st.randoms(use_true_random=False),
     st.booleans(),
 )
@@ -164,11 +168,13 @@ def test_calls_under_ceilings_are_decided_as_the_memory_ledger(
     rand: random.Random,
     threaded: bool,
 ) -> None:
-    """Gated holds (``hold``'s ceilings): admitted on the slice only when what
-    the key holds (the file beyond the slice, read at each write or set by
-    ``reserve``, and this process's calls since) is within the ceiling, as
-    the memory ledger decides. Without the thread, memory and the file part
-    for as long as possible: only ``flush`` and ``pause`` steps write."""
+    """Gated holds (``hold``'s ceilings) and gated reserves: admitted on the
+    slice only when what the key holds (the file beyond the slice, read at
+    each write or set by ``reserve``, and this process's calls since) is
+    within the ceiling, as the memory ledger decides; a degraded call (its
+    first plan gated out) held on the slice too, with the plan and the
+    states the memory ledger returns. Without the thread, memory and the file
+    part for as long as possible: only ``flush`` and ``pause`` steps write."""
     steps = list(calls)
     for extra in events:
         steps.insert(rand.randint(0, len(steps)), extra)
@@ -225,21 +231,61 @@ class _Pair:
         calls: list[tuple[str, int]],
         then_write: bool,
         ceiling: int | None,
+        fallback: str | None = None,
     ) -> None:
         items = [(key, amount, self.limit_of[key]) for key, amount in calls]
         ceilings = None if ceiling is None else [ceiling] * len(items)
         rid = f"r{n}"
-        held = self.ledger.hold(items, rid, LEASE, ceilings) is not None
-        if held:
-            event(f"held on the slice{'' if ceilings is None else ', under ceilings'}")
-        got = held or _admit(self.ledger, items, rid, ceilings)
+        if fallback is not None:
+            self._degrade(n, items, ceilings, fallback == "hold")
+        else:
+            held = self.ledger.hold(items, rid, LEASE, ceilings) is not None
+            if held:
+                event(f"held{'' if ceilings is None else ', under ceilings'}")
+            got = held or _admit(self.ledger, items, rid, ceilings)
+            plan = _plan(items, ceilings)
+            want = self.reference.reserve(
+                [plan], reservation_id=rid, lease_seconds=LEASE
+            )
+            assert got == want.admitted, (n, calls)
+            if got:
+                self.held.append((rid, [k for k, _, _ in items]))
         if then_write:
             self.ledger.flush()
-        plan = _plan(items, ceilings)
-        want = self.reference.reserve([plan], reservation_id=rid, lease_seconds=LEASE)
-        assert got == want.admitted, (n, calls)
-        if got:
-            self.held.append((rid, [k for k, _, _ in items]))
+
+    def _degrade(
+        self,
+        n: int,
+        items: list[tuple[str, int, int]],
+        ceilings: list[int] | None,
+        lane_first: bool,
+    ) -> None:
+        """A call with a fallback, as the guard makes it: the lane's ``hold``
+        (when the guard does not know the layout degrades), then ``reserve``
+        of both plans; the same plan, states and ledger as the memory ledger."""
+        rid = f"r{n}"
+        if lane_first and self.ledger.hold(items, rid, LEASE, ceilings) is not None:
+            plan = _plan(items, ceilings)
+            want = self.reference.reserve(
+                [plan], reservation_id=rid, lease_seconds=LEASE
+            )
+            assert want.plan == 0, n
+        else:
+            plans = [
+                _plan(items, ceilings),
+                [ReserveItem(key, amount // 2, limit) for key, amount, limit in items],
+            ]
+            result = self.ledger.reserve(plans, reservation_id=rid, lease_seconds=LEASE)
+            if result.plan is not None:
+                where = "slice" if rid in self.ledger._holds else "file"
+                event(f"reserve: plan {result.plan}, on the {where}")
+            want = self.reference.reserve(
+                plans, reservation_id=rid, lease_seconds=LEASE
+            )
+            assert (result.plan, result.before) == (want.plan, want.before), n
+            if result.plan is None:
+                return
+        self.held.append((rid, [k for k, _, _ in items]))
 
     def charge(self, _: int, index: int, amount: int) -> None:
         if self.held:
@@ -379,6 +425,35 @@ def test_reserve_picks_the_plan_it_would_pick_without_the_slice(
         assert ledger.state([key])[key] == KeyState(0, 40)
     finally:
         ledger.close()
+
+
+def test_a_degraded_call_is_held_on_the_slice(tmp_path: Path) -> None:
+    """A call whose first plan its gate refuses (past a degrade threshold) is
+    held and charged on the slice, as the lane's calls are: nothing written,
+    the plan and states the file would give. A limit below the one the slice
+    was granted under goes to the file."""
+    key = "usd:session=a"
+    ledger = _Unthreaded(tmp_path / "wb.db", write_behind=1.0)
+    other = SQLiteLedger(tmp_path / "wb.db")
+    try:
+        assert ledger.hold([(key, 10, 1000)], "r0", LEASE, [50]) is None
+        ledger.flush()  # the slice, and what the file holds beyond it: 0
+        for n in range(1, 7):  # 0, 10, ..., 50 held before each: within 50
+            assert ledger.hold([(key, 10, 1000)], f"r{n}", LEASE, [50])
+        in_file = other.state([key])
+        plans = [[ReserveItem(key, 10, 1000, gate=50)], [ReserveItem(key, 2, 1000)]]
+        result = ledger.reserve(plans, reservation_id="d1", lease_seconds=LEASE)
+        assert result == ReserveResult(1, {key: KeyState(0, 60)})
+        _charge(ledger, "d1", {key: 1})
+        assert ledger.state([key])[key] == KeyState(1, 60)
+        assert other.state([key]) == in_file  # held and charged in memory
+        # 61 used: the fallback's 2 do not fit under 62, whatever the slice.
+        low = [[ReserveItem(key, 10, 62, gate=50)], [ReserveItem(key, 2, 62)]]
+        result = ledger.reserve(low, reservation_id="d2", lease_seconds=LEASE)
+        assert result == ReserveResult(None, {key: KeyState(1, 60)})
+    finally:
+        ledger.close()
+        other.close()
 
 
 def test_a_lower_limit_is_not_served_from_an_older_slice(ledger) -> None:

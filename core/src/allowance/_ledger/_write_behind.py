@@ -72,7 +72,13 @@ from typing import TYPE_CHECKING, Final, Protocol
 
 from allowance._errors import ConfigurationError, LedgerError
 from allowance._ledger import _sqlite_schema as sql
-from allowance._ledger._admission import check_amounts, check_plans, known_id
+from allowance._ledger._admission import (
+    check_amounts,
+    check_plans,
+    fold_plan,
+    known_id,
+    plan_keys,
+)
 from allowance._ledger._memory import MemoryLedger, copy_record
 from allowance._ledger._sqlite import (
     SQLiteLedger,
@@ -198,7 +204,8 @@ class WriteBehindLedger(SQLiteLedger):
         # ``reserve``. Every change to the file in this process holds
         # ``_sync_lock``: one that does not say what it changed forgets them.
         self._gated: dict[str, None] = {}
-        self._bases: dict[str, int] = {}
+        # key -> (spent, reserved) in the file, less this process's slice.
+        self._bases: dict[str, tuple[int, int]] = {}
         self._bases_wanted = False
         self._slice_id: str | None = None
         self._valid_until = -math.inf
@@ -270,7 +277,7 @@ class WriteBehindLedger(SQLiteLedger):
                     return holds
             self._want(items)
             if ceilings is not None:  # read at the write that tops the slice up
-                self._gate(items)
+                self._gate([key for key, _, _ in items])
             return None
 
     def _under(
@@ -289,17 +296,17 @@ class WriteBehindLedger(SQLiteLedger):
             elif used > ceiling:
                 return False
         if not known:
-            self._gate(items)
+            self._gate([key for key, _, _ in items])
             self._bases_wanted = True
             self._kick()
         return known
 
-    def _gate(self, items: Sequence[tuple[str, int, int]]) -> None:
-        """Read what ``items``' keys hold beyond the slice at each write from now."""
+    def _gate(self, keys: Iterable[str]) -> None:
+        """Read what ``keys`` hold beyond the slice at each write from now."""
         gated = self._gated
         if len(gated) >= _GATED_KEPT:  # keys of windows past, scopes gone
             gated.clear()
-        for key, _, _ in items:
+        for key in keys:
             gated[key] = None
 
     def settle(
@@ -348,6 +355,9 @@ class WriteBehindLedger(SQLiteLedger):
         # lands before the decision, or after it.
         with self._sync_lock:
             with self._lock:
+                held = self._hold_plan(plans, reservation_id)
+                if held is not None:
+                    return held
                 overdrawn = any(_free(row) < 0 for row in self._rows_of(keys))
             if overdrawn:
                 self._sync(top_up=False)  # charges beyond the slice first
@@ -368,6 +378,72 @@ class WriteBehindLedger(SQLiteLedger):
             if result is None or gave or len(plans) > 1:
                 result = decide(plans)
             return self._reserved(plans, result)
+
+    def _hold_plan(
+        self, plans: Sequence[Sequence[ReserveItem]], reservation_id: str
+    ) -> ReserveResult | None:
+        """A gated ``reserve`` on the slice, in memory; None: the file decides.
+
+        When memory knows what every key of ``plans`` holds beyond the slice
+        (as ``hold``'s ceilings need it), the plans refused by their gates are
+        passed over as the file would, and the first plan that is not is held
+        on the slice if the slice covers it, as ``hold`` holds: a degraded
+        call, whose first plan a gate refuses, is admitted without a write.
+        Plans without gates go to the file, as before (``_lock`` held).
+        """
+        if self._clock() >= self._valid_until or all(
+            item.gate is None for plan in plans for item in plan
+        ):
+            return None
+        keys = plan_keys(plans)
+        before = self._states(keys)
+        if before is None:
+            self._gate(keys)  # read at the next write: the next such call is held
+            return None
+        rows = self._rows
+        for index, plan in enumerate(plans):
+            folded = fold_plan(plan)
+            if any(
+                gate is not None and before[key].used > gate
+                for key, (_, _, gate) in folded.items()
+            ):
+                continue
+            for key, (amount, limit, _) in folded.items():
+                row = rows.get(key)
+                if row is None or _free(row) < amount or limit < row[4]:
+                    self._want([(k, a, lim) for k, (a, lim, _) in folded.items()])
+                    return None
+            if reservation_id in self._holds or reservation_id in self._done:
+                raise known_id(reservation_id, self.url)
+            holds: dict[str, int] = {}
+            low = False
+            for key, (amount, _, _) in folded.items():
+                row = rows[key]
+                row[1] += amount
+                holds[key] = amount
+                low = low or _free(row) < amount * _LOW_WATER
+            self._holds[reservation_id] = holds
+            self._last_use = self._clock()
+            if low:  # a few more such calls: top up now, as ``hold`` does
+                self._want([(k, a, lim) for k, (a, lim, _) in folded.items()])
+            return ReserveResult(index, before)
+        return None  # every plan gated out: the file says where each key stands
+
+    def _states(self, keys: Iterable[str]) -> dict[str, KeyState] | None:
+        """What ``state`` would show on ``keys``; None: not known (``_lock`` held)."""
+        bases, rows = self._bases, self._rows
+        states: dict[str, KeyState] = {}
+        for key in keys:
+            base = bases.get(key)
+            if base is None:
+                return None
+            row = rows.get(key)
+            states[key] = (
+                KeyState(*base)
+                if row is None
+                else KeyState(base[0] + row[2], max(base[1] + row[1], 0))
+            )
+        return states
 
     def _gated_out_here(self, plan: Sequence[ReserveItem]) -> bool:
         """True when a gate refuses ``plan`` by what memory knows (``_lock`` held).
@@ -392,12 +468,13 @@ class WriteBehindLedger(SQLiteLedger):
         if base is None:
             return None
         row = self._rows.get(key)
-        return base if row is None else base + row[1] + row[2]
+        used = base[0] + base[1]
+        return used if row is None else used + row[1] + row[2]
 
-    def _set_base(self, key: str, used: int) -> None:
-        """Note what the file holds on ``key``: ``used``, its slice included."""
+    def _set_base(self, key: str, spent: int, reserved: int) -> None:
+        """Note what the file holds on ``key``, its slice included in ``reserved``."""
         row = self._rows.get(key)
-        self._bases[key] = used - (0 if row is None else row[0])
+        self._bases[key] = (spent, reserved - (0 if row is None else row[0]))
 
     def _counting_slice(self, item: ReserveItem) -> ReserveItem:
         """``item`` with its gate raised by the unused slice (``_lock`` held).
@@ -421,7 +498,8 @@ class WriteBehindLedger(SQLiteLedger):
         with self._lock:
             if result.plan is not None:
                 for item in plans[result.plan]:
-                    self._set_base(item.key, result.before[item.key].used + item.amount)
+                    state = result.before[item.key]
+                    self._set_base(item.key, state.spent, state.reserved + item.amount)
         return self._adjusted_result(result)
 
     def commit(
@@ -478,11 +556,11 @@ class WriteBehindLedger(SQLiteLedger):
         with self._lock:
             over = []
             for key in keys:
-                used = states[key].used
+                state = states[key]
                 if key in gated:
-                    self._set_base(key, used)
+                    self._set_base(key, state.spent, state.reserved)
                 row = rows.get(key)
-                if row is not None and used > row[4]:
+                if row is not None and state.used > row[4]:
                     row[4] = _SPENT_OUT  # admits nothing until granted again
                     over.append(key)
         if over and self._give_back(over):
@@ -753,8 +831,8 @@ class WriteBehindLedger(SQLiteLedger):
         with self._lock:
             self._written(spent, give, items, granted)
             self._bases = {}  # read again for the gated keys the slice holds
-            for key, amount in used.items():
-                self._set_base(key, amount)
+            for key, state in used.items():
+                self._set_base(key, state.spent, state.reserved)
             if granted:  # asked for by a call: not idle
                 self._last_use = max(self._last_use, now)
             self._slice_id = slice_id
@@ -793,7 +871,7 @@ class WriteBehindLedger(SQLiteLedger):
         records: list[CallRecord],
         wants: dict[str, tuple[int, int]],
         gated: list[str],
-    ) -> tuple[dict[str, int], dict[str, int], str | None, float, dict[str, int]]:
+    ) -> tuple[dict[str, int], dict[str, int], str | None, float, dict[str, KeyState]]:
         """One transaction: the slice's items, grants' limits, id, lease's end.
 
         And, for the ``gated`` keys the slice holds, what the file holds on them
@@ -843,8 +921,7 @@ class WriteBehindLedger(SQLiteLedger):
             _abort(self, conn, lock, exc, "write behind")
             raise
         _finish(self, conn, cursor, lock, "write behind")
-        used = {key: state.used for key, state in states.items()}
-        return items, granted, slice_id, expires, used
+        return items, granted, slice_id, expires, states
 
     def _top_up(
         self,
