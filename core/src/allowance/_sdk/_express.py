@@ -157,18 +157,19 @@ def admit(  # noqa: PLR0911, PLR0917 - each way out is a case for the general pa
     path = binding.paths.get(getattr(options, "url", ""))
     if path is None:  # not billable, or not seen yet: ``_prepare`` decides
         return None
+    now = guard._clock()  # noqa: SLF001
+    scope = guard.current_scope()
+    layout = guard._lines(scope, now)  # noqa: SLF001
+    lines = layout.lines
+    # Past a degrade threshold, the full plan degrades the call: ask nothing more.
+    if not lines or (layout.degrades and guard.degrading(layout)):
+        return None
     plain = plain_of(path, body)
     if plain is None:
         return None
     model, bound, cap = plain
     provider = binding.provider_of(client)
     if provider != binding.codec.name:  # Azure: the general path re-estimates
-        return None
-    now = guard._clock()  # noqa: SLF001
-    scope = guard.current_scope()
-    layout = guard._lines(scope, now)  # noqa: SLF001
-    lines = layout.lines
-    if not lines or (layout.degrades and guard.degrading(layout)):
         return None
     try:
         worst: int | None = prices.worst_case_micros(provider, model, bound, cap)
