@@ -712,3 +712,54 @@ async def test_streams_use_the_write_behind_slice(
     finally:
         await close(client)
         client.allowance.guard.close()
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_degraded_calls_hold_on_the_write_behind_slice(
+    fake: FakeProvider, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """Past a degrade threshold, calls go to the fallback and are held and
+    charged on the process's slice: neither their reserve nor their commit
+    reaches the file."""
+    from allowance._ledger import SQLiteLedger
+
+    through_file: list[str] = []
+    reserve, commit = SQLiteLedger.reserve, SQLiteLedger.commit
+
+    def counting_reserve(self: SQLiteLedger, *args: Any, **kwargs: Any) -> Any:
+        through_file.append("reserve")
+        return reserve(self, *args, **kwargs)
+
+    def counting_commit(self: SQLiteLedger, *args: Any, **kwargs: Any) -> Any:
+        through_file.append("commit")
+        return commit(self, *args, **kwargs)
+
+    monkeypatch.setattr(SQLiteLedger, "reserve", counting_reserve)
+    monkeypatch.setattr(SQLiteLedger, "commit", counting_commit)
+    client = _client(fake, "openai", kind)
+    url = f"sqlite:///{tmp_path / 'wb.db'}?write_behind=0.01"
+    # A gate at 100 of 100,000 tokens: the calls after the first two degrade.
+    allowance.wrap(client, budget=100_000, fallback=MINI, threshold=0.001, ledger=url)
+    step = Step("a", "u", "priced", ("hi",), False, 50, None, False, None)
+    models: list[str] = []
+    try:
+        for n in range(8):
+            if n == 4:  # the slice and what the file holds beyond it are known
+                through_file.clear()
+            fake.reset()
+            fake.enqueue(FakeReply(usage=FakeUsage(input_tokens=30, output_tokens=30)))
+            response = await aw(
+                client.chat.completions.create(**_request("openai", step))
+            )
+            models.append(response.model)
+            await asyncio.sleep(0.03)  # the thread writes and tops up
+        assert models == [GPT] * 2 + [MINI] * 6
+        assert through_file == []
+        client.allowance.guard.ledger.flush()
+        records = client.allowance.guard.ledger.calls()
+        assert [r.model for r in records] == models
+        assert [r.requested_model for r in records] == [GPT] * 8
+        assert client.allowance.status()[0].spent == 8 * 60
+    finally:
+        await close(client)
+        client.allowance.guard.close()

@@ -28,7 +28,11 @@ What stays as with ``SQLiteLedger``:
   slice only when what its keys hold is within its gates, counted as
   ``state`` counts it: what the file holds beyond the slice (read at each
   write, and set by each ``reserve`` and ``commit`` through the file, which
-  hold ``_sync_lock``) plus this process's calls since.
+  hold ``_sync_lock``) plus this process's calls since. A ``reserve`` with
+  gates (a degrade threshold's plans) is decided the same way in memory
+  when memory knows what its keys hold: plans their gates refuse are passed
+  over, and the next is held on the slice if the slice covers it (else the
+  file decides): a degraded call writes nothing either.
 - **The protocol.** ``reserve``, ``commit`` and ``release`` of ids this ledger
   did not hold in memory are ``SQLiteLedger``'s. ``state`` and ``keys`` show
   this process's unwritten charges and leave its unused slice out.
