@@ -258,6 +258,8 @@ def bytecodes(fn: Callable[[], Any], ours: Callable[[FrameType], bool]) -> int:
 
 # A budget that degrades to a cheaper model at 80% (far from it in the bench).
 DEGRADE: dict[str, Any] = {"fallback": "gpt-4.1-nano", "threshold": 0.8}
+# One past its degrade threshold from the first call: every call degraded.
+DEGRADED: dict[str, Any] = {"fallback": "gpt-4.1-nano", "threshold": 1e-9}
 
 
 def counted_rows(fake: RemoteProvider, tmp: Path) -> list[tuple[str, str, str]]:
@@ -283,9 +285,18 @@ def counted_rows(fake: RemoteProvider, tmp: Path) -> list[tuple[str, str, str]]:
         ledger=f"sqlite:///{tmp / 'behind-degrade.db'}?write_behind=0.05",
         **DEGRADE,
     )
-    chat(behind)()  # the first call asks for a slice; the thread takes it
-    chat(behind_degrading)()
-    time.sleep(0.05)
+    degraded = allowance.wrap(
+        sdk_client(fake), budget="$1000", ledger="memory://", **DEGRADED
+    )
+    behind_degraded = allowance.wrap(
+        sdk_client(fake),
+        budget="$1000",
+        ledger=f"sqlite:///{tmp / 'behind-degraded.db'}?write_behind=0.05",
+        **DEGRADED,
+    )
+    for client in (behind, behind_degrading, degraded, behind_degraded):
+        chat(client)()  # a slice asked for; the gate passed: degraded from now
+    time.sleep(0.05)  # the thread takes the slices
     chunks = len(stream(sdk_client(fake))())
     per_call = bytecodes(chat(memory), is_allowance)
     per_stream = bytecodes(stream(memory), is_allowance)
@@ -322,12 +333,30 @@ def counted_rows(fake: RemoteProvider, tmp: Path) -> list[tuple[str, str, str]]:
             "far from 80%: held on the slice, under a gate",
         ),
         (
+            "chat, memory ledger, degraded (past the threshold)",
+            bytecodes(chat(degraded), is_allowance),
+            "every call to the fallback: the full plan",
+        ),
+        (
+            "chat, SQLite write-behind, degraded",
+            bytecodes(chat(behind_degraded), is_allowance),
+            "the full plan, held on the slice",
+        ),
+        (
             "chat stream, memory: per chunk, beyond the per-call cost",
             (per_stream - per_call) / chunks,
             f"({per_stream:,} - {per_call:,}) / {chunks} chunks",
         ),
     ]
-    for wrapped in (memory, sqlite, behind, degrading, behind_degrading):
+    for wrapped in (
+        memory,
+        sqlite,
+        behind,
+        degrading,
+        behind_degrading,
+        degraded,
+        behind_degraded,
+    ):
         wrapped.allowance.guard.close()
     return [
         (name, f"{value:,.1f}" if isinstance(value, float) else f"{value:,}", note)
@@ -380,6 +409,9 @@ def sync_scenarios(
         ("chat, SQLite ledger, write_behind=0.05", behind, {}),
         ("chat, memory ledger, degrade at 80%", "memory://", DEGRADE),
         ("chat, SQLite write-behind, degrade at 80%", behind, DEGRADE),
+        ("chat, memory ledger, degraded (past the threshold)", "memory://", DEGRADED),
+        ("chat, SQLite ledger, degraded", f"sqlite:///{tmp / 'bench.db'}", DEGRADED),
+        ("chat, SQLite write-behind, degraded", behind, DEGRADED),
     ]
     if redis_url is not None:
         ledgers.append(("chat, Redis ledger (local server)", redis_url, {}))
