@@ -427,6 +427,14 @@ def test_reserve_picks_the_plan_it_would_pick_without_the_slice(
         ledger.close()
 
 
+def _hold_under_a_gate(ledger: WriteBehindLedger, key: str, calls: int) -> None:
+    """Take a slice by a gated call, then hold ``calls`` of 10 under a gate of 50."""
+    assert ledger.hold([(key, 10, 1000)], "r0", LEASE, [50]) is None
+    ledger.flush()  # the slice, and what the file holds beyond it: 0
+    for n in range(1, calls + 1):
+        assert ledger.hold([(key, 10, 1000)], f"r{n}", LEASE, [50])
+
+
 def test_a_degraded_call_is_held_on_the_slice(tmp_path: Path) -> None:
     """A call whose first plan its gate refuses (past a degrade threshold) is
     held and charged on the slice, as the lane's calls are: nothing written,
@@ -436,10 +444,7 @@ def test_a_degraded_call_is_held_on_the_slice(tmp_path: Path) -> None:
     ledger = _Unthreaded(tmp_path / "wb.db", write_behind=1.0)
     other = SQLiteLedger(tmp_path / "wb.db")
     try:
-        assert ledger.hold([(key, 10, 1000)], "r0", LEASE, [50]) is None
-        ledger.flush()  # the slice, and what the file holds beyond it: 0
-        for n in range(1, 7):  # 0, 10, ..., 50 held before each: within 50
-            assert ledger.hold([(key, 10, 1000)], f"r{n}", LEASE, [50])
+        _hold_under_a_gate(ledger, key, 6)  # 0, 10, ..., 50 held before each
         in_file = other.state([key])
         plans = [[ReserveItem(key, 10, 1000, gate=50)], [ReserveItem(key, 2, 1000)]]
         result = ledger.reserve(plans, reservation_id="d1", lease_seconds=LEASE)
@@ -475,10 +480,7 @@ def test_a_gated_call_holds_on_the_slice_while_its_keys_are_under_the_gate(
     ledger = _Unthreaded(tmp_path / "wb.db", write_behind=1.0)
     other = SQLiteLedger(tmp_path / "wb.db")
     try:
-        assert ledger.hold([(key, 10, 1000)], "r0", LEASE, [50]) is None
-        ledger.flush()  # the slice, and what the file holds beyond it: 0
-        for n in range(1, 6):  # 0, 10, ..., 40 held before each: within 50
-            assert ledger.hold([(key, 10, 1000)], f"r{n}", LEASE, [50])
+        _hold_under_a_gate(ledger, key, 5)  # 0, 10, ..., 40 held before each
         assert ledger.hold([(key, 10, 1000)], "r6", LEASE, [49]) is None  # 50 held
         assert ledger.hold([(key, 10, 1000)], "r6", LEASE, [50]) == {key: 10}
         for n in range(1, 7):  # charged 1 each: 6 held
