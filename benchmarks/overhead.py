@@ -167,6 +167,16 @@ def sdk_client(fake: RemoteProvider) -> Any:
     return openai.OpenAI(base_url=fake.openai_base_url, api_key="x", max_retries=0)
 
 
+def guarded(fake: RemoteProvider, ledger: str, **options: Any) -> Any:
+    """``sdk_client`` under a $1000 budget on ``ledger``, with ``wrap``'s options."""
+    return allowance.wrap(sdk_client(fake), budget="$1000", ledger=ledger, **options)
+
+
+def behind_url(tmp: Path, name: str) -> str:
+    """A write-behind SQLite ledger (0.05 s) on a file of its own in ``tmp``."""
+    return f"sqlite:///{tmp / name}.db?write_behind=0.05"
+
+
 def least_guard(fake: RemoteProvider) -> Any:
     """A client under the least a guard can do: the floor below allowance's row.
 
@@ -267,33 +277,13 @@ def counted_rows(fake: RemoteProvider, tmp: Path) -> list[tuple[str, str, str]]:
 
     least = least_guard(fake)
     least_code: CodeType = least.__dict__["request"].__code__
-    memory = allowance.wrap(sdk_client(fake), budget="$1000", ledger="memory://")
-    sqlite = allowance.wrap(
-        sdk_client(fake), budget="$1000", ledger=f"sqlite:///{tmp / 'counted.db'}"
-    )
-    behind = allowance.wrap(
-        sdk_client(fake),
-        budget="$1000",
-        ledger=f"sqlite:///{tmp / 'behind.db'}?write_behind=0.05",
-    )
-    degrading = allowance.wrap(
-        sdk_client(fake), budget="$1000", ledger="memory://", **DEGRADE
-    )
-    behind_degrading = allowance.wrap(
-        sdk_client(fake),
-        budget="$1000",
-        ledger=f"sqlite:///{tmp / 'behind-degrade.db'}?write_behind=0.05",
-        **DEGRADE,
-    )
-    degraded = allowance.wrap(
-        sdk_client(fake), budget="$1000", ledger="memory://", **DEGRADED
-    )
-    behind_degraded = allowance.wrap(
-        sdk_client(fake),
-        budget="$1000",
-        ledger=f"sqlite:///{tmp / 'behind-degraded.db'}?write_behind=0.05",
-        **DEGRADED,
-    )
+    memory = guarded(fake, "memory://")
+    sqlite = guarded(fake, f"sqlite:///{tmp / 'counted.db'}")
+    behind = guarded(fake, behind_url(tmp, "behind"))
+    degrading = guarded(fake, "memory://", **DEGRADE)
+    behind_degrading = guarded(fake, behind_url(tmp, "behind-degrade"), **DEGRADE)
+    degraded = guarded(fake, "memory://", **DEGRADED)
+    behind_degraded = guarded(fake, behind_url(tmp, "behind-degraded"), **DEGRADED)
     for client in (behind, behind_degrading, degraded, behind_degraded):
         chat(client)()  # a slice asked for; the gate passed: degraded from now
     time.sleep(0.05)  # the thread takes the slices
@@ -402,7 +392,7 @@ def sync_scenarios(
             "one budget in a dict: bound, hold, call, charge",
         )
     )
-    behind = f"sqlite:///{tmp / 'behind.db'}?write_behind=0.05"
+    behind = behind_url(tmp, "behind")
     ledgers: list[tuple[str, str, dict[str, Any]]] = [
         ("chat, memory ledger", "memory://", {}),
         ("chat, SQLite ledger", f"sqlite:///{tmp / 'bench.db'}", {}),
@@ -416,9 +406,7 @@ def sync_scenarios(
     if redis_url is not None:
         ledgers.append(("chat, Redis ledger (local server)", redis_url, {}))
     for name, ledger, options in ledgers:
-        client = allowance.wrap(
-            sdk_client(fake), budget="$1000", ledger=ledger, **options
-        )
+        client = guarded(fake, ledger, **options)
         if ledger.startswith("redis"):
             with RoundTrips() as trips:
                 result = measure(raw, chat(client), rounds)
@@ -433,11 +421,7 @@ def sync_scenarios(
     if redis_url is None:
         rows.append(("chat, Redis ledger", None, "no redis-server on PATH"))
 
-    stream_client = allowance.wrap(
-        sdk_client(fake),
-        budget="$1000",
-        ledger="memory://",
-    )
+    stream_client = guarded(fake, "memory://")
     chunks = len(stream(raw_client)())
     whole = measure(stream(raw_client), stream(stream_client), rounds // 4)
     rows.append((f"chat stream, {chunks} chunks, memory: whole call", whole, ""))
@@ -709,11 +693,7 @@ def one_process(ledger: str, rounds: int) -> None:
     fake = RemoteProvider()
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            client = allowance.wrap(
-                sdk_client(fake),
-                budget="$1000",
-                ledger=PROCESS_LEDGERS[ledger].format(tmp=tmp),
-            )
+            client = guarded(fake, PROCESS_LEDGERS[ledger].format(tmp=tmp))
             result = measure(chat(sdk_client(fake)), chat(client), rounds)
             client.allowance.guard.close()
     finally:
