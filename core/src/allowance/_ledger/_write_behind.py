@@ -81,7 +81,6 @@ from allowance._ledger._admission import (
     check_plans,
     fold_plan,
     known_id,
-    plan_keys,
 )
 from allowance._ledger._memory import MemoryLedger, copy_record
 from allowance._ledger._sqlite import (
@@ -249,40 +248,49 @@ class WriteBehindLedger(SQLiteLedger):
             UsageError: ``reservation_id`` is held in memory already.
         """
         with self._lock:
-            now = self._clock()
-            rows = self._rows
-            if now < self._valid_until:
-                # ``_free`` written out: this runs on every call.
-                for key, amount, limit in items:
-                    row = rows.get(key)
-                    if (
-                        row is None
-                        or row[0] - row[1] - row[2] - row[3] < amount
-                        or limit < row[4]
-                    ):
-                        break
-                else:
-                    if ceilings is not None and not self._under(items, ceilings):
-                        return None
-                    if reservation_id in self._holds or reservation_id in self._done:
-                        raise known_id(reservation_id, self.url)
-                    holds: dict[str, int] = {}
-                    low = False
-                    for key, amount, _ in items:
-                        row = rows[key]
-                        row[1] += amount
-                        holds[key] = amount
-                        if row[0] - row[1] - row[2] - row[3] < amount * _LOW_WATER:
-                            low = True  # a few more such calls: top up now
-                    self._holds[reservation_id] = holds
-                    self._last_use = now
-                    if low:
-                        self._want(items)
-                    return holds
-            self._want(items)
-            if ceilings is not None:  # read at the write that tops the slice up
-                self._gate([key for key, _, _ in items])
-            return None
+            return self._hold(items, reservation_id, ceilings)
+
+    def _hold(
+        self,
+        items: Sequence[tuple[str, int, int]],
+        reservation_id: str,
+        ceilings: Sequence[int] | None = None,
+    ) -> dict[str, int] | None:
+        """``hold``, with ``_lock`` held."""
+        now = self._clock()
+        rows = self._rows
+        if now < self._valid_until:
+            # ``_free`` written out: this runs on every call.
+            for key, amount, limit in items:
+                row = rows.get(key)
+                if (
+                    row is None
+                    or row[0] - row[1] - row[2] - row[3] < amount
+                    or limit < row[4]
+                ):
+                    break
+            else:
+                if ceilings is not None and not self._under(items, ceilings):
+                    return None
+                if reservation_id in self._holds or reservation_id in self._done:
+                    raise known_id(reservation_id, self.url)
+                holds: dict[str, int] = {}
+                low = False
+                for key, amount, _ in items:
+                    row = rows[key]
+                    row[1] += amount
+                    holds[key] = amount
+                    if row[0] - row[1] - row[2] - row[3] < amount * _LOW_WATER:
+                        low = True  # a few more such calls: top up now
+                self._holds[reservation_id] = holds
+                self._last_use = now
+                if low:
+                    self._want(items)
+                return holds
+        self._want(items)
+        if ceilings is not None:  # read at the write that tops the slice up
+            self._gate([key for key, _, _ in items])
+        return None
 
     def _under(
         self, items: Sequence[tuple[str, int, int]], ceilings: Sequence[int]
@@ -352,6 +360,10 @@ class WriteBehindLedger(SQLiteLedger):
         """
         check_plans(plans)
         keys = {item.key for plan in plans for item in plan}
+        with self._lock:  # as ``hold``: no wait for a write in progress
+            held = self._hold_plan(plans, keys, reservation_id)
+        if held is not None:
+            return held
         decide = functools.partial(
             super().reserve, reservation_id=reservation_id, lease_seconds=lease_seconds
         )
@@ -359,9 +371,6 @@ class WriteBehindLedger(SQLiteLedger):
         # lands before the decision, or after it.
         with self._sync_lock:
             with self._lock:
-                held = self._hold_plan(plans, reservation_id)
-                if held is not None:
-                    return held
                 overdrawn = any(_free(row) < 0 for row in self._rows_of(keys))
             if overdrawn:
                 self._sync(top_up=False)  # charges beyond the slice first
@@ -384,53 +393,32 @@ class WriteBehindLedger(SQLiteLedger):
             return self._reserved(plans, result)
 
     def _hold_plan(
-        self, plans: Sequence[Sequence[ReserveItem]], reservation_id: str
+        self,
+        plans: Sequence[Sequence[ReserveItem]],
+        keys: Iterable[str],
+        reservation_id: str,
     ) -> ReserveResult | None:
         """A gated ``reserve`` on the slice, in memory; None: the file decides.
 
         When memory knows what every key of ``plans`` holds beyond the slice
         (as ``hold``'s ceilings need it), the plans refused by their gates are
-        passed over as the file would, and the first plan that is not is held
-        on the slice if the slice covers it, as ``hold`` holds: a degraded
-        call, whose first plan a gate refuses, is admitted without a write.
-        Plans without gates go to the file, as before (``_lock`` held).
+        passed over as the file would, and the first plan that is not is
+        ``hold``-ed: a degraded call, whose first plan a gate refuses, is
+        admitted without a write. Plans without gates go to the file, as
+        before (``_lock`` held).
         """
-        if self._clock() >= self._valid_until or all(
-            item.gate is None for plan in plans for item in plan
-        ):
+        if all(item.gate is None for plan in plans for item in plan):
             return None
-        keys = plan_keys(plans)
         before = self._states(keys)
         if before is None:
             self._gate(keys)  # read at the next write: the next such call is held
             return None
-        rows = self._rows
         for index, plan in enumerate(plans):
-            folded = fold_plan(plan)
-            if any(
-                gate is not None and before[key].used > gate
-                for key, (_, _, gate) in folded.items()
-            ):
+            if _gated_out(plan, before):
                 continue
-            for key, (amount, limit, _) in folded.items():
-                row = rows.get(key)
-                if row is None or _free(row) < amount or limit < row[4]:
-                    self._want([(k, a, lim) for k, (a, lim, _) in folded.items()])
-                    return None
-            if reservation_id in self._holds or reservation_id in self._done:
-                raise known_id(reservation_id, self.url)
-            holds: dict[str, int] = {}
-            low = False
-            for key, (amount, _, _) in folded.items():
-                row = rows[key]
-                row[1] += amount
-                holds[key] = amount
-                low = low or _free(row) < amount * _LOW_WATER
-            self._holds[reservation_id] = holds
-            self._last_use = self._clock()
-            if low:  # a few more such calls: top up now, as ``hold`` does
-                self._want([(k, a, lim) for k, (a, lim, _) in folded.items()])
-            return ReserveResult(index, before)
+            items = [(k, a, lim) for k, (a, lim, _) in fold_plan(plan).items()]
+            held = self._hold(items, reservation_id)
+            return None if held is None else ReserveResult(index, before)
         return None  # every plan gated out: the file says where each key stands
 
     def _states(self, keys: Iterable[str]) -> dict[str, KeyState] | None:
@@ -879,7 +867,7 @@ class WriteBehindLedger(SQLiteLedger):
         """One transaction: the slice's items, grants' limits, id, lease's end.
 
         And, for the ``gated`` keys the slice holds, what the file holds on them
-        (``spent + reserved``, the slice included). ``moves``: per key, the
+        (the slice in ``reserved``). ``moves``: per key, the
         charges to write, what to give back, and what calls in flight hold
         (which the slice keeps holding).
         """
