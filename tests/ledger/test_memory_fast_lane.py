@@ -3,11 +3,9 @@ the ledger exactly as ``reserve``/``commit`` do."""
 
 from __future__ import annotations
 
-import itertools
-
 import hypothesis.strategies as st
 import pytest
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 
 from allowance import UsageError
 from allowance._ledger._memory import MemoryLedger
@@ -30,17 +28,30 @@ holds = st.tuples(
     ),
     st.sampled_from([1.0, 4.0, 60.0]),  # leases that end within the steps, or not
 )
+# A degraded call: the fallback's items (half the amounts), held past the
+# gates of the call asked for (one per item, None: no gate).
+degrades = st.tuples(
+    st.just("degrade"),
+    holds.map(lambda hold: hold[1]),
+    st.sampled_from([1.0, 60.0]),
+    st.lists(st.none() | st.integers(0, 120), min_size=3, max_size=3),
+)
 settles = st.tuples(st.just("settle"), st.integers(0, 30), st.integers(0, 60))
 resets = st.tuples(st.just("reset"), st.sampled_from(["usd:", "tokens:", "x"]))
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.one_of(holds, settles, resets), max_size=40))
+@given(st.lists(st.one_of(holds, degrades, settles, resets), max_size=40))
 def test_fast_lane_matches_reserve_and_commit(steps: list[tuple[object, ...]]) -> None:
-    clock = itertools.count(1000.0, 0.5).__next__
+    now = [1000.0]  # half a second a step, the same for both ledgers
+
+    def clock() -> float:
+        return now[0]
+
     fast, reference = MemoryLedger(clock=clock), MemoryLedger(clock=clock)
     ids: list[tuple[str, list[str]]] = []
     for n, step in enumerate(steps):
+        now[0] += 0.5
         if step[0] == "hold":
             _, items, lease = step
             assert isinstance(items, list)
@@ -56,6 +67,13 @@ def test_fast_lane_matches_reserve_and_commit(steps: list[tuple[object, ...]]) -
             if got is not None:
                 assert got == {k: a for k, a, _ in items}
                 ids.append((rid, [k for k, _, _ in items]))
+        elif step[0] == "degrade":
+            _, items, lease, gates = step
+            assert isinstance(items, list)
+            assert isinstance(lease, float)
+            assert isinstance(gates, list)
+            if _degrade(fast, reference, f"r{n}", items, lease, gates[: len(items)]):
+                ids.append((f"r{n}", [k for k, _, _ in items]))
         elif step[0] == "settle":
             _, index, amount = step
             assert isinstance(index, int)
@@ -74,6 +92,40 @@ def test_fast_lane_matches_reserve_and_commit(steps: list[tuple[object, ...]]) -
             reference.reset(prefix)
         assert fast.keys() == reference.keys()
         assert len(fast.calls()) == len(reference.calls())
+
+
+def _degrade(  # noqa: PLR0917 - one step's parts
+    fast: MemoryLedger,
+    reference: MemoryLedger,
+    rid: str,
+    items: list[tuple[str, int, int]],
+    lease: float,
+    gates: list[int | None],
+) -> bool:
+    """The lane's degraded call on ``fast`` (the fallback's ``hold`` past the
+    gates, else ``reserve``), two plans' ``reserve`` on ``reference``."""
+    fallback = [(k, a // 2, limit) for k, a, limit in items]
+    plans = [
+        [
+            ReserveItem(k, a, limit, gate)
+            for (k, a, limit), gate in zip(items, gates, strict=True)
+        ],
+        [ReserveItem(*item) for item in fallback],
+    ]
+    got = fast.hold(fallback, rid, lease, None, gates)
+    want = reference.reserve(plans, reservation_id=rid, lease_seconds=lease)
+    gated = any(
+        gate is not None and want.before[k].used > gate
+        for (k, _, _), gate in zip(items, gates, strict=True)
+    )
+    # Held exactly when the call asked for is gated out and its fallback
+    # fits: otherwise ``reserve`` decides, as the guard does.
+    assert (got is not None) == (gated and want.plan == 1)
+    event(f"degraded: {'held' if got is not None else f'plan {want.plan}'}")
+    if got is None:
+        result = fast.reserve(plans, reservation_id=rid, lease_seconds=lease)
+        assert (result.plan, result.before) == (want.plan, want.before)
+    return want.plan is not None
 
 
 def test_settle_only_takes_held_reservations() -> None:

@@ -130,8 +130,9 @@ def test_one_process_decides_as_the_memory_ledger(
 
 # Calls under ceilings (a threshold's gate): most admitted, some ceilings met.
 # Some have a fallback (a degrade threshold): ``reserve`` of two plans, the
-# first gated, the second half the amounts, after a ``hold`` (the lane) or
-# without one (a layout the guard knows degrades).
+# first gated, the second half the amounts, after the lane's ``hold`` of the
+# first plan, or of the second past the gates (a layout the guard knows
+# degrades), or without one.
 gated_admits = st.tuples(
     st.just("admit"),
     st.lists(
@@ -142,7 +143,7 @@ gated_admits = st.tuples(
     ),
     st.booleans(),
     st.integers(0, 120),
-    st.sampled_from([None, None, "hold", "reserve"]),
+    st.sampled_from([None, None, "hold", "degraded", "reserve"]),
 )
 
 
@@ -237,7 +238,7 @@ class _Pair:
         ceilings = None if ceiling is None else [ceiling] * len(items)
         rid = f"r{n}"
         if fallback is not None:
-            self._degrade(n, items, ceilings, fallback == "hold")
+            self._degrade(n, items, ceilings, fallback)
         else:
             held = self.ledger.hold(items, rid, LEASE, ceilings) is not None
             if held:
@@ -258,23 +259,31 @@ class _Pair:
         n: int,
         items: list[tuple[str, int, int]],
         ceilings: list[int] | None,
-        lane_first: bool,
+        lane: str,
     ) -> None:
         """A call with a fallback, as the guard makes it: the lane's ``hold``
-        (when the guard does not know the layout degrades), then ``reserve``
-        of both plans; the same plan, states and ledger as the memory ledger."""
+        of the call asked for ("hold": the guard does not know the layout
+        degrades) or of its fallback past the gates ("degraded": the last call
+        was degraded), then ``reserve`` of both plans; the same plan, states
+        and ledger as the memory ledger."""
         rid = f"r{n}"
-        if lane_first and self.ledger.hold(items, rid, LEASE, ceilings) is not None:
-            plan = _plan(items, ceilings)
+        fallback = [(key, amount // 2, limit) for key, amount, limit in items]
+        plans = [_plan(items, ceilings), _plan(fallback, None)]
+        if lane == "hold" and self.ledger.hold(items, rid, LEASE, ceilings) is not None:
             want = self.reference.reserve(
-                [plan], reservation_id=rid, lease_seconds=LEASE
+                [plans[0]], reservation_id=rid, lease_seconds=LEASE
             )
             assert want.plan == 0, n
+        elif (
+            lane == "degraded"
+            and self.ledger.hold(fallback, rid, LEASE, None, ceilings) is not None
+        ):
+            event("degraded: held on the slice")
+            want = self.reference.reserve(
+                plans, reservation_id=rid, lease_seconds=LEASE
+            )
+            assert want.plan == 1, n
         else:
-            plans = [
-                _plan(items, ceilings),
-                [ReserveItem(key, amount // 2, limit) for key, amount, limit in items],
-            ]
             result = self.ledger.reserve(plans, reservation_id=rid, lease_seconds=LEASE)
             if result.plan is not None:
                 where = "slice" if rid in self.ledger._holds else "file"

@@ -19,7 +19,7 @@ import re
 import threading
 import uuid
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import TYPE_CHECKING, Any
 
@@ -311,14 +311,17 @@ def _never(*_args: Any, **_kwargs: Any) -> None:
 
 
 class _Lanes:
-    """Counts the calls the express lane admitted."""
+    """Counts the calls the express lane admitted, and those it degraded."""
 
     def __init__(self) -> None:
         self.admitted = 0
+        self.degraded = 0
 
     def __call__(self, *args: Any) -> Any:
         lane = _express.admit(*args)
-        self.admitted += lane is not None
+        if lane is not None:
+            self.admitted += 1
+            self.degraded += lane.model != lane.requested
         return lane
 
 
@@ -408,6 +411,68 @@ def test_under_thresholds_the_lane_decides_as_the_general_path(
     event(f"thresholds fired: {min(len(on[-1]), 2)}")
     degraded = sum(r[2] != r[3] for r in on[2])
     event(f"calls degraded: {min(degraded, 2)}")
+    event(f"calls degraded by the express lane: {min(lanes.degraded, 2)}")
+    assert _charged(on) == _charged(off)
+
+
+# Past a degrade threshold from the script's second call: most calls degraded,
+# the lane's own from the third (``_degraded``), some handed on after sending.
+_degraded_steps = _threshold_steps.flatmap(
+    lambda step: st.builds(
+        replace,
+        st.just(step),
+        model=st.sampled_from(["priced"] * 5 + ["unpriced"]),
+        reply=st.just(step.reply) | st.just(step.reply) | _replies,
+    )
+)
+_degraded_configs = st.sampled_from(["tokens", "usd"]).flatmap(
+    lambda unit: st.builds(
+        Config,
+        unit=st.just(unit),
+        limit=st.sampled_from([2_000, 10_000] if unit == "tokens" else ["$0.05"]),
+        user_limit=st.sampled_from(
+            [None, 5_000] if unit == "tokens" else [None, "$0.02"]
+        ),
+        on_limit=st.sampled_from(["raise", "stop", "warn"]),
+        block_at=st.sampled_from([None, 0.9]),
+        warn_at=st.sampled_from([None, 0.002, 0.01, 0.3]),
+        degrade_at=st.sampled_from([0.0001, 0.001]),
+        fallback=st.sampled_from(["priced", "priced", "priced", "unpriced"]),
+    )
+)
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+@pytest.mark.parametrize("sdk", ["openai", "anthropic"])
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    config=_degraded_configs,
+    script=st.lists(_degraded_steps, min_size=3, max_size=10),
+    write_behind=st.booleans(),
+)
+def test_past_a_degrade_threshold_the_lane_degrades_as_the_general_path(
+    fake: FakeProvider,
+    tmp_path: Path,
+    *,
+    sdk: str,
+    kind: str,
+    config: Config,
+    script: list[Step],
+    write_behind: bool,
+) -> None:
+    """Calls the lane sends to the fallback (``_degraded``): the same
+    decisions, charges, call log, responses and warnings as the full plan,
+    on the memory ledger or the write-behind ledger against the memory ledger."""
+    lanes = _Lanes()
+    ledger = _write_behind(tmp_path) if write_behind else "memory://"
+    on = asyncio.run(_run(fake, sdk, kind, config, script, lane=lanes, ledger=ledger))
+    off = asyncio.run(_run(fake, sdk, kind, config, script, lane=_never))
+    event(f"calls degraded by the express lane: {min(lanes.degraded, 3)}")
+    event(f"thresholds fired: {min(len(on[-1]), 2)}")
     assert _charged(on) == _charged(off)
 
 
@@ -591,8 +656,9 @@ async def test_the_lane_takes_calls_until_a_threshold_applies(
     kind: str,
     ledger: str,
 ) -> None:
-    """Below a threshold the lane admits; from the call that would fire it,
-    the general path takes over (a warning fired once lets the lane back)."""
+    """Below a threshold the lane admits; the call that would fire it goes
+    the general path (a warning fired once, or a degraded call, lets the
+    lane back)."""
     client = _client(fake, "openai", kind)
     webhook = "webhook" in guard_options
     if webhook:
@@ -629,10 +695,12 @@ async def test_the_lane_takes_calls_until_a_threshold_applies(
         client.allowance.guard.close()
     # Held before each call: 0 (the general path opens the ledger, and asks
     # for the write-behind ledger's slice; in async the second call asks),
-    # 40, 80, then 120: over the threshold's 100.
+    # 40, 80, then 120: over the threshold's 100. The fifth call: a warning
+    # fired once lets the lane back, and so does a degraded call (the lane
+    # then degrades the next ones itself).
     degrade = "fallback" in guard_options
     second = 0 if ledger == "write-behind" and kind == "async" else 1
-    assert admitted == [0, second, 1, 0, 0 if degrade else 1]
+    assert admitted == [0, second, 1, 0, 1]
     assert [r.model for r in records] == [GPT] * 3 + [MINI if degrade else GPT] * 2
     warnings_issued = [
         w for w in warned if issubclass(w.category, allowance.BudgetThresholdWarning)
@@ -643,12 +711,13 @@ async def test_the_lane_takes_calls_until_a_threshold_applies(
     assert hook.received.empty()
 
 
-def test_after_a_degraded_call_the_lane_waits_for_one_made_as_asked(
+def test_after_a_degraded_call_the_lane_degrades_until_one_is_made_as_asked(
     fake: FakeProvider, lanes: _Lanes
 ) -> None:
-    """A degraded call sends the next ones of its scope to the full plan (the
-    lane would find the gate closed); one the full plan admits as asked (here,
-    after a reset) sends them back to the lane."""
+    """After a degraded call, the lane sends the next ones of its scope to
+    the fallback while the gate stays closed; once it opens (here, after a
+    reset), the call goes the full plan, which admits it as asked and sends
+    the next ones back to the lane as asked."""
     client = _client(fake, "openai", "sync")
     allowance.wrap(
         client, budget=1_000, fallback=MINI, threshold=0.1, ledger="memory://"
@@ -670,9 +739,11 @@ def test_after_a_degraded_call_the_lane_waits_for_one_made_as_asked(
     finally:
         client.close()
         client.allowance.guard.close()
-    # 0, 40, 80 held: as asked; 120, 160: degraded; reset: 0, then 40.
+    # 0, 40, 80 held: as asked; 120, 160: degraded (the second by the lane);
+    # reset: 0, then 40.
     assert models == [GPT] * 3 + [MINI] * 2 + [GPT] * 2
-    assert admitted == [0, 1, 1, 0, 0, 0, 1]
+    assert admitted == [0, 1, 1, 0, 1, 0, 1]
+    assert lanes.degraded == 1
 
 
 @pytest.mark.parametrize("kind", ["sync", "async"])

@@ -209,18 +209,23 @@ class MemoryLedger:
     # the same state changes, without the protocol's value objects and checks
     # (the guard built the values: ints >= 0, distinct keys, a fresh id).
 
-    def hold(
+    def hold(  # noqa: C901 - the hot path, in one function
         self,
         items: Sequence[tuple[str, int, int]],
         reservation_id: str,
         lease: float,
         ceilings: Sequence[int] | None = None,
+        gates: Sequence[int | None] | None = None,
     ) -> dict[str, int] | None:
         """Hold every ``(key, amount, limit)`` if all fit; return the holds, or None.
 
         ``reserve([[ReserveItem(key, amount, limit), ...]], ...)`` for one plan
         with distinct keys; the guard's own fast lane. ``ceilings``, one per
         item: the gates (``ReserveItem.gate``), the most each key may hold.
+        ``gates``, one per item (None: no gate): hold only when a key holds
+        more than its gate, which refuses the plan before this one (the model
+        asked for, when this is its fallback): ``reserve([first, items])``
+        where ``first`` is refused by its gates alone.
 
         Raises:
             UsageError: ``reservation_id`` is already known to the ledger.
@@ -235,6 +240,8 @@ class MemoryLedger:
             ):
                 self._reap(now)
             counters = self._counters
+            if gates is not None and not _past(counters, items, gates):
+                return None
             for key, amount, limit in items:
                 row = counters.get(key)
                 if (amount if row is None else row[0] + row[1] + amount) > limit:
@@ -483,6 +490,20 @@ class MemoryLedger:
         while settled and (settled[0][0] < horizon or len(settled) > MAX_SETTLED):
             _, reservation_id = settled.popleft()
             reservations.pop(reservation_id, None)
+
+
+def _past(
+    counters: Mapping[str, list[int]],
+    items: Sequence[tuple[str, int, int]],
+    gates: Sequence[int | None],
+) -> bool:
+    """True when a key of ``items`` holds more than its gate (the lock held)."""
+    for (key, _, _), gate in zip(items, gates, strict=True):
+        if gate is not None:
+            row = counters.get(key)
+            if (0 if row is None else row[0] + row[1]) > gate:
+                return True
+    return False
 
 
 def copy_record(record: CallRecord) -> CallRecord:

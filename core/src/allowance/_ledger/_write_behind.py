@@ -145,6 +145,7 @@ class Holding(Protocol):
         reservation_id: str,
         lease: float,
         ceilings: Sequence[int] | None = None,
+        gates: Sequence[int | None] | None = None,
     ) -> dict[str, int] | None:
         """Hold every item in memory, or return None (``reserve`` decides)."""
         ...
@@ -235,6 +236,7 @@ class WriteBehindLedger(SQLiteLedger):
         reservation_id: str,
         lease: float,  # noqa: ARG002 - the slice's lease covers the holds
         ceilings: Sequence[int] | None = None,
+        gates: Sequence[int | None] | None = None,
     ) -> dict[str, int] | None:
         """Hold every ``(key, amount, limit)`` on this process's slice, or None.
 
@@ -242,21 +244,26 @@ class WriteBehindLedger(SQLiteLedger):
         is asked for), so ``reserve`` decides on the file. ``ceilings``, one
         per item, are gates (``ReserveItem.gate``): what each key may hold
         before the call, counted as ``state`` shows it: the file beyond this
-        slice as of the last write, and this process's calls since.
+        slice as of the last write, and this process's calls since. ``gates``,
+        as ``MemoryLedger.hold``'s, counted the same way: None too when what a
+        gated key holds is not known.
 
         Raises:
             UsageError: ``reservation_id`` is held in memory already.
         """
         with self._lock:
-            return self._hold(items, reservation_id, ceilings)
+            return self._hold(items, reservation_id, ceilings, gates)
 
-    def _hold(
+    def _hold(  # noqa: C901 - the hot path, in one function
         self,
         items: Sequence[tuple[str, int, int]],
         reservation_id: str,
         ceilings: Sequence[int] | None = None,
+        gates: Sequence[int | None] | None = None,
     ) -> dict[str, int] | None:
         """``hold``, with ``_lock`` held."""
+        if gates is not None and not self._past(items, gates):
+            return None
         now = self._clock()
         rows = self._rows
         if now < self._valid_until:
@@ -312,6 +319,29 @@ class WriteBehindLedger(SQLiteLedger):
             self._bases_wanted = True
             self._kick()
         return known
+
+    def _past(
+        self, items: Sequence[tuple[str, int, int]], gates: Sequence[int | None]
+    ) -> bool:
+        """True when a key holds more than its gate, as ``_under`` counts (``_lock``).
+
+        False when none is known to: what a gated key holds beyond the slice
+        may not be known since this process last changed the file (the next
+        write reads it).
+        """
+        known = True
+        for (key, _, _), gate in zip(items, gates, strict=True):
+            if gate is not None:
+                used = self._used(key)
+                if used is None:
+                    known = False
+                elif used > gate:
+                    return True
+        if not known:
+            self._gate([key for key, _, _ in items])
+            self._bases_wanted = True
+            self._kick()
+        return False
 
     def _gate(self, keys: Iterable[str]) -> None:
         """Read what ``keys`` hold beyond the slice at each write from now."""

@@ -297,18 +297,17 @@ async def _failed_async(
         await ticket.akeep(outcome="error")
 
 
-def _express_sync(  # noqa: PLR0917 - the interceptor's state, passed on
+def _express_sync(
     binding: SdkBinding,
     wrapped: Callable[..., Any],
     client: Any,
     lane: Lane,
-    args: tuple[Any, ...],
     kwargs: dict[str, Any],
 ) -> Any:
     """Send a call the express lane admitted, and settle it."""
     token = _claimed.set(True)
     try:
-        result = wrapped(*args, **kwargs)
+        result = wrapped(*lane.args, **kwargs)
     except BaseException as err:
         _failed_sync(binding, lane.ticket(), err)
         raise
@@ -318,16 +317,17 @@ def _express_sync(  # noqa: PLR0917 - the interceptor's state, passed on
         return result
     ticket = lane.ticket()
     return _track_sync(
-        _handed_on(binding, client, ticket, lane.path, args, kwargs), ticket, result
+        _handed_on(binding, client, ticket, lane.path, lane.args, kwargs),
+        ticket,
+        result,
     )
 
 
-async def _express_async(  # noqa: PLR0917 - the interceptor's state, passed on
+async def _express_async(
     binding: SdkBinding,
     wrapped: Callable[..., Awaitable[Any]],
     client: Any,
     lane: Lane,
-    args: tuple[Any, ...],
     kwargs: dict[str, Any],
 ) -> Any:
     """Async twin of ``_express_sync``.
@@ -337,7 +337,7 @@ async def _express_async(  # noqa: PLR0917 - the interceptor's state, passed on
     """
     token = _claimed.set(True)
     try:
-        result = await wrapped(*args, **kwargs)
+        result = await wrapped(*lane.args, **kwargs)
     except BaseException as err:
         await _failed_async(binding, lane.ticket(), err)
         raise
@@ -346,7 +346,7 @@ async def _express_async(  # noqa: PLR0917 - the interceptor's state, passed on
     if settle(lane, binding, result, binding.async_unparsed_types):
         return result
     ticket = lane.ticket()
-    call = _handed_on(binding, client, ticket, lane.path, args, kwargs)
+    call = _handed_on(binding, client, ticket, lane.path, lane.args, kwargs)
     return await _track_async(call, ticket, result)
 
 
@@ -401,7 +401,7 @@ def make_sync_interceptor(  # noqa: C901 - one way out per case, on purpose
         if type(ledger) in HOLDING:  # a ``Holding``: the lane's ``hold``/``settle``
             lane = admit(binding, guard, ledger, instance, args, kwargs)  # type: ignore[arg-type]
             if lane is not None:
-                return _express_sync(binding, wrapped, instance, lane, args, kwargs)
+                return _express_sync(binding, wrapped, instance, lane, kwargs)
         call = _prepare(binding, instance, args, kwargs)
         if call is None:
             return wrapped(*args, **kwargs)
@@ -465,9 +465,7 @@ def make_async_interceptor(  # noqa: C901 - one way out per case, on purpose
         if type(ledger) in HOLDING:  # a ``Holding``: the lane's ``hold``/``settle``
             lane = admit(binding, guard, ledger, instance, args, kwargs)  # type: ignore[arg-type]
             if lane is not None:
-                return await _express_async(
-                    binding, wrapped, instance, lane, args, kwargs
-                )
+                return await _express_async(binding, wrapped, instance, lane, kwargs)
         call = _prepare(binding, instance, args, kwargs)
         if call is None:
             return await wrapped(*args, **kwargs)

@@ -4,7 +4,8 @@ Most calls have one shape: a non-streaming chat (OpenAI Chat Completions,
 Anthropic Messages) with a plain body, through a guard on a ledger that
 holds in memory (the memory ledger, the write-behind SQLite ledger), with
 nobody observing events, whose keys hold too little for a warn, webhook or
-degrade threshold to apply.
+degrade threshold to apply; or, past a degrade threshold, the same call sent
+to its fallback.
 The general path (``Guard.begin``, a ``Ticket``, ``_track_*``) takes about
 thirty function calls and a dozen objects for it, run from cold CPU caches
 after the SDK's own work. This lane does the same
@@ -22,6 +23,11 @@ It never decides differently from the general path:
   call from the start; so does a call ``hold`` does not admit: one that
   does not fit, or whose keys hold enough for a threshold to apply
   (``Guard._ceilings``).
+- A call in a layout whose last call the full plan degraded (``Guard.degrading``)
+  goes to its fallback only when a key holds more than its degrade gate,
+  which refuses the model asked for whatever the limits say (``hold``'s
+  ``gates``); the fallback is held as the full plan holds it, and the request
+  sent with the fallback's model. Any other such call goes the general path.
 - After the hold, anything out of the ordinary (an error, a raw or streamed
   response, no usage, usage beyond the worst case, a lease ended, an observer
   that appeared) is handed to the general path as the ``Ticket`` it would have
@@ -50,7 +56,7 @@ if TYPE_CHECKING:
     from allowance._guard import Guard
     from allowance._ledger._write_behind import Holding
     from allowance._sdk._common import SdkBinding
-    from allowance._ticket import Line
+    from allowance._ticket import Layout, Line
 
 __all__ = ["Lane", "admit", "settle"]
 
@@ -61,6 +67,7 @@ class Lane:
 
     __slots__ = (
         "adapters",
+        "args",
         "bound",
         "call_id",
         "cap",
@@ -71,6 +78,7 @@ class Lane:
         "model",
         "path",
         "provider",
+        "requested",
         "scope",
         "started",
         "worst",
@@ -91,8 +99,15 @@ class Lane:
         held: dict[str, int],
         worst: int | None,
         adapters: tuple[str, ...],
+        requested: str,
+        args: tuple[Any, ...],
     ) -> None:
-        """Hold the admitted call's state; only ``admit`` builds one."""
+        """Hold the admitted call's state; only ``admit`` builds one.
+
+        ``model`` is the model the call goes to, ``requested`` the one asked
+        for (they differ on a degraded call), ``args`` the request's arguments
+        as sent (a degraded call's ask for its fallback).
+        """
         self.guard = guard
         self.ledger = ledger
         self.call_id = call_id
@@ -106,6 +121,8 @@ class Lane:
         self.held = held
         self.worst = worst
         self.adapters = adapters
+        self.requested = requested
+        self.args = args
         self.started = time.time()
 
     def ticket(self) -> Ticket:
@@ -121,13 +138,13 @@ class Lane:
             self.adapters,
             (),
             False,  # noqa: FBT003 - positional, as Guard builds it
-            self.model,
+            self.requested,
         )
         ticket.started = self.started
         return ticket
 
 
-def admit(  # noqa: PLR0911, PLR0917 - each way out is a case for the general path
+def admit(  # noqa: C901, PLR0911, PLR0917 - each way out is a case for the general path
     binding: SdkBinding,
     guard: Guard,
     ledger: Holding,
@@ -161,16 +178,26 @@ def admit(  # noqa: PLR0911, PLR0917 - each way out is a case for the general pa
     scope = guard.current_scope()
     layout = guard._lines(scope, now)  # noqa: SLF001
     lines = layout.lines
-    # Past a degrade threshold, the full plan degrades the call: ask nothing more.
-    if not lines or (layout.degrades and guard.degrading(layout)):
+    if not lines:
         return None
-    plain = plain_of(path, body)
-    if plain is None:
-        return None
-    model, bound, cap = plain
     provider = binding.provider_of(client)
     if provider != binding.codec.name:  # Azure: the general path re-estimates
         return None
+    requested: str | None
+    plain: tuple[str, int, int] | None
+    gates: list[int | None] | None
+    if layout.degrades and guard.degrading(layout):  # the last call was degraded
+        fallback = _fallback(binding, guard, args, body, path, layout, provider)
+        if fallback is None:
+            return None
+        requested, args, plain = fallback
+        gates = [line.gate for line in lines]
+    else:
+        requested = gates = None
+        plain = plain_of(path, body)
+        if plain is None:
+            return None
+    model, bound, cap = plain
     try:
         worst: int | None = prices.worst_case_micros(provider, model, bound, cap)
     except PricingError:
@@ -182,9 +209,11 @@ def admit(  # noqa: PLR0911, PLR0917 - each way out is a case for the general pa
         guard._hold_items(lines, bound + cap, worst or 0),  # noqa: SLF001
         call_id,
         guard.policy.lease_seconds,
-        guard._ceilings(layout, model, provider, gated=True)  # noqa: SLF001
+        # A degraded call: its fallback has no degrade gate (``gates`` has them).
+        guard._ceilings(layout, model, provider, gated=gates is None)  # noqa: SLF001
         if layout.alerts or layout.degrades
         else None,
+        gates,
     )
     if held is None:  # the general path decides again, and reports the refusal
         return None
@@ -203,7 +232,45 @@ def admit(  # noqa: PLR0911, PLR0917 - each way out is a case for the general pa
         held,
         worst,
         (*adapters, binding.name) if adapters else binding.only_name,
+        requested or model,
+        args,
     )
+
+
+def _fallback(  # noqa: PLR0917 - ``admit``'s state, passed on
+    binding: SdkBinding,
+    guard: Guard,
+    args: tuple[Any, ...],
+    body: dict[str, Any],
+    path: str,
+    layout: Layout,
+    provider: str,
+) -> tuple[str, tuple[Any, ...], tuple[str, int, int]] | None:
+    """A call past a degrade threshold, sent to its fallback; None: not the lane's.
+
+    The model asked for, the request's arguments asking for the fallback, and
+    the fallback's ``(model, input bound, output cap)``. The full plan tries
+    the model asked for under its lines' degrade gates, then the fallback
+    without them: ``admit`` holds the fallback only when a key holds more
+    than its gate (``hold``'s ``gates``), which refuses the first plan
+    whatever the limits say. The model asked for is only priced: the full
+    plan raises when it cannot be.
+    """
+    requested = body.get("model")
+    if type(requested) is not str:
+        return None
+    target = guard._fallback(layout, requested, provider)  # noqa: SLF001
+    if target is None or (
+        layout.needs_usd and not prices.has_price(provider, requested)
+    ):  # the general path raises
+        return None
+    outgoing = binding.codec.with_model(body, target)
+    plain = binding.plain(path, outgoing)  # type: ignore[misc]  # not None in admit
+    if plain is None:
+        return None
+    options = args[1].model_copy()
+    options.json_data = outgoing
+    return requested, (args[0], options), plain
 
 
 def settle(
@@ -246,11 +313,11 @@ def settle(
             lane.scope,
             lane.provider,
             response_model or model,
-            model,
+            lane.requested,
             usage,
             cost,
             lane.adapters,
-            "ok",
+            "ok" if model == lane.requested else "degraded",
             lane.bound + lane.cap,
             lane.worst,
             (time.time() - started) * 1000.0,
