@@ -325,12 +325,12 @@ def counted_rows(fake: RemoteProvider, tmp: Path) -> list[tuple[str, str, str]]:
         (
             "chat, memory ledger, degraded (past the threshold)",
             bytecodes(chat(degraded), is_allowance),
-            "every call to the fallback: the full plan",
+            "every call to the fallback, by the express lane",
         ),
         (
             "chat, SQLite write-behind, degraded",
             bytecodes(chat(behind_degraded), is_allowance),
-            "the full plan, held on the slice",
+            "to the fallback by the lane, held on the slice",
         ),
         (
             "chat stream, memory: per chunk, beyond the per-call cost",
