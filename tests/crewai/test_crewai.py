@@ -142,6 +142,34 @@ def test_calls_are_attributed_to_crew_agent_task_and_iteration(
     assert no_leak()
 
 
+def test_an_agents_openai_call_keeps_the_sdk_layers_express_lane(
+    fake_provider: FakeProvider, make_crew: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The adapter observes refusals only (``allowance_event_kinds``): the
+    calls it routes to the SDK layer and the SDK layer admits keep its
+    express lane, as without the adapter."""
+    from allowance._sdk import _common, _express
+
+    admitted: list[bool] = []
+
+    def counting(*args: Any) -> Any:
+        lane = _express.admit(*args)
+        admitted.append(lane is not None)
+        return lane
+
+    monkeypatch.setattr(_common, "admit", counting)
+    guard = allowance.patch(budget=100_000, ledger="memory://")
+    roles = ("researcher", "writer", "editor")
+    make_crew(openai_llm(fake_provider), roles).kickoff()
+    # The first call opens the ledger (the SDK layer's general path, before
+    # the lane is asked): the next two take the lane.
+    assert admitted == [True, True]
+    records = guard.ledger.calls()
+    assert [r.scope["agent"] for r in records] == list(roles)
+    assert all(r.adapters == ("crewai", "openai") for r in records)
+    assert no_leak()
+
+
 def test_an_unnamed_crew_is_attributed_by_its_id(
     fake_provider: FakeProvider, make_crew: Any
 ) -> None:

@@ -71,6 +71,51 @@ def test_a_failing_observer_never_breaks_a_call(
     assert guard.spent() == 20
 
 
+def test_an_observer_gets_only_the_event_kinds_it_declares(
+    fresh_plugins: None,
+) -> None:
+    seen: list[str] = []
+
+    class Refusals:
+        allowance_event_kinds = frozenset({"blocked"})
+
+        @hookimpl
+        def allowance_event(self, event: allowance.Event) -> None:
+            seen.append(event.kind)
+
+    plugins.register(Refusals())
+    assert plugins.has_observers()
+    assert not plugins.observes_calls()
+    guard = Guard(budget=100, ledger="memory://")
+    guard.begin(Estimate("openai", "gpt-4o", 10, 10)).commit(Usage(10, 10))
+    with pytest.raises(allowance.BudgetExceeded):
+        guard.begin(Estimate("openai", "gpt-4o", 50, 50))
+    assert seen == ["blocked"]
+
+
+@pytest.mark.parametrize(
+    ("kinds", "message"),
+    [
+        ("blocked", "must be a collection of event kinds"),
+        (42, "must be a collection of event kinds"),
+        ({"blocked", "block"}, r"unknown event kinds \['block'\]"),
+    ],
+)
+def test_bad_event_kinds_are_refused_when_registered(
+    fresh_plugins: None, kinds: object, message: str
+) -> None:
+    class Observer:
+        allowance_event_kinds = kinds
+
+        @hookimpl
+        def allowance_event(self, event: allowance.Event) -> None:
+            del event
+
+    with pytest.raises(allowance.PluginError, match=message):
+        plugins.register(Observer())
+    assert not plugins.has_observers()
+
+
 def test_hookspecs_are_keyword_only_and_few() -> None:
     pm = pluggy.PluginManager("allowance")
     from allowance import hookspecs

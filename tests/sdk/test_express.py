@@ -580,6 +580,61 @@ async def test_a_plain_call_takes_the_express_lane(
         await close(client)
 
 
+class _Observer:
+    """An observer of the events of ``kinds`` (None: of every event)."""
+
+    def __init__(self, kinds: frozenset[str] | None) -> None:
+        if kinds is not None:
+            self.allowance_event_kinds = kinds
+        self.seen: list[str] = []
+
+    @allowance.hookimpl
+    def allowance_event(self, event: allowance.Event) -> None:
+        self.seen.append(event.kind)
+
+
+@pytest.mark.parametrize(
+    ("kinds", "lane"),
+    [(frozenset({"blocked"}), True), (frozenset({"committed"}), False), (None, False)],
+    ids=["refusals only", "charges", "every event"],
+)
+async def test_an_observer_of_refusals_only_leaves_calls_on_the_lane(
+    fake: FakeProvider,
+    lanes: _Lanes,
+    kind: str,
+    kinds: frozenset[str] | None,
+    *,
+    lane: bool,
+) -> None:
+    """An observer that wants none of a plain call's events (``admitted``,
+    ``committed``, ``degraded``) keeps the lane, and still gets the refusal;
+    any other observer sends every call the full way, and gets its events."""
+    observer = _Observer(kinds)
+    allowance.plugins.register(observer)
+    client = _client(fake, "openai", kind)
+    allowance.wrap(client, budget=250, ledger="memory://")
+    step = Step("a", "u", "priced", ("hi",), False, 50, None, False, None)
+    try:
+        for _ in range(3):
+            fake.reset()
+            fake.enqueue(FakeReply(usage=FakeUsage(input_tokens=20, output_tokens=50)))
+            await aw(client.chat.completions.create(**_request("openai", step)))
+        with pytest.raises(allowance.BudgetExceeded):  # 210 spent: ~60 more do not fit
+            await aw(client.chat.completions.create(**_request("openai", step)))
+    finally:
+        allowance.plugins.unregister(observer)
+        await close(client)
+    # The first call opens the ledger (the general path).
+    assert lanes.admitted == (2 if lane else 0)
+    if kinds is None:
+        assert observer.seen.count("committed") == 3
+        assert observer.seen[-1] == "blocked"
+    else:
+        assert set(observer.seen) <= kinds
+        assert observer.seen.count("blocked") == ("blocked" in kinds)
+        assert observer.seen.count("committed") == 3 * ("committed" in kinds)
+
+
 # Ends of an admitted call: each but "another model answered" (which the lane
 # prices at the answering model's rates itself) is handed to the general path.
 _UNUSUAL = {

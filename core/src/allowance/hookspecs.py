@@ -55,6 +55,12 @@ def allowance_event(event: Event) -> None:
     Called synchronously on the thread that caused the event: return quickly and
     hand slow work to a thread. Exceptions are logged and dropped; an observer
     can never block or break a call (only the guard raises ``BudgetExceeded``).
+
+    A plugin may declare the kinds it wants as ``allowance_event_kinds`` (a
+    collection of ``Event.kind`` values, read when it is registered): it gets
+    only those. One that wants none of ``"admitted"``, ``"committed"`` and
+    ``"degraded"`` leaves the commonest SDK calls on their fast path, which
+    emits none of them; any other observer sends every call the full way.
     """
 
 

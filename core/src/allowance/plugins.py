@@ -12,7 +12,7 @@ import importlib
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING, TypeVar, cast
 
 import pluggy
@@ -24,13 +24,16 @@ if TYPE_CHECKING:
     from allowance.typing import Adapter, Event, ProviderCodec
 
 __all__ = [
+    "CALL_EVENTS",
     "DEFAULT_PLUGINS",
+    "EVENT_KINDS",
     "adapters",
     "emit",
     "get_plugin_manager",
     "has_observers",
     "hookimpl",
     "load_plugins",
+    "observes_calls",
     "providers",
     "register",
     "reset_plugins",
@@ -52,6 +55,24 @@ _loaded = False
 _adapters: dict[str, Adapter] | None = None
 _providers: dict[str, ProviderCodec] | None = None
 _observers: bool | None = None
+_calls_observed: bool | None = None
+
+EVENT_KINDS: frozenset[str] = frozenset(
+    {
+        "admitted",
+        "threshold",
+        "blocked",
+        "degraded",
+        "committed",
+        "released",
+        "estimate_missed",
+        "ledger_failure",
+    }
+)
+"""Every ``Event.kind``: what ``allowance_event_kinds`` may name."""
+CALL_EVENTS: frozenset[str] = frozenset({"admitted", "committed", "degraded"})
+"""The events of a call admitted as usual: an observer that wants none of them
+(``allowance_event_kinds``) leaves such calls on the SDK layer's express lane."""
 
 
 def get_plugin_manager() -> pluggy.PluginManager:
@@ -88,15 +109,18 @@ def load_plugins(pm: pluggy.PluginManager) -> None:
     }:
         pm.load_setuptools_entrypoints("allowance")
     pm.check_pending()
+    for plugin in pm.get_plugins():
+        _kinds(plugin)  # a bad ``allowance_event_kinds`` fails here, not in a call
     if pm is _pm:
         _loaded = True
 
 
 def reset_plugins() -> None:
     """Forget the loaded plugins (tests); the next lookup loads them again."""
-    global _pm, _loaded, _adapters, _providers, _observers
+    global _pm, _loaded, _adapters, _providers, _observers, _calls_observed  # noqa: PLW0603
     with _lock:
-        _pm, _loaded, _adapters, _providers, _observers = None, False, None, None, None
+        _pm, _loaded, _adapters, _providers = None, False, None, None
+        _observers = _calls_observed = None
 
 
 def _collect(results: list[list[object]], kind: str) -> dict[str, object]:
@@ -150,19 +174,24 @@ def register(plugin: object, name: str | None = None) -> None:
         ...     @hookimpl
         ...     def allowance_event(self, event): print(event.kind)
         >>> register(Printer())
+
+    Raises:
+        PluginError: The plugin's ``allowance_event_kinds`` is not a
+            collection of ``Event.kind`` values (``EVENT_KINDS``).
     """
-    global _adapters, _providers, _observers  # noqa: PLW0603
+    global _adapters, _providers, _observers, _calls_observed  # noqa: PLW0603
+    _kinds(plugin)
     with _lock:
         get_plugin_manager().register(plugin, name=name)
-        _adapters = _providers = _observers = None
+        _adapters = _providers = _observers = _calls_observed = None
 
 
 def unregister(plugin: object) -> None:
     """Unregister a plugin registered with ``register``."""
-    global _adapters, _providers, _observers  # noqa: PLW0603
+    global _adapters, _providers, _observers, _calls_observed  # noqa: PLW0603
     with _lock:
         get_plugin_manager().unregister(plugin)
-        _adapters = _providers = _observers = None
+        _adapters = _providers = _observers = _calls_observed = None
 
 
 def has_observers() -> bool:
@@ -173,11 +202,59 @@ def has_observers() -> bool:
     return _observers
 
 
+def observes_calls() -> bool:
+    """Return True when an observer may want the events of a call admitted as usual.
+
+    True when some plugin implements ``allowance_event`` without declaring
+    ``allowance_event_kinds``, or declares one of ``CALL_EVENTS``.
+    """
+    global _calls_observed  # noqa: PLW0603
+    if _calls_observed is None:
+        kinds = [
+            _kinds(impl.plugin)
+            for impl in get_plugin_manager().hook.allowance_event.get_hookimpls()
+        ]
+        _calls_observed = any(k is None or not CALL_EVENTS.isdisjoint(k) for k in kinds)
+    return _calls_observed
+
+
+def _kinds(plugin: object) -> frozenset[str] | None:
+    """The event kinds ``plugin`` declares it wants (``allowance_event_kinds``).
+
+    Raises:
+        PluginError: They are not a collection of ``EVENT_KINDS``.
+    """
+    kinds = getattr(plugin, "allowance_event_kinds", None)
+    if kinds is None:
+        return None
+    if isinstance(kinds, str | bytes) or not isinstance(kinds, Collection):
+        msg = (
+            f"plugin {plugin!r}: allowance_event_kinds must be a collection of"
+            f" event kinds such as {{'blocked'}}, got {kinds!r}"
+        )
+        raise PluginError(msg)
+    unknown = sorted(str(kind) for kind in kinds if kind not in EVENT_KINDS)
+    if unknown:
+        msg = (
+            f"plugin {plugin!r}: allowance_event_kinds names unknown event kinds"
+            f" {unknown}; expected some of {sorted(EVENT_KINDS)}"
+        )
+        raise PluginError(msg)
+    return frozenset(kinds)
+
+
 def emit(event: Event) -> None:
-    """Broadcast ``event`` to every observer; their errors are logged and dropped."""
+    """Broadcast ``event`` to every observer; their errors are logged and dropped.
+
+    An observer whose plugin declares ``allowance_event_kinds`` gets only
+    events of those kinds.
+    """
     if not has_observers():
         return
     for impl in get_plugin_manager().hook.allowance_event.get_hookimpls():
+        kinds = getattr(impl.plugin, "allowance_event_kinds", None)
+        if kinds is not None and event.kind not in kinds:
+            continue
         try:
             impl.function(event=event)
         except Exception:

@@ -164,7 +164,7 @@ def admit(  # noqa: C901, PLR0911, PLR0917 - each way out is a case for the gene
         or len(args) != 2  # noqa: PLR2004 - how the SDKs call it
         or kwargs.get("stream")
         or guard._pending  # noqa: SLF001 - the guard's own hot path, split in two
-        or guard._observed()  # noqa: SLF001
+        or guard._calls_observed()  # noqa: SLF001
     ):
         return None
     options = args[1]
@@ -290,7 +290,7 @@ def settle(
     total = usage.total_tokens
     guard = lane.guard
     # Beyond the worst case: the general path counts and reports the miss.
-    if total > lane.bound + lane.cap or guard._observed():  # noqa: SLF001
+    if total > lane.bound + lane.cap or guard._calls_observed():  # noqa: SLF001
         return False
     model = lane.model
     response_model = codec.response_model(result)

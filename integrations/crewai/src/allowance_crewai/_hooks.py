@@ -99,7 +99,12 @@ class _RefusalObserver:
     The before hook of such a retry raises ``CrewBudgetExceeded`` (a
     ``HookAborted``, which CrewAI never retries) instead: the crew stops after
     the first refusal, nothing is sent, one refusal is logged.
+
+    It wants refusals only: the calls the SDK layer admits keep its express
+    lane (an observer of every event would send them the full way).
     """
+
+    allowance_event_kinds = frozenset({"blocked"})
 
     @allowance.hookimpl
     def allowance_event(self, event: allowance.Event) -> None:
