@@ -9,7 +9,7 @@ import pluggy
 import pytest
 
 import allowance
-from allowance import Estimate, Guard, Usage, hookimpl, plugins
+from allowance import Estimate, Guard, Usage, hookimpl, hookspecs, plugins
 
 
 @pytest.fixture
@@ -114,6 +114,12 @@ def test_bad_event_kinds_are_refused_when_registered(
     with pytest.raises(allowance.PluginError, match=message):
         plugins.register(Observer())
     assert not plugins.has_observers()
+    # An entry point's plugin: refused when the plugins load, not in a call.
+    pm = pluggy.PluginManager("allowance")
+    pm.add_hookspecs(hookspecs)
+    pm.register(Observer())
+    with pytest.raises(allowance.PluginError, match=message):
+        plugins.load_plugins(pm)
 
 
 def test_hookspecs_are_keyword_only_and_few() -> None:
