@@ -93,6 +93,22 @@ def test_an_observer_gets_only_the_event_kinds_it_declares(
     assert seen == ["blocked"]
 
 
+def test_every_event_kind_the_guard_emits_may_be_declared() -> None:
+    """``EVENT_KINDS`` (what ``allowance_event_kinds`` may name) lists every
+    kind the guard and its tickets emit."""
+    import inspect
+    import re
+
+    from allowance import _guard, _ticket
+
+    emitted: set[str] = set()
+    for module in (_guard, _ticket):
+        source = inspect.getsource(module)
+        emitted |= set(re.findall(r'_emit\(\s*"(\w+)"', source))
+        emitted |= set(re.findall(r'kind="(\w+)"', source))
+    assert emitted == plugins.EVENT_KINDS
+
+
 @pytest.mark.parametrize(
     ("kinds", "message"),
     [

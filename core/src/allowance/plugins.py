@@ -62,6 +62,7 @@ EVENT_KINDS: frozenset[str] = frozenset(
         "admitted",
         "threshold",
         "blocked",
+        "over_limit",
         "degraded",
         "committed",
         "released",

@@ -211,7 +211,8 @@ class Event:
     Attributes:
         kind: ``"admitted"`` (a reservation is held; ``data["ratios"]`` has
             each budget's used ratio), ``"threshold"``, ``"blocked"``
-            (``data["violations"]``), ``"degraded"``, ``"committed"``,
+            (``data["violations"]``), ``"over_limit"`` (over a limit and let
+            through: ``on_limit="warn"``), ``"degraded"``, ``"committed"``,
             ``"released"`` (both with ``data["held"]``: whether a reservation
             was held), ``"estimate_missed"``, ``"ledger_failure"``.
         budget: Name of the budget concerned, if any.
