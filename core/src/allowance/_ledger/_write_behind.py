@@ -307,18 +307,7 @@ class WriteBehindLedger(SQLiteLedger):
         False too when what a key holds beyond the slice is not known since
         this process last changed the file: the next write reads it.
         """
-        known = True
-        for (key, _, _), ceiling in zip(items, ceilings, strict=True):
-            used = self._used(key)
-            if used is None:
-                known = False
-            elif used > ceiling:
-                return False
-        if not known:
-            self._gate([key for key, _, _ in items])
-            self._bases_wanted = True
-            self._kick()
-        return known
+        return self._over(items, ceilings) is False
 
     def _past(
         self, items: Sequence[tuple[str, int, int]], gates: Sequence[int | None]
@@ -329,19 +318,31 @@ class WriteBehindLedger(SQLiteLedger):
         may not be known since this process last changed the file (the next
         write reads it).
         """
+        return self._over(items, gates) is True
+
+    def _over(
+        self, items: Sequence[tuple[str, int, int]], bounds: Sequence[int | None]
+    ) -> bool | None:
+        """Whether a key holds more than its bound, as ``state`` counts (``_lock``).
+
+        True when one is known to, False when none does, None when none is
+        known to but what some key holds beyond the slice is not (read at the
+        next write, asked for now). A bound of None: no bound on that key.
+        """
         known = True
-        for (key, _, _), gate in zip(items, gates, strict=True):
-            if gate is not None:
+        for (key, _, _), bound in zip(items, bounds, strict=True):
+            if bound is not None:
                 used = self._used(key)
                 if used is None:
                     known = False
-                elif used > gate:
+                elif used > bound:
                     return True
-        if not known:
-            self._gate([key for key, _, _ in items])
-            self._bases_wanted = True
-            self._kick()
-        return False
+        if known:
+            return False
+        self._gate([key for key, _, _ in items])
+        self._bases_wanted = True
+        self._kick()
+        return None
 
     def _gate(self, keys: Iterable[str]) -> None:
         """Read what ``keys`` hold beyond the slice at each write from now."""
