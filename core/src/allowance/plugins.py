@@ -23,6 +23,8 @@ from allowance._errors import PluginError
 if TYPE_CHECKING:
     from allowance.typing import Adapter, Event, ProviderCodec
 
+_Observers = tuple[tuple[tuple[pluggy.HookImpl, "frozenset[str] | None"], ...], bool]
+
 __all__ = [
     "CALL_EVENTS",
     "DEFAULT_PLUGINS",
@@ -54,8 +56,9 @@ _pm: pluggy.PluginManager | None = None
 _loaded = False
 _adapters: dict[str, Adapter] | None = None
 _providers: dict[str, ProviderCodec] | None = None
-_observers: bool | None = None
-_calls_observed: bool | None = None
+# The observers, each with the kinds it wants (None: all); whether any may
+# want a plainly admitted call's events. Read once per set of plugins.
+_observers: _Observers | None = None
 
 EVENT_KINDS: frozenset[str] = frozenset(
     {
@@ -118,10 +121,9 @@ def load_plugins(pm: pluggy.PluginManager) -> None:
 
 def reset_plugins() -> None:
     """Forget the loaded plugins (tests); the next lookup loads them again."""
-    global _pm, _loaded, _adapters, _providers, _observers, _calls_observed  # noqa: PLW0603
+    global _pm, _loaded, _adapters, _providers, _observers
     with _lock:
-        _pm, _loaded, _adapters, _providers = None, False, None, None
-        _observers = _calls_observed = None
+        _pm, _loaded, _adapters, _providers, _observers = None, False, None, None, None
 
 
 def _collect(results: list[list[object]], kind: str) -> dict[str, object]:
@@ -180,27 +182,27 @@ def register(plugin: object, name: str | None = None) -> None:
         PluginError: The plugin's ``allowance_event_kinds`` is not a
             collection of ``Event.kind`` values (``EVENT_KINDS``).
     """
-    global _adapters, _providers, _observers, _calls_observed  # noqa: PLW0603
+    global _adapters, _providers, _observers  # noqa: PLW0603
     _kinds(plugin)
     with _lock:
         get_plugin_manager().register(plugin, name=name)
-        _adapters = _providers = _observers = _calls_observed = None
+        _adapters = _providers = _observers = None
 
 
 def unregister(plugin: object) -> None:
     """Unregister a plugin registered with ``register``."""
-    global _adapters, _providers, _observers, _calls_observed  # noqa: PLW0603
+    global _adapters, _providers, _observers  # noqa: PLW0603
     with _lock:
         get_plugin_manager().unregister(plugin)
-        _adapters = _providers = _observers = _calls_observed = None
+        _adapters = _providers = _observers = None
 
 
 def has_observers() -> bool:
     """Return True when some plugin implements ``allowance_event``."""
-    global _observers  # noqa: PLW0603
-    if _observers is None:
-        _observers = bool(get_plugin_manager().hook.allowance_event.get_hookimpls())
-    return _observers
+    found = _observers
+    if found is None:
+        found = _read_observers()
+    return bool(found[0])
 
 
 def observes_calls() -> bool:
@@ -209,14 +211,24 @@ def observes_calls() -> bool:
     True when some plugin implements ``allowance_event`` without declaring
     ``allowance_event_kinds``, or declares one of ``CALL_EVENTS``.
     """
-    global _calls_observed  # noqa: PLW0603
-    if _calls_observed is None:
-        kinds = [
-            _kinds(impl.plugin)
-            for impl in get_plugin_manager().hook.allowance_event.get_hookimpls()
-        ]
-        _calls_observed = any(k is None or not CALL_EVENTS.isdisjoint(k) for k in kinds)
-    return _calls_observed
+    found = _observers
+    if found is None:
+        found = _read_observers()
+    return found[1]
+
+
+def _read_observers() -> _Observers:
+    """Read and keep the observers and the kinds each wants."""
+    global _observers  # noqa: PLW0603
+    impls = tuple(
+        (impl, _kinds(impl.plugin))
+        for impl in get_plugin_manager().hook.allowance_event.get_hookimpls()
+    )
+    _observers = found = (
+        impls,
+        any(kinds is None or not CALL_EVENTS.isdisjoint(kinds) for _, kinds in impls),
+    )
+    return found
 
 
 def _kinds(plugin: object) -> frozenset[str] | None:
@@ -250,10 +262,10 @@ def emit(event: Event) -> None:
     An observer whose plugin declares ``allowance_event_kinds`` gets only
     events of those kinds.
     """
-    if not has_observers():
-        return
-    for impl in get_plugin_manager().hook.allowance_event.get_hookimpls():
-        kinds = getattr(impl.plugin, "allowance_event_kinds", None)
+    found = _observers
+    if found is None:
+        found = _read_observers()
+    for impl, kinds in found[0]:
         if kinds is not None and event.kind not in kinds:
             continue
         try:

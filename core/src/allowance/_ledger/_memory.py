@@ -209,7 +209,7 @@ class MemoryLedger:
     # the same state changes, without the protocol's value objects and checks
     # (the guard built the values: ints >= 0, distinct keys, a fresh id).
 
-    def hold(  # noqa: C901 - the hot path, in one function
+    def hold(
         self,
         items: Sequence[tuple[str, int, int]],
         reservation_id: str,
@@ -240,17 +240,14 @@ class MemoryLedger:
             ):
                 self._reap(now)
             counters = self._counters
-            if gates is not None and not _past(counters, items, gates):
+            if gates is not None and not _over(counters, items, gates):
                 return None
             for key, amount, limit in items:
                 row = counters.get(key)
                 if (amount if row is None else row[0] + row[1] + amount) > limit:
                     return None
-            if ceilings is not None:
-                for (key, _, _), ceiling in zip(items, ceilings, strict=True):
-                    row = counters.get(key)
-                    if (0 if row is None else row[0] + row[1]) > ceiling:
-                        return None
+            if ceilings is not None and _over(counters, items, ceilings):
+                return None
             if reservation_id in self._reservations or reservation_id in self._holding:
                 raise known_id(reservation_id, self.url)
             holds: dict[str, int] = {}
@@ -492,16 +489,20 @@ class MemoryLedger:
             reservations.pop(reservation_id, None)
 
 
-def _past(
+def _over(
     counters: Mapping[str, list[int]],
     items: Sequence[tuple[str, int, int]],
-    gates: Sequence[int | None],
+    bounds: Sequence[int | None],
 ) -> bool:
-    """True when a key of ``items`` holds more than its gate (the lock held)."""
-    for (key, _, _), gate in zip(items, gates, strict=True):
-        if gate is not None:
+    """True when a key of ``items`` holds more than its bound (None: no bound).
+
+    ``hold``'s ceilings (none may be over) and gates (one must be), with the
+    lock held.
+    """
+    for (key, _, _), bound in zip(items, bounds, strict=True):
+        if bound is not None:
             row = counters.get(key)
-            if (0 if row is None else row[0] + row[1]) > gate:
+            if (0 if row is None else row[0] + row[1]) > bound:
                 return True
     return False
 

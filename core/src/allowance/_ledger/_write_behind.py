@@ -321,13 +321,18 @@ class WriteBehindLedger(SQLiteLedger):
         return self._over(items, gates) is True
 
     def _over(
-        self, items: Sequence[tuple[str, int, int]], bounds: Sequence[int | None]
+        self,
+        items: Sequence[tuple[str, int, int]],
+        bounds: Sequence[int | None],
+        *,
+        ask: bool = True,
     ) -> bool | None:
         """Whether a key holds more than its bound, as ``state`` counts (``_lock``).
 
         True when one is known to, False when none does, None when none is
-        known to but what some key holds beyond the slice is not (read at the
-        next write, asked for now). A bound of None: no bound on that key.
+        known to but what some key holds beyond the slice is not (with
+        ``ask``, read at the next write, asked for now). A bound of None: no
+        bound on that key.
         """
         known = True
         for (key, _, _), bound in zip(items, bounds, strict=True):
@@ -339,6 +344,8 @@ class WriteBehindLedger(SQLiteLedger):
                     return True
         if known:
             return False
+        if not ask:
+            return None
         self._gate([key for key, _, _ in items])
         self._bases_wanted = True
         self._kick()
@@ -474,12 +481,8 @@ class WriteBehindLedger(SQLiteLedger):
         What a key holds beyond the slice is known since the last write, or
         since this process's last change to the file (``_sync_lock`` held).
         """
-        for item in plan:
-            if item.gate is not None:
-                used = self._used(item.key)
-                if used is not None and used > item.gate:
-                    return True
-        return False
+        items = [(item.key, item.amount, item.limit) for item in plan]
+        return self._over(items, [item.gate for item in plan], ask=False) is True
 
     def _used(self, key: str) -> int | None:
         """What ``key`` holds as ``state`` counts it; None: not known (``_lock``).
