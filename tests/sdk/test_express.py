@@ -377,44 +377,6 @@ _threshold_configs = st.builds(
 )
 
 
-@pytest.mark.parametrize("kind", ["sync", "async"])
-@pytest.mark.parametrize("sdk", ["openai", "anthropic"])
-@settings(
-    max_examples=40,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
-@given(
-    config=_threshold_configs,
-    script=st.lists(_threshold_steps, max_size=8),
-    write_behind=st.booleans(),
-)
-def test_under_thresholds_the_lane_decides_as_the_general_path(
-    fake: FakeProvider,
-    tmp_path: Path,
-    *,
-    sdk: str,
-    kind: str,
-    config: Config,
-    script: list[Step],
-    write_behind: bool,
-) -> None:
-    """Warn and degrade thresholds that apply within the script: the lane
-    admits below them (``Guard._ceilings``), the general path from them on;
-    on the memory ledger, or on the write-behind ledger (whose slices know
-    what a key holds as of their last write) against the memory ledger."""
-    lanes = _Lanes()
-    ledger = _write_behind(tmp_path) if write_behind else "memory://"
-    on = asyncio.run(_run(fake, sdk, kind, config, script, lane=lanes, ledger=ledger))
-    off = asyncio.run(_run(fake, sdk, kind, config, script, lane=_never))
-    event(f"calls admitted by the express lane: {min(lanes.admitted, 2)}")
-    event(f"thresholds fired: {min(len(on[-1]), 2)}")
-    degraded = sum(r[2] != r[3] for r in on[2])
-    event(f"calls degraded: {min(degraded, 2)}")
-    event(f"calls degraded by the express lane: {min(lanes.degraded, 2)}")
-    assert _charged(on) == _charged(off)
-
-
 # Past a degrade threshold from the script's second call: most calls degraded,
 # the lane's own from the third (``_degraded``), some handed on after sending.
 _degraded_steps = _threshold_steps.flatmap(
@@ -442,6 +404,19 @@ _degraded_configs = st.sampled_from(["tokens", "usd"]).flatmap(
 )
 
 
+# What each script of the test below draws: its guard's configs, its calls.
+_NEAR_THRESHOLDS: dict[
+    str, tuple[st.SearchStrategy[Config], st.SearchStrategy[Any]]
+] = {
+    "under thresholds": (_threshold_configs, st.lists(_threshold_steps, max_size=8)),
+    "past a degrade threshold": (
+        _degraded_configs,
+        st.lists(_degraded_steps, min_size=3, max_size=10),
+    ),
+}
+
+
+@pytest.mark.parametrize("scripts", list(_NEAR_THRESHOLDS))
 @pytest.mark.parametrize("kind", ["sync", "async"])
 @pytest.mark.parametrize("sdk", ["openai", "anthropic"])
 @settings(
@@ -449,30 +424,36 @@ _degraded_configs = st.sampled_from(["tokens", "usd"]).flatmap(
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
-@given(
-    config=_degraded_configs,
-    script=st.lists(_degraded_steps, min_size=3, max_size=10),
-    write_behind=st.booleans(),
-)
-def test_past_a_degrade_threshold_the_lane_degrades_as_the_general_path(
+@given(data=st.data(), write_behind=st.booleans())
+def test_near_thresholds_the_lane_decides_as_the_general_path(
     fake: FakeProvider,
     tmp_path: Path,
     *,
     sdk: str,
     kind: str,
-    config: Config,
-    script: list[Step],
+    scripts: str,
+    data: st.DataObject,
     write_behind: bool,
 ) -> None:
-    """Calls the lane sends to the fallback (``_degraded``): the same
-    decisions, charges, call log, responses and warnings as the full plan,
-    on the memory ledger or the write-behind ledger against the memory ledger."""
+    """Warn and degrade thresholds that apply within the script: the lane
+    admits below them (``Guard._ceilings``), the general path from them on,
+    and past a degrade threshold the lane sends calls to the fallback
+    (``_degraded``): the same decisions, charges, call log, responses and
+    warnings as the full plan, on the memory ledger, or on the write-behind
+    ledger (whose slices know what a key holds as of their last write)
+    against the memory ledger."""
+    configs, steps = _NEAR_THRESHOLDS[scripts]
+    config = data.draw(configs, label="config")
+    script = data.draw(steps, label="script")
     lanes = _Lanes()
     ledger = _write_behind(tmp_path) if write_behind else "memory://"
     on = asyncio.run(_run(fake, sdk, kind, config, script, lane=lanes, ledger=ledger))
     off = asyncio.run(_run(fake, sdk, kind, config, script, lane=_never))
-    event(f"calls degraded by the express lane: {min(lanes.degraded, 3)}")
+    event(f"calls admitted by the express lane: {min(lanes.admitted, 2)}")
     event(f"thresholds fired: {min(len(on[-1]), 2)}")
+    degraded = sum(r[2] != r[3] for r in on[2])
+    event(f"calls degraded: {min(degraded, 2)}")
+    event(f"calls degraded by the express lane: {min(lanes.degraded, 3)}")
     assert _charged(on) == _charged(off)
 
 
