@@ -165,6 +165,52 @@ def test_scope_attributes_from_the_environment(
     assert "allowance.scope.session" not in attrs
 
 
+def held(reader: InMemoryMetricReader) -> dict[str, int]:
+    """``allowance.reservations.held`` now, by tenant ("" without the attribute)."""
+    series = points(reader).get("allowance.reservations.held", [])
+    return {p.attributes.get("allowance.scope.tenant", ""): p.value for p in series}
+
+
+def test_reservations_held_are_counted_while_calls_are_in_flight(
+    reader: InMemoryMetricReader,
+) -> None:
+    provider = MeterProvider(metric_readers=[reader2 := InMemoryMetricReader()])
+    _telemetry.configure(meter_provider=provider, scope_attributes=("tenant",))
+    try:
+        guard = Guard(budget="$1", per="tenant", ledger="memory://")
+        estimate = Estimate("openai", "gpt-4o", 10, 10)
+        tickets = []
+        for tenant, calls in (("acme", 3), ("globex", 1)):
+            with allowance.scope(tenant=tenant):
+                tickets += [guard.begin(estimate) for _ in range(calls)]
+        assert held(reader2) == {"acme": 3, "globex": 1}
+        tickets.pop().commit(Usage(10, 10))
+        tickets.pop().release()
+        assert held(reader2) == {"acme": 2, "globex": 0}  # a series stays at 0
+        for ticket in tickets:
+            ticket.commit(Usage(10, 10))
+        assert held(reader2) == {"acme": 0, "globex": 0}
+    finally:
+        provider.shutdown()
+
+
+def test_reservations_held_are_counted_afresh_for_a_new_provider(
+    reader: InMemoryMetricReader,
+) -> None:
+    guard = Guard(budget="$1", ledger="memory://")
+    ticket = guard.begin(Estimate("openai", "gpt-4o", 10, 10))
+    assert held(reader) == {"": 1}
+    reader2 = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader2])
+    _telemetry.configure(meter_provider=provider)
+    try:
+        guard.begin(Estimate("openai", "gpt-4o", 10, 10)).commit(Usage(10, 10))
+        assert held(reader2) == {"": 0}
+        ticket.release()
+    finally:
+        provider.shutdown()
+
+
 class BrokenProvider:
     """A meter provider whose meters fail: telemetry must swallow it."""
 

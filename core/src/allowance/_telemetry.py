@@ -15,7 +15,10 @@ Metrics (GenAI semantic conventions first, then ``allowance.*``):
 - ``allowance.spend`` (counter, ``USD``): cost of answered calls.
 - ``allowance.budget.used_ratio`` (gauge, ``1``): committed plus reserved
   spend over the limit, per budget (``allowance.budget.name``), at admission.
-- ``allowance.reservations.held`` (up-down counter, ``{reservation}``).
+- ``allowance.reservations.held`` (observable up-down counter,
+  ``{reservation}``): read when metrics are collected, from a count the
+  guard keeps; recording it on each admission and settlement was a quarter
+  of the OpenTelemetry SDK's work per call.
 - ``allowance.threshold.actions`` (counter, ``{action}``): by
   ``allowance.threshold.action`` (``warn``, ``webhook``, ``degrade``).
 - ``allowance.calls.blocked`` (counter, ``{call}``): by ``allowance.outcome``.
@@ -29,6 +32,7 @@ personal data. Opted-in dimensions appear as ``allowance.scope.<dimension>``.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -36,9 +40,9 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Mapping
+    from collections.abc import Iterable, Iterator, Mapping
 
-    from opentelemetry.metrics import MeterProvider
+    from opentelemetry.metrics import CallbackOptions, MeterProvider, Observation
 
     from allowance.typing import CallRecord
 
@@ -92,8 +96,9 @@ class _Instruments:
             unit="1",
             description="Committed plus reserved spend over the limit, at admission.",
         )
-        self.held = meter.create_up_down_counter(
+        self.held = meter.create_observable_up_down_counter(
             "allowance.reservations.held",
+            callbacks=[_observe_held],
             unit="{reservation}",
             description="Reservations admitted and not yet settled.",
         )
@@ -120,6 +125,10 @@ class _State:
         self.provider: MeterProvider | None = None
         self.instruments: _Instruments | None = None
         self.scope_attributes: tuple[str, ...] | None = None  # None: from the env
+        # Reservations held, by their attributes' items (zeros kept: the series
+        # stay); counted afresh for each meter provider, as an instrument's are.
+        self.held: dict[tuple[tuple[str, str], ...], int] = {}
+        self.global_set = False  # a real global meter provider was seen
 
 
 _state = _State()
@@ -146,6 +155,7 @@ def configure(
     with _state.lock:
         _state.provider = meter_provider
         _state.instruments = None
+        _state.held = {}
         _state.scope_attributes = (
             None if scope_attributes is None else tuple(scope_attributes)
         )
@@ -163,13 +173,36 @@ def _instruments() -> _Instruments | None:
         return _state.instruments
 
 
+def _count_held(delta: int, attributes: dict[str, str]) -> None:
+    key = tuple(attributes.items())
+    with _state.lock:
+        held = _state.held
+        held[key] = held.get(key, 0) + delta
+
+
+def _observe_held(_options: CallbackOptions) -> Iterator[Observation]:
+    """The observable counter's callback: the reservations held now."""
+    from opentelemetry.metrics import Observation  # noqa: PLC0415 - loaded with the SDK
+
+    with _state.lock:
+        counts = list(_state.held.items())
+    for key, count in counts:
+        yield Observation(count, dict(key))
+
+
 def _scope_attributes(scope: Mapping[str, str]) -> dict[str, str]:
     dims = _state.scope_attributes
     if dims is None:
-        dims = tuple(
-            d.strip() for d in os.environ.get(_SCOPE_ENV, "").split(",") if d.strip()
-        )
+        dims = _env_dimensions(os.environ.get(_SCOPE_ENV, ""))
+    if not dims:
+        return {}
     return {f"allowance.scope.{d}": scope[d] for d in dims if d in scope}
+
+
+@functools.lru_cache(maxsize=8)
+def _env_dimensions(text: str) -> tuple[str, ...]:
+    """The dimensions named by ``ALLOWANCE_OTEL_SCOPE_ATTRIBUTES`` (parsed once)."""
+    return tuple(d.strip() for d in text.split(",") if d.strip())
 
 
 def _operation(record: CallRecord) -> str:
@@ -194,12 +227,15 @@ def active() -> bool:
     frameworks import it (CrewAI does) without setting up an SDK, and until
     one is set every instrument is a no-op, so building the events is waste.
     """
-    if _state.provider is not None:
+    if _state.provider is not None or _state.global_set:
         return True
     metrics = sys.modules.get("opentelemetry.metrics")
     if metrics is None:
         return False
-    return type(metrics.get_meter_provider()).__name__ not in _NO_OP_PROVIDERS
+    if type(metrics.get_meter_provider()).__name__ in _NO_OP_PROVIDERS:
+        return False
+    _state.global_set = True  # OpenTelemetry sets the global provider only once
+    return True
 
 
 _NO_OP_PROVIDERS = frozenset({"_ProxyMeterProvider", "NoOpMeterProvider"})
@@ -228,7 +264,7 @@ def _record(  # noqa: C901 - one branch per kind of event
 ) -> None:
     if kind in {"committed", "released"}:
         if data.get("held"):
-            inst.held.add(-1, _scope_attributes(scope))
+            _count_held(-1, _scope_attributes(scope))
         record: CallRecord | None = data.get("record")
         if kind == "released" or record is None:
             return
@@ -244,7 +280,7 @@ def _record(  # noqa: C901 - one branch per kind of event
     elif kind == "admitted":
         scoped = _scope_attributes(scope)
         if data.get("held"):
-            inst.held.add(1, scoped)
+            _count_held(1, scoped)
         for name, ratio in data.get("ratios", ()):
             inst.ratio.set(ratio, {"allowance.budget.name": name, **scoped})
     elif kind == "threshold":
