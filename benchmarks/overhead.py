@@ -31,9 +31,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -48,10 +50,11 @@ from rich.console import Console
 from rich.table import Table
 
 import allowance
+import allowance.telemetry
 from allowance.testing import RedisServer
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
     from types import CodeType, FrameType
 
     from openai.types.chat import ChatCompletionMessageParam
@@ -222,6 +225,54 @@ def least_guard(fake: RemoteProvider) -> Any:
     return client
 
 
+def plain_python(fake: RemoteProvider, count: int = 80) -> Any:
+    """A client that calls ``count`` small functions in turn before each call.
+
+    No allowance: a yardstick for the rows around it (80 functions: about
+    1,000 bytecodes). Each function is its own code, as a guard's functions
+    are, so between two SDK calls they run from cold CPU caches, as a guard's
+    code does: the row shows what that much plain Python costs there,
+    whatever it does.
+    """
+    functions = "".join(
+        f"def f{i}(d):\n    x = d['a'] + 1\n    return x\n" for i in range(count)
+    )
+    calls = "".join(f"    f{i}(d)\n" for i in range(count))
+    source = f"{functions}def run(d):\n{calls}    return 0\n"
+    names: dict[str, Any] = {}
+    exec(compile(source, "<plain>", "exec"), names)  # noqa: S102 - our own source
+    run, data = names["run"], {"a": 1}
+    client = sdk_client(fake)
+    request = client.request
+
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        run(data)
+        return request(*args, **kwargs)
+
+    client.__dict__["request"] = guarded
+    return client
+
+
+@contextlib.contextmanager
+def metrics_on() -> Iterator[None]:
+    """OpenTelemetry metrics recorded: an SDK meter provider, an in-memory reader."""
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    provider = MeterProvider(metric_readers=[InMemoryMetricReader()])
+    allowance.telemetry.configure(meter_provider=provider)
+    try:
+        yield
+    finally:
+        allowance.telemetry.configure()
+        provider.shutdown()
+
+
+def is_opentelemetry(frame: FrameType) -> bool:
+    """The OpenTelemetry SDK's and API's code."""
+    return f"{os.sep}opentelemetry{os.sep}" in frame.f_code.co_filename
+
+
 ALLOWANCE_DIR = str(Path(allowance.__file__).parent)
 
 
@@ -289,6 +340,9 @@ def counted_rows(fake: RemoteProvider, tmp: Path) -> list[tuple[str, str, str]]:
     time.sleep(0.05)  # the thread takes the slices
     chunks = len(stream(sdk_client(fake))())
     per_call = bytecodes(chat(memory), is_allowance)
+    with metrics_on():
+        observed = bytecodes(chat(memory), is_allowance)
+        observed_sdk = bytecodes(chat(memory), is_opentelemetry)
     per_stream = bytecodes(stream(memory), is_allowance)
     rows: list[tuple[str, int | float, str]] = [
         (
@@ -300,6 +354,14 @@ def counted_rows(fake: RemoteProvider, tmp: Path) -> list[tuple[str, str, str]]:
             "chat, the least possible guard (no allowance)",
             bytecodes(chat(least), lambda frame: frame.f_code is least_code),
             "",
+        ),
+        (
+            "chat, 1,000 bytecodes of plain Python (no allowance)",
+            bytecodes(
+                chat(plain_python(fake)),
+                lambda frame: frame.f_code.co_filename == "<plain>",
+            ),
+            "the yardstick",
         ),
         ("chat, memory ledger", per_call, ""),
         (
@@ -331,6 +393,11 @@ def counted_rows(fake: RemoteProvider, tmp: Path) -> list[tuple[str, str, str]]:
             "chat, SQLite write-behind, degraded",
             bytecodes(chat(behind_degraded), is_allowance),
             "to the fallback by the lane, held on the slice",
+        ),
+        (
+            "chat, memory ledger, OpenTelemetry metrics on",
+            observed,
+            f"and the OpenTelemetry SDK's own: {observed_sdk:,}",
         ),
         (
             "chat stream, memory: per chunk, beyond the per-call cost",
@@ -392,6 +459,13 @@ def sync_scenarios(
             "one budget in a dict: bound, hold, call, charge",
         )
     )
+    rows.append(
+        (
+            "chat, 1,000 bytecodes of plain Python (no allowance)",
+            measure(raw, chat(plain_python(fake)), rounds),
+            "the yardstick: any 1,000 bytecodes between SDK calls",
+        )
+    )
     behind = behind_url(tmp, "behind")
     ledgers: list[tuple[str, str, dict[str, Any]]] = [
         ("chat, memory ledger", "memory://", {}),
@@ -420,6 +494,16 @@ def sync_scenarios(
         client.allowance.guard.close()
     if redis_url is None:
         rows.append(("chat, Redis ledger", None, "no redis-server on PATH"))
+    with metrics_on():
+        client = guarded(fake, "memory://")
+        rows.append(
+            (
+                "chat, memory ledger, OpenTelemetry metrics on",
+                measure(raw, chat(client), rounds),
+                "an SDK meter provider: the general path, 4 points a call",
+            )
+        )
+        client.allowance.guard.close()
 
     stream_client = guarded(fake, "memory://")
     chunks = len(stream(raw_client)())
