@@ -26,9 +26,11 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import HistogramDataPoint, InMemoryMetricReader
 
 import allowance
-from allowance import Budget, Threshold
+from allowance import Budget, Threshold, _telemetry
 from allowance._sdk import _common, _express
 from allowance.testing import FakeProvider, FakeReply, FakeUsage
 from allowance.typing import KeyState
@@ -228,11 +230,18 @@ async def _run(
     *,
     lane: Callable[..., _express.Lane | None],
     ledger: str = "memory://",
+    metrics: bool = False,
 ) -> tuple[Any, ...]:
     """Run ``script`` with ``lane`` as the interceptor's ``admit``; what was seen.
 
     ``_Lanes()`` counts the express lane's admissions; ``_never`` turns it off.
+    ``metrics``: OpenTelemetry metrics recorded (an SDK meter provider), and
+    what they read at the end returned with the rest.
     """
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    if metrics:
+        _telemetry.configure(meter_provider=provider)
     _common.admit = lane
     client = _client(fake, sdk, kind)
     events: list[Any] = []
@@ -270,6 +279,9 @@ async def _run(
     finally:
         _common.admit = _express.admit
         await close(client)
+        read = _metrics(reader)
+        _telemetry.configure()
+        provider.shutdown()
     ledger = guard.ledger
     records = [
         (
@@ -289,7 +301,29 @@ async def _run(
     counters = ledger.keys()
     guard.close()
     fired = [(e.kind, e.budget, e.scope, e.data) for e in events]
-    return tuple(seen), counters, records, guard.estimate_misses, fired
+    return tuple(seen), counters, records, guard.estimate_misses, read, fired
+
+
+def _metrics(reader: InMemoryMetricReader) -> dict[str, list[tuple[Any, ...]]]:
+    """Each metric's points as read now: attributes and values, no timestamps."""
+    found: dict[str, list[tuple[Any, ...]]] = {}
+    data = reader.get_metrics_data()
+    for resource in data.resource_metrics if data is not None else ():
+        for scope in resource.scope_metrics:
+            for metric in scope.metrics:
+                points = [
+                    (
+                        tuple(sorted((point.attributes or {}).items())),
+                        *(
+                            (point.count, point.sum, point.min, point.max)
+                            if isinstance(point, HistogramDataPoint)
+                            else (point.value,)
+                        ),
+                    )
+                    for point in metric.data.data_points
+                ]
+                found[metric.name] = sorted(points, key=repr)
+    return found
 
 
 def _charged(run: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -332,15 +366,31 @@ class _Lanes:
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
-@given(config=_configs, script=st.lists(_steps, min_size=1, max_size=6))
+@given(
+    config=_configs,
+    script=st.lists(_steps, min_size=1, max_size=6),
+    metrics=st.booleans(),
+)
 def test_the_express_lane_decides_and_charges_as_the_general_path(
-    fake: FakeProvider, sdk: str, kind: str, config: Config, script: list[Step]
+    fake: FakeProvider,
+    *,
+    sdk: str,
+    kind: str,
+    config: Config,
+    script: list[Step],
+    metrics: bool,
 ) -> None:
+    """Random calls with the lane on and off: the same responses, errors,
+    counters, call log, events and, with OpenTelemetry metrics recorded,
+    the same metrics (the lane reports its calls as the general path does)."""
     lanes = _Lanes()
-    on = asyncio.run(_run(fake, sdk, kind, config, script, lane=lanes))
-    off = asyncio.run(_run(fake, sdk, kind, config, script, lane=_never))
+    on = asyncio.run(_run(fake, sdk, kind, config, script, lane=lanes, metrics=metrics))
+    off = asyncio.run(
+        _run(fake, sdk, kind, config, script, lane=_never, metrics=metrics)
+    )
     admitted = lanes.admitted
     event(f"calls admitted by the express lane: {'2+' if admitted > 1 else admitted}")
+    event(f"metrics recorded: {metrics}, lane admitted: {min(admitted, 2)}")
     assert on == off
 
 
@@ -445,10 +495,19 @@ def test_near_thresholds_the_lane_decides_as_the_general_path(
     configs, steps = _NEAR_THRESHOLDS[scripts]
     config = data.draw(configs, label="config")
     script = data.draw(steps, label="script")
+    # Metrics on the memory ledger only: the write-behind ledger's used ratios
+    # are its slices', not the memory ledger's, lane or not.
+    metrics = not write_behind and data.draw(st.booleans(), label="metrics")
     lanes = _Lanes()
     ledger = _write_behind(tmp_path) if write_behind else "memory://"
-    on = asyncio.run(_run(fake, sdk, kind, config, script, lane=lanes, ledger=ledger))
-    off = asyncio.run(_run(fake, sdk, kind, config, script, lane=_never))
+    on = asyncio.run(
+        _run(
+            fake, sdk, kind, config, script, lane=lanes, ledger=ledger, metrics=metrics
+        )
+    )
+    off = asyncio.run(
+        _run(fake, sdk, kind, config, script, lane=_never, metrics=metrics)
+    )
     event(f"calls admitted by the express lane: {min(lanes.admitted, 2)}")
     event(f"thresholds fired: {min(len(on[-1]), 2)}")
     degraded = sum(r[2] != r[3] for r in on[2])
@@ -633,18 +692,29 @@ _UNUSUAL = {
 
 @pytest.mark.parametrize("case", list(_UNUSUAL))
 @pytest.mark.parametrize("kind", ["sync", "async"])
+@pytest.mark.parametrize("metrics", [False, True], ids=["", "metrics"])
 def test_each_unusual_end_of_an_express_call_settles_as_the_general_path(
-    fake: FakeProvider, case: str, kind: str
+    fake: FakeProvider, case: str, kind: str, *, metrics: bool
 ) -> None:
+    """Handed on after the lane held it (and, with metrics, reported its
+    admission): the same outcome, charges, call log and metrics as the full
+    plan's."""
     reply, raw = _UNUSUAL[case]
     script = [Step("a", "u", "priced", ("hi",), False, 50, None, raw, reply)]
     config = Config("tokens", 1_000_000, None, "raise")
     lanes = _Lanes()
-    on = asyncio.run(_run(fake, "openai", kind, config, script, lane=lanes))
+    on = asyncio.run(
+        _run(fake, "openai", kind, config, script, lane=lanes, metrics=metrics)
+    )
     assert lanes.admitted == 1  # the script's call: admitted by the lane
-    off = asyncio.run(_run(fake, "openai", kind, config, script, lane=_never))
+    off = asyncio.run(
+        _run(fake, "openai", kind, config, script, lane=_never, metrics=metrics)
+    )
     assert on == off
-    _, _, records, misses, _ = on
+    _, _, records, misses, read, _ = on
+    if metrics:  # both calls admitted and settled (or released, on an error)
+        assert read["allowance.reservations.held"] == [((), 0)]
+        assert read["allowance.budget.used_ratio"]
     assert misses == (case == "usage beyond the worst case")
     outcome = records[-1][7]
     assert outcome == {"error status": "error", "connection closed": "error"}.get(

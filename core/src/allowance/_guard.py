@@ -945,14 +945,6 @@ class Guard:
         """True when events have somewhere to go (telemetry or an observer)."""
         return telemetry.active() or plugins.has_observers()
 
-    def _calls_observed(self) -> bool:
-        """True when the events of a call admitted as usual have somewhere to go.
-
-        The express lane's test: telemetry, or an observer that may want
-        them (``plugins.observes_calls``).
-        """
-        return telemetry.active() or plugins.observes_calls()
-
     def _emit(
         self,
         kind: str,

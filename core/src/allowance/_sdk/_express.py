@@ -3,9 +3,11 @@
 Most calls have one shape: a non-streaming chat (OpenAI Chat Completions,
 Anthropic Messages) with a plain body, through a guard on a ledger that
 holds in memory (the memory ledger, the write-behind SQLite ledger), with
-nobody observing events, whose keys hold too little for a warn, webhook or
-degrade threshold to apply; or, past a degrade threshold, the same call sent
-to its fallback.
+no plugin observing a call's events, whose keys hold too little for a warn,
+webhook or degrade threshold to apply; or, past a degrade threshold, the
+same call sent to its fallback. With OpenTelemetry metrics recorded, the
+lane takes the memory ledger's plain calls and reports them as the general
+path does (``admitted``, ``committed``).
 The general path (``Guard.begin``, a ``Ticket``, ``_track_*``) takes about
 thirty function calls and a dozen objects for it, run from cold CPU caches
 after the SDK's own work. This lane does the same
@@ -19,7 +21,8 @@ It never decides differently from the general path:
   refusal: the general path decides (the write-behind ledger's slice may
   just not cover the call).
 - Before the ledger is touched, anything else (a stream, another body, an
-  observer, a price missing) returns None, and the general path takes the
+  observer, a price missing, metrics on another ledger or on a degraded
+  call) returns None, and the general path takes the
   call from the start; so does a call ``hold`` does not admit: one that
   does not fit, or whose keys hold enough for a threshold to apply
   (``Guard._ceilings``).
@@ -35,7 +38,7 @@ It never decides differently from the general path:
 
 A hypothesis test (``tests/sdk/test_express.py``) drives random calls through
 the real SDKs with the lane on and off, and holds both to the same ledger
-state, call log, responses and errors.
+state, call log, responses, errors and metrics.
 """
 
 from __future__ import annotations
@@ -43,12 +46,15 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any, final
 
+from allowance import _telemetry as telemetry
+from allowance import plugins
 from allowance._errors import PricingError
 from allowance._estimate import make_estimate
+from allowance._ledger._memory import MemoryLedger
 from allowance._pricing import prices
 from allowance._scope import current_adapters, new_id
 from allowance._ticket import Ticket
-from allowance.typing import CallRecord
+from allowance.typing import CallRecord, KeyState
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -144,7 +150,7 @@ class Lane:
         return ticket
 
 
-def admit(  # noqa: C901, PLR0911, PLR0917 - each way out is a case for the general path
+def admit(  # noqa: C901, PLR0911, PLR0912, PLR0917 - each way out is a case for the general path
     binding: SdkBinding,
     guard: Guard,
     ledger: Holding,
@@ -164,8 +170,13 @@ def admit(  # noqa: C901, PLR0911, PLR0917 - each way out is a case for the gene
         or len(args) != 2  # noqa: PLR2004 - how the SDKs call it
         or kwargs.get("stream")
         or guard._pending  # noqa: SLF001 - the guard's own hot path, split in two
-        or guard._calls_observed()  # noqa: SLF001
+        or plugins.observes_calls()
     ):
+        return None
+    # Metrics: the lane reports an admission as the general path does, reading
+    # the memory ledger's counters; on write-behind the general path reads them.
+    metered = telemetry.active()
+    if metered and type(ledger) is not MemoryLedger:
         return None
     options = args[1]
     body = getattr(options, "json_data", None)
@@ -187,6 +198,8 @@ def admit(  # noqa: C901, PLR0911, PLR0917 - each way out is a case for the gene
     plain: tuple[str, int, int] | None
     gates: list[int | None] | None
     if layout.degrades and guard.degrading(layout):  # the last call was degraded
+        if metered:  # the general path reports the degradation
+            return None
         fallback = _fallback(binding, guard, args, body, path, layout, provider)
         if fallback is None:
             return None
@@ -217,6 +230,9 @@ def admit(  # noqa: C901, PLR0911, PLR0917 - each way out is a case for the gene
     )
     if held is None:  # the general path decides again, and reports the refusal
         return None
+    if metered:
+        # A MemoryLedger (checked above); mypy does not narrow ``type(x) is``.
+        _report_admitted(guard, ledger, scope, lines, held, call_id)  # type: ignore[arg-type]
     adapters = current_adapters()
     return Lane(
         guard,
@@ -235,6 +251,27 @@ def admit(  # noqa: C901, PLR0911, PLR0917 - each way out is a case for the gene
         requested or model,
         args,
     )
+
+
+def _report_admitted(  # noqa: PLR0917 - ``admit``'s state, passed on
+    guard: Guard,
+    ledger: MemoryLedger,
+    scope: Mapping[str, str],
+    lines: tuple[Line, ...],
+    held: dict[str, int],
+    call_id: str,
+) -> None:
+    """The ``admitted`` event the general path emits: each budget's used ratio.
+
+    ``reserve`` returns the keys' states before the reservation; ``hold``
+    does not, so they are read after it, less what it holds.
+    """
+    after = ledger.state(held)
+    before = {
+        key: KeyState(state.spent, state.reserved - held[key])
+        for key, state in after.items()
+    }
+    guard._emit_admitted(scope, lines, held, before, call_id)  # noqa: SLF001
 
 
 def _fallback(  # noqa: PLR0917 - ``admit``'s state, passed on
@@ -290,7 +327,7 @@ def settle(
     total = usage.total_tokens
     guard = lane.guard
     # Beyond the worst case: the general path counts and reports the miss.
-    if total > lane.bound + lane.cap or guard._calls_observed():  # noqa: SLF001
+    if total > lane.bound + lane.cap or plugins.observes_calls():
         return False
     model = lane.model
     response_model = codec.response_model(result)
@@ -304,22 +341,23 @@ def settle(
         else:
             amounts[line.key] = cost
     started = lane.started
-    return lane.ledger.settle(
+    record = CallRecord(
         lane.call_id,
-        amounts,
-        CallRecord(
-            lane.call_id,
-            started,
-            lane.scope,
-            lane.provider,
-            response_model or model,
-            lane.requested,
-            usage,
-            cost,
-            lane.adapters,
-            "ok" if model == lane.requested else "degraded",
-            lane.bound + lane.cap,
-            lane.worst,
-            (time.time() - started) * 1000.0,
-        ),
+        started,
+        lane.scope,
+        lane.provider,
+        response_model or model,
+        lane.requested,
+        usage,
+        cost,
+        lane.adapters,
+        "ok" if model == lane.requested else "degraded",
+        lane.bound + lane.cap,
+        lane.worst,
+        (time.time() - started) * 1000.0,
     )
+    if not lane.ledger.settle(lane.call_id, amounts, record):
+        return False
+    if telemetry.active():  # as ``Ticket``'s commit reports it
+        guard._emit("committed", lane.scope, {"record": record, "held": True})  # noqa: SLF001
+    return True
