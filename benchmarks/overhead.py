@@ -500,7 +500,7 @@ def sync_scenarios(
             (
                 "chat, memory ledger, OpenTelemetry metrics on",
                 measure(raw, chat(client), rounds),
-                "an SDK meter provider: the general path, 4 points a call",
+                "an SDK meter provider: 4 points a call",
             )
         )
         client.allowance.guard.close()
