@@ -513,6 +513,8 @@ def test_near_thresholds_the_lane_decides_as_the_general_path(
     degraded = sum(r[2] != r[3] for r in on[2])
     event(f"calls degraded: {min(degraded, 2)}")
     event(f"calls degraded by the express lane: {min(lanes.degraded, 3)}")
+    if metrics:
+        event(f"metrics recorded, calls the lane degraded: {min(lanes.degraded, 2)}")
     assert _charged(on) == _charged(off)
 
 

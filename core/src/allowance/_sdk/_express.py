@@ -6,8 +6,8 @@ holds in memory (the memory ledger, the write-behind SQLite ledger), with
 no plugin observing a call's events, whose keys hold too little for a warn,
 webhook or degrade threshold to apply; or, past a degrade threshold, the
 same call sent to its fallback. With OpenTelemetry metrics recorded, the
-lane takes the memory ledger's plain calls and reports them as the general
-path does (``admitted``, ``committed``).
+lane takes the memory ledger's calls and reports them as the general path
+does (``admitted``, ``degraded``, ``committed``).
 The general path (``Guard.begin``, a ``Ticket``, ``_track_*``) takes about
 thirty function calls and a dozen objects for it, run from cold CPU caches
 after the SDK's own work. This lane does the same
@@ -21,8 +21,8 @@ It never decides differently from the general path:
   refusal: the general path decides (the write-behind ledger's slice may
   just not cover the call).
 - Before the ledger is touched, anything else (a stream, another body, an
-  observer, a price missing, metrics on another ledger or on a degraded
-  call) returns None, and the general path takes the
+  observer, a price missing, metrics on another ledger) returns None, and
+  the general path takes the
   call from the start; so does a call ``hold`` does not admit: one that
   does not fit, or whose keys hold enough for a threshold to apply
   (``Guard._ceilings``).
@@ -198,8 +198,6 @@ def admit(  # noqa: C901, PLR0911, PLR0912, PLR0917 - each way out is a case for
     plain: tuple[str, int, int] | None
     gates: list[int | None] | None
     if layout.degrades and guard.degrading(layout):  # the last call was degraded
-        if metered:  # the general path reports the degradation
-            return None
         fallback = _fallback(binding, guard, args, body, path, layout, provider)
         if fallback is None:
             return None
@@ -232,7 +230,7 @@ def admit(  # noqa: C901, PLR0911, PLR0912, PLR0917 - each way out is a case for
         return None
     if metered:
         # A MemoryLedger (checked above); mypy does not narrow ``type(x) is``.
-        _report_admitted(guard, ledger, scope, lines, held, call_id)  # type: ignore[arg-type]
+        _report_admitted(guard, ledger, scope, lines, held, call_id, requested, model)  # type: ignore[arg-type]
     adapters = current_adapters()
     return Lane(
         guard,
@@ -260,10 +258,13 @@ def _report_admitted(  # noqa: PLR0917 - ``admit``'s state, passed on
     lines: tuple[Line, ...],
     held: dict[str, int],
     call_id: str,
+    requested: str | None,
+    model: str,
 ) -> None:
-    """The ``admitted`` event the general path emits: each budget's used ratio.
+    """Emit what the full plan emits for a call it admits.
 
-    ``reserve`` returns the keys' states before the reservation; ``hold``
+    ``admitted`` (each budget's used ratio), then ``degraded`` for a degraded
+    call. ``reserve`` returns the keys' states before the reservation; ``hold``
     does not, so they are read after it, less what it holds.
     """
     after = ledger.state(held)
@@ -272,6 +273,12 @@ def _report_admitted(  # noqa: PLR0917 - ``admit``'s state, passed on
         for key, state in after.items()
     }
     guard._emit_admitted(scope, lines, held, before, call_id)  # noqa: SLF001
+    if requested is not None:
+        guard._emit(  # noqa: SLF001
+            "degraded",
+            scope,
+            {"requested_model": requested, "model": model, "call_id": call_id},
+        )
 
 
 def _fallback(  # noqa: PLR0917 - ``admit``'s state, passed on
