@@ -228,9 +228,8 @@ def admit(  # noqa: C901, PLR0911, PLR0912, PLR0917 - each way out is a case for
     )
     if held is None:  # the general path decides again, and reports the refusal
         return None
-    if metered:
-        # A MemoryLedger (checked above); mypy does not narrow ``type(x) is``.
-        _report_admitted(guard, ledger, scope, lines, held, call_id, requested, model)  # type: ignore[arg-type]
+    if metered and isinstance(ledger, MemoryLedger):  # always, when metered
+        _report_admitted(guard, ledger, scope, lines, held, call_id, requested, model)
     adapters = current_adapters()
     return Lane(
         guard,
