@@ -1,11 +1,14 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
+from types import MappingProxyType
+from typing import Literal
 
 import pytest
 import tiktoken
@@ -34,7 +37,7 @@ from allowance._estimate import (
     output_cap,
     responses_input_bound,
 )
-from allowance.typing import Estimate
+from allowance.typing import CallRecord, Estimate, Usage
 
 O200K_URL = "https://openaipublic.blob.core.windows.net/encodings/o200k_base.tiktoken"
 
@@ -865,3 +868,55 @@ def test_plain_bound_answers_for_the_commonest_bodies(
         plain[0],
         default_output_cap(model) if plain[1] is None else plain[1],
     )
+
+
+COUNTS = st.integers(min_value=0, max_value=10**9)
+
+
+@given(
+    counts=st.tuples(COUNTS, COUNTS, COUNTS, COUNTS, COUNTS),
+    cost=st.none() | COUNTS,
+    micros=st.none() | COUNTS,
+    latency=st.floats(min_value=0, max_value=1e6),
+    outcome=st.sampled_from(["ok", "degraded"]),
+)
+def test_the_fast_builders_build_what_the_constructors_build(
+    counts: tuple[int, int, int, int, int],
+    cost: int | None,
+    micros: int | None,
+    latency: float,
+    outcome: Literal["ok", "degraded"],
+) -> None:
+    """``make_usage``, ``make_estimate`` and ``make_record`` (slot stores, the
+    express lane's) equal the dataclasses' own constructors, field for field."""
+    usage = _estimate.make_usage(*counts)
+    assert usage == Usage(*counts)
+    assert type(usage) is Usage
+    made = _estimate.make_estimate("openai", "gpt-4o-mini", counts[0], counts[1])
+    assert made == Estimate("openai", "gpt-4o-mini", counts[0], counts[1])
+    assert made.exact_input is False
+    fields = (
+        "call-1",
+        1.5,
+        MappingProxyType({"tenant": "acme"}),
+        "openai",
+        "gpt-4o-mini-2024-07-18",
+        "gpt-4o",
+        usage,
+        cost,
+        ("openai",),
+        outcome,
+        counts[2],
+        micros,
+        latency,
+    )
+    record = _estimate.make_record(*fields)
+    expected = CallRecord(*fields)
+    assert type(record) is CallRecord
+    assert record == expected
+    assert [getattr(record, f.name) for f in dataclasses.fields(CallRecord)] == list(
+        fields
+    )
+    assert repr(record) == repr(expected)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        record.cost_micros = 0  # type: ignore[misc]  # frozen, as the constructor's

@@ -462,8 +462,9 @@ class PriceTable:
         read = usage.cache_read_tokens
         write = usage.cache_write_tokens
         uncached = input_tokens - read - write
+        # Conditionals, not max(): a builtin call costs more from cold caches.
         total = (
-            max(uncached, 0) * rates.input
+            (uncached if uncached > 0 else 0) * rates.input  # noqa: FURB136
             + read * rates.cache_read
             + write * rates.cache_write
             + usage.output_tokens * rates.output
@@ -486,15 +487,21 @@ class PriceTable:
         base = self.rates(provider, model)
         if base is None:
             raise PricingError(model, provider)
-        input_tokens = max(input_tokens, 0)
-        output_tokens = max(output_tokens, 0)
         if not base.tiers:  # the common case: one linear price
+            # Conditionals, not max(): a builtin call costs more from cold caches.
+            dearest = base.input
+            if base.cache_read > dearest:  # noqa: PLR1730
+                dearest = base.cache_read
+            if base.cache_write > dearest:  # noqa: PLR1730
+                dearest = base.cache_write
             total = (
-                input_tokens * max(base.input, base.cache_read, base.cache_write)
-                + output_tokens * base.output
+                (input_tokens if input_tokens > 0 else 0) * dearest  # noqa: FURB136
+                + (output_tokens if output_tokens > 0 else 0) * base.output  # noqa: FURB136
                 + base.request
             )
             return -(-total // base.denominator)
+        input_tokens = max(input_tokens, 0)
+        output_tokens = max(output_tokens, 0)
         total = 0
         for rates in (base, *(r for start, r in base.tiers if input_tokens > start)):
             dearest_input = max(rates.input, rates.cache_read, rates.cache_write)

@@ -49,6 +49,7 @@ MAX_SETTLED: Final = 1_000_000
 long-running process at thousands of calls a second does not keep a day of them."""
 
 _ZERO = KeyState()
+_new: Final = object.__new__
 
 
 class _Reservation:
@@ -284,7 +285,9 @@ class MemoryLedger:
                     counters[key] = [amount, 0]
                 else:
                     row[0] += amount
-                    row[1] = max(row[1] - held.get(key, 0), 0)
+                    # A conditional, not max(): cheaper from cold caches.
+                    rest = row[1] - held.get(key, 0)
+                    row[1] = rest if rest > 0 else 0  # noqa: FURB136
             for key, amount in held.items():
                 if key not in amounts:  # pragma: no cover - the guard charges every key
                     row = counters[key]  # a held key keeps its counter (see reset)
@@ -433,8 +436,16 @@ class MemoryLedger:
         self, reservation_id: str, expires_at: float, holds: dict[str, int]
     ) -> None:
         """Register a reservation whose holds are already on the counters."""
-        self._holding[reservation_id] = _Reservation(expires_at, HELD, holds)
-        self._next_expiry = min(self._next_expiry, expires_at)
+        # Built without calling the class, compared without min(): the fast
+        # lane's hold runs this from cold caches.
+        reservation: _Reservation = _new(_Reservation)
+        reservation.expires_at = expires_at
+        reservation.status = HELD
+        reservation.items = holds
+        reservation.settled_at = None
+        self._holding[reservation_id] = reservation
+        if expires_at < self._next_expiry:  # noqa: PLR1730
+            self._next_expiry = expires_at
 
     def _find(self, reservation_id: str) -> _Reservation | str | None:
         """A held or expired reservation, a settled one's status, or None."""
