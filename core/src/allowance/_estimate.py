@@ -86,7 +86,6 @@ import json
 import os
 import tempfile
 import threading
-import types
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
@@ -197,30 +196,39 @@ _AUDIO_TYPES: Final = frozenset({"input_audio"})
 _TOOL_USE_TYPES: Final = frozenset({"tool_use", "server_tool_use", "mcp_tool_use"})
 
 
-def _slot_setters(cls: type, names: tuple[str, ...]) -> tuple[Any, ...] | None:
-    """Return the slot setters of a frozen slots dataclass with exactly ``names``.
+def _draft(cls: type, names: tuple[str, ...]) -> type | None:
+    """A plain class with the slots of ``cls``, a frozen slots dataclass of ``names``.
 
-    Setting the slots of a new instance builds the same object as calling the
-    class, at half the cost of a frozen dataclass ``__init__`` (its
-    ``object.__setattr__`` per field). None when ``cls`` is not such a class:
-    callers then use the constructor.
+    The hot path builds one instance per call of ``Usage``, ``Estimate`` and
+    ``CallRecord``: their ``__init__`` sets each field through
+    ``object.__setattr__`` (frozen), a C call each. A draft's slots take plain
+    attribute stores instead; then the instance's ``__class__`` becomes
+    ``cls`` (the same slots, so the same layout): the very object the
+    constructor builds, frozen from then on, at a fraction of the cost.
+    None when ``cls`` is not such a class, or refuses the swap: callers then
+    call the constructor.
     """
     try:
         fields = tuple(f.name for f in dataclasses.fields(cls))
-        slots = [cls.__dict__[name] for name in names]
+        slots = tuple(cls.__dict__["__slots__"])
     except (TypeError, KeyError):  # pragma: no cover - not a slots dataclass
         return None
-    if fields != names or hasattr(cls, "__post_init__"):  # pragma: no cover
+    if fields != names or set(slots) != set(names) or hasattr(cls, "__post_init__"):
+        return None  # pragma: no cover - changed shape
+    draft = type(f"_{cls.__name__}Draft", (), {"__slots__": slots})
+    probe: Any = _new(draft)
+    try:
+        probe.__class__ = cls
+    except TypeError:  # pragma: no cover - a layout the swap refuses
         return None
-    if not all(type(slot) is types.MemberDescriptorType for slot in slots):
-        return None  # pragma: no cover
-    return tuple(slot.__set__ for slot in slots)
+    return draft
 
 
-_ESTIMATE_SLOTS: Final = _slot_setters(
+_new: Final = object.__new__
+_ESTIMATE_DRAFT: Final = _draft(
     Estimate, ("provider", "model", "input_tokens", "output_tokens", "exact_input")
 )
-_USAGE_SLOTS: Final = _slot_setters(
+_USAGE_DRAFT: Final = _draft(
     Usage,
     (
         "input_tokens",
@@ -230,7 +238,7 @@ _USAGE_SLOTS: Final = _slot_setters(
         "reasoning_tokens",
     ),
 )
-_RECORD_SLOTS: Final = _slot_setters(
+_RECORD_DRAFT: Final = _draft(
     CallRecord,
     (
         "call_id",
@@ -248,7 +256,6 @@ _RECORD_SLOTS: Final = _slot_setters(
         "latency_ms",
     ),
 )
-_new: Final = object.__new__
 
 
 def make_estimate(
@@ -257,17 +264,18 @@ def make_estimate(
     """Return ``Estimate(provider, model, input_tokens, output_tokens)``, built fast.
 
     For values this library computed (no validation to run): the hot path
-    builds one per call.
+    builds one per call (see ``_draft``).
     """
-    if _ESTIMATE_SLOTS is None:  # pragma: no cover - Estimate changed shape
+    if _ESTIMATE_DRAFT is None:  # pragma: no cover - Estimate changed shape
         return Estimate(provider, model, input_tokens, output_tokens)
-    set_provider, set_model, set_input, set_output, set_exact = _ESTIMATE_SLOTS
-    estimate: Estimate = _new(Estimate)
-    set_provider(estimate, provider)
-    set_model(estimate, model)
-    set_input(estimate, input_tokens)
-    set_output(estimate, output_tokens)
-    set_exact(estimate, False)  # noqa: FBT003
+    draft: Any = _new(_ESTIMATE_DRAFT)
+    draft.provider = provider
+    draft.model = model
+    draft.input_tokens = input_tokens
+    draft.output_tokens = output_tokens
+    draft.exact_input = False
+    draft.__class__ = Estimate
+    estimate: Estimate = draft
     return estimate
 
 
@@ -278,8 +286,8 @@ def make_usage(
     cache_write_tokens: int = 0,
     reasoning_tokens: int = 0,
 ) -> Usage:
-    """Return the ``Usage`` of these counts, built fast (as ``make_estimate``)."""
-    if _USAGE_SLOTS is None:  # pragma: no cover - Usage changed shape
+    """Return the ``Usage`` of these counts, built fast (see ``_draft``)."""
+    if _USAGE_DRAFT is None:  # pragma: no cover - Usage changed shape
         return Usage(
             input_tokens,
             output_tokens,
@@ -287,13 +295,14 @@ def make_usage(
             cache_write_tokens,
             reasoning_tokens,
         )
-    set_input, set_output, set_read, set_write, set_reasoning = _USAGE_SLOTS
-    usage: Usage = _new(Usage)
-    set_input(usage, input_tokens)
-    set_output(usage, output_tokens)
-    set_read(usage, cache_read_tokens)
-    set_write(usage, cache_write_tokens)
-    set_reasoning(usage, reasoning_tokens)
+    draft: Any = _new(_USAGE_DRAFT)
+    draft.input_tokens = input_tokens
+    draft.output_tokens = output_tokens
+    draft.cache_read_tokens = cache_read_tokens
+    draft.cache_write_tokens = cache_write_tokens
+    draft.reasoning_tokens = reasoning_tokens
+    draft.__class__ = Usage
+    usage: Usage = draft
     return usage
 
 
@@ -312,8 +321,8 @@ def make_record(  # noqa: PLR0917 - CallRecord's fields, in order
     estimate_micros: int | None,
     latency_ms: float,
 ) -> CallRecord:
-    """Return ``CallRecord(...)`` of these fields, built fast (as ``make_usage``)."""
-    if _RECORD_SLOTS is None:  # pragma: no cover - CallRecord changed shape
+    """Return ``CallRecord(...)`` of these fields, built fast (see ``_draft``)."""
+    if _RECORD_DRAFT is None:  # pragma: no cover - CallRecord changed shape
         return CallRecord(
             call_id,
             ts,
@@ -329,35 +338,22 @@ def make_record(  # noqa: PLR0917 - CallRecord's fields, in order
             estimate_micros,
             latency_ms,
         )
-    (
-        set_id,
-        set_ts,
-        set_scope,
-        set_provider,
-        set_model,
-        set_requested,
-        set_usage,
-        set_cost,
-        set_adapters,
-        set_outcome,
-        set_tokens,
-        set_micros,
-        set_latency,
-    ) = _RECORD_SLOTS
-    record: CallRecord = _new(CallRecord)
-    set_id(record, call_id)
-    set_ts(record, ts)
-    set_scope(record, scope)
-    set_provider(record, provider)
-    set_model(record, model)
-    set_requested(record, requested_model)
-    set_usage(record, usage)
-    set_cost(record, cost_micros)
-    set_adapters(record, adapters)
-    set_outcome(record, outcome)
-    set_tokens(record, estimate_tokens)
-    set_micros(record, estimate_micros)
-    set_latency(record, latency_ms)
+    draft: Any = _new(_RECORD_DRAFT)
+    draft.call_id = call_id
+    draft.ts = ts
+    draft.scope = scope
+    draft.provider = provider
+    draft.model = model
+    draft.requested_model = requested_model
+    draft.usage = usage
+    draft.cost_micros = cost_micros
+    draft.adapters = adapters
+    draft.outcome = outcome
+    draft.estimate_tokens = estimate_tokens
+    draft.estimate_micros = estimate_micros
+    draft.latency_ms = latency_ms
+    draft.__class__ = CallRecord
+    record: CallRecord = draft
     return record
 
 
