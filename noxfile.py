@@ -32,7 +32,13 @@ nox.options.sessions = ["lint", "typecheck", "tests", "integration", "demo"]
 SDKS = {"latest": "sdk-latest", "legacy": "sdk-legacy"}
 
 # The benchmarks that need only the core (typechecked with it).
-BENCHMARKS = ("overhead.py", "ledger.py", "report.py", "profile_hot_path.py")
+BENCHMARKS = (
+    "overhead.py",
+    "ledger.py",
+    "report.py",
+    "profile_hot_path.py",
+    "callgrind.py",
+)
 # Each framework integration in its own environment: the package, its framework
 # and the SDKs its tests drive (CrewAI and LlamaIndex bring openai 2.x).
 INTEGRATIONS = {
@@ -125,6 +131,16 @@ def bench(session: nox.Session) -> None:
     session.run("python", str(ROOT / "benchmarks" / "report.py"))
     # Where a guarded call's time goes: pyinstrument's tree of the hot path.
     session.run("python", str(ROOT / "benchmarks" / "profile_hot_path.py"))
+
+
+@nox.session(python=PYTHONS[0], default=False)
+def bench_callgrind(session: nox.Session) -> None:
+    """Count what the guard adds to a call on a simulated CPU: no machine noise.
+
+    Needs valgrind (Debian: ``apt-get install valgrind``); ~5 min on 2 cores.
+    """
+    sync(session, "bench", "sdk-latest")
+    session.run("python", str(ROOT / "benchmarks" / "callgrind.py"), *session.posargs)
 
 
 @nox.session(python=PYTHONS[0], default=False)

@@ -180,6 +180,22 @@ def behind_url(tmp: Path, name: str) -> str:
     return f"sqlite:///{tmp / name}.db?write_behind=0.05"
 
 
+def do_nothing(fake: RemoteProvider) -> Any:
+    """A client under a wrapper around ``request`` that does nothing.
+
+    The floor of any guard at the SDK layer. Between two SDK calls even this
+    runs from cold CPU caches, so it shows what the harness cannot resolve.
+    """
+    client = sdk_client(fake)
+    request = client.request
+
+    def pass_through(*args: Any, **kwargs: Any) -> Any:
+        return request(*args, **kwargs)
+
+    client.__dict__["request"] = pass_through
+    return client
+
+
 def least_guard(fake: RemoteProvider) -> Any:
     """A client under the least a guard can do: the floor below allowance's row.
 
@@ -435,20 +451,10 @@ def sync_scenarios(
     chat_memory: dict[str, float] = {}
     raw_client = sdk_client(fake)
     raw = chat(raw_client)
-    # The floor of any guard at the SDK layer: a wrapper around ``request``
-    # that does nothing. Between two SDK calls even this runs from cold
-    # CPU caches, so it shows what the harness itself cannot resolve.
-    bare = sdk_client(fake)
-    request = bare.request
-
-    def pass_through(*args: Any, **kwargs: Any) -> Any:
-        return request(*args, **kwargs)
-
-    bare.__dict__["request"] = pass_through
     rows.append(
         (
             "chat, a do-nothing wrapper (no allowance)",
-            measure(raw, chat(bare), rounds),
+            measure(raw, chat(do_nothing(fake)), rounds),
             "the floor: any wrapper at the SDK layer pays this",
         )
     )
