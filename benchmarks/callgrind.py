@@ -103,13 +103,19 @@ SCENARIOS: dict[str, tuple[str, Factory]] = {
     ),
 }
 DEFAULT = ("nothing", "least", "yardstick", "memory", "sqlite", "behind")
+# callgrind's events, summed: instructions, L1 misses, last-level misses,
+# mispredicted branches (conditional and indirect).
+INSTRUCTIONS = ("Ir",)
+L1_MISSES = ("I1mr", "D1mr", "D1mw")
+LL_MISSES = ("ILmr", "DLmr", "DLmw")
+BRANCH_MISSES = ("Bcm", "Bim")
 # Columns of the table: (header, the events summed)
 COLUMNS = (
-    ("instructions", ("Ir",)),
-    ("L1 misses", ("I1mr", "D1mr", "D1mw")),
+    ("instructions", INSTRUCTIONS),
+    ("L1 misses", L1_MISSES),
     ("of which instruction", ("I1mr",)),
-    ("last-level misses", ("ILmr", "DLmr", "DLmw")),
-    ("mispredicted branches", ("Bcm", "Bim")),
+    ("last-level misses", LL_MISSES),
+    ("mispredicted branches", BRANCH_MISSES),
 )
 
 
@@ -162,6 +168,19 @@ class Profile:
         total = sum(self.costs[function][self.events.index(n)] for n in names)
         return total / self.calls[function]
 
+    def added(self, names: Iterable[str]) -> float:
+        """The events ``names`` a guarded call runs beyond a raw one, per call."""
+        return self.per_call(GUARDED_WRAPPER, names) - self.per_call(RAW_WRAPPER, names)
+
+    def estimate(self, function: str) -> float:
+        """KCachegrind's cycle estimate per call: Ir + 10 Bm + 10 L1m + 100 LLm."""
+        return (
+            self.per_call(function, INSTRUCTIONS)
+            + 10 * self.per_call(function, BRANCH_MISSES)
+            + 10 * self.per_call(function, L1_MISSES)
+            + 100 * self.per_call(function, LL_MISSES)
+        )
+
 
 def parse(path: Path, functions: set[str]) -> Profile:  # noqa: C901 - one pass, one format
     """The inclusive costs and call counts of ``functions`` (callgrind's format).
@@ -174,7 +193,7 @@ def parse(path: Path, functions: set[str]) -> Profile:  # noqa: C901 - one pass,
     names: dict[str, str] = {}
     events: list[str] = []
     positions = 1
-    costs = {f: [] for f in functions}  # type: dict[str, list[int]]
+    costs: dict[str, list[int]] = {}
     calls = dict.fromkeys(functions, 0)
     current = callee = ""
     after_calls = False
@@ -273,16 +292,6 @@ def run(scenario: str, rounds: int, out: Path) -> Profile:
     return profile
 
 
-def estimate(profile: Profile, function: str) -> float:
-    """KCachegrind's cycle estimate per call: Ir + 10 Bm + 10 L1m + 100 LLm."""
-    return (
-        profile.per_call(function, ("Ir",))
-        + 10 * profile.per_call(function, ("Bcm", "Bim"))
-        + 10 * profile.per_call(function, ("I1mr", "D1mr", "D1mw"))
-        + 100 * profile.per_call(function, ("ILmr", "DLmr", "DLmw"))
-    )
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -346,18 +355,15 @@ def main() -> None:
     table.add_row(
         "chat, the raw SDK (the whole call)",
         *(f"{first.per_call(RAW_WRAPPER, names):,.0f}" for _, names in COLUMNS),
-        f"{estimate(first, RAW_WRAPPER):,.0f}",
+        f"{first.estimate(RAW_WRAPPER):,.0f}",
         "",
     )
     for scenario, profile in zip(scenarios, profiles, strict=True):
-        raw_estimate = estimate(profile, RAW_WRAPPER)
-        added = estimate(profile, GUARDED_WRAPPER) - raw_estimate
+        raw_estimate = profile.estimate(RAW_WRAPPER)
+        added = profile.estimate(GUARDED_WRAPPER) - raw_estimate
         table.add_row(
             SCENARIOS[scenario][0],
-            *(
-                f"{profile.per_call(GUARDED_WRAPPER, names) - profile.per_call(RAW_WRAPPER, names):,.0f}"
-                for _, names in COLUMNS
-            ),
+            *(f"{profile.added(names):,.0f}" for _, names in COLUMNS),
             f"{added:,.0f}",
             f"{added / raw_estimate:.2%}",
         )
