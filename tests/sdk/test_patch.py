@@ -9,6 +9,7 @@ many layers see it.
 from __future__ import annotations
 
 import uuid
+from decimal import Decimal
 
 import anthropic
 import anthropic._base_client
@@ -174,6 +175,48 @@ async def test_isinstance_is_preserved(kind, fake_provider, clients):
         assert type(copy) is cls
     azure = clients("azure", kind)
     assert isinstance(azure, openai.OpenAI if sync else openai.AsyncOpenAI)
+
+
+@pytest.mark.parametrize("sdk", SDKS)
+async def test_of_reads_a_wrapped_client_and_names_one_that_is_not(
+    sdk, kind, fake_provider, clients
+):
+    """``allowance.of(client)`` is ``client.allowance``, typed, on copies too.
+
+    A client never wrapped, or unwrapped since, gets a ``UsageError`` that
+    names its class and says what was expected; so does a patched one.
+    """
+    fake_provider.usage = USAGE
+    plain = clients(sdk, kind)
+    with pytest.raises(allowance.UsageError, match="is not wrapped") as info:
+        allowance.of(plain)
+    assert type(plain).__qualname__ in str(info.value)
+    assert info.value.value is plain
+    assert info.value.expected == "a client returned by allowance.wrap()"
+
+    client = allowance.wrap(plain, "$5", ledger="memory://")
+    view = allowance.of(client)
+    assert view is client.allowance
+    assert isinstance(view, allowance.ClientAllowance)
+    assert allowance.of(client.with_options(timeout=30.0)) is view
+    await generate(client, sdk)
+    micros = view.status()[0].spent
+    assert micros > 0
+    assert view.spent == Decimal(micros) / 1_000_000
+
+    allowance.unwrap(client)
+    with pytest.raises(allowance.UsageError, match="is not wrapped"):
+        allowance.of(client)
+    allowance.patch(budget="$5", ledger="memory://")
+    with pytest.raises(allowance.UsageError, match=r"allowance\.active_guard\(\)"):
+        allowance.of(clients(sdk, kind))
+
+
+@pytest.mark.parametrize("value", [None, 42, "client", object()])
+def test_of_rejects_what_is_not_a_client(value):
+    """``allowance.of`` of anything else names its type, without an AttributeError."""
+    with pytest.raises(allowance.UsageError, match=type(value).__qualname__):
+        allowance.of(value)
 
 
 @pytest.mark.parametrize("sdk", SDKS)

@@ -19,8 +19,9 @@ def wrap_example() -> None:
         model="gpt-4o", messages=[{"role": "user", "content": "hi"}]
     )
     text: str | None = reply.choices[0].message.content
-    spent: Decimal | int = client.allowance.spent  # type: ignore[attr-defined]
-    del text, spent
+    spent: Decimal | int = allowance.of(client).spent
+    status: list[BudgetStatus] = allowance.of(client).status()
+    del text, spent, status
 
 
 def policy_example() -> None:

@@ -33,7 +33,15 @@ from allowance._policy import Policy
 from allowance._pricing import prices
 from allowance._scope import budget, current_scope, scope, seen_by
 from allowance._ticket import Ticket
-from allowance._wrap import ClientAllowance, active_guard, patch, unpatch, unwrap, wrap
+from allowance._wrap import (
+    ClientAllowance,
+    active_guard,
+    of,
+    patch,
+    unpatch,
+    unwrap,
+    wrap,
+)
 from allowance.plugins import hookimpl
 from allowance.typing import CallRecord, Estimate, Event, Usage
 
@@ -86,6 +94,7 @@ __all__ = [
     "budget",
     "current_scope",
     "hookimpl",
+    "of",
     "open_ledger",
     "patch",
     "prices",

@@ -178,7 +178,7 @@ class PricingError(AllowanceError, LookupError):
 class UsageError(AllowanceError):
     """Raised when the library is used in a way it does not support.
 
-    For example calling ``client.allowance`` on a client that was never wrapped,
+    For example ``allowance.of(client)`` on a client that was never wrapped,
     or wrapping an object that is not a supported SDK client.
     """
 

@@ -236,6 +236,32 @@ def unwrap(client: C) -> C:
     return client
 
 
+def of(client: object) -> ClientAllowance:
+    """Return what ``client.allowance`` shows on a wrapped client, typed.
+
+    ``wrap`` sets ``allowance`` on the client instance at run time, so a type
+    checker does not know it on ``openai.OpenAI``: ``allowance.of(client)`` is
+    the same object under a type that it knows. ``with_options`` and ``copy``
+    copies of a wrapped client share it.
+
+    Raises:
+        UsageError: ``client`` is not wrapped (never, or ``unwrap`` since).
+
+    Example:
+        >>> allowance.of(client).remaining
+        Decimal('1.99')
+    """
+    view = getattr(client, "__dict__", {}).get("allowance")
+    if type(view) is ClientAllowance:
+        return view
+    raise UsageError(
+        f"{type(client).__qualname__} is not wrapped: allowance.of() reads what "
+        "wrap() set on a client (under patch(), read allowance.active_guard())",
+        value=client,
+        expected="a client returned by allowance.wrap()",
+    )
+
+
 def active_guard() -> Guard | None:
     """Return the guard ``patch()`` installed, or None."""
     return _active
