@@ -301,11 +301,11 @@ def main() -> None:
         nargs="*",
         help=f"of {', '.join(SCENARIOS)} (default: {' '.join(DEFAULT)})",
     )
-    parser.add_argument("-n", "--rounds", type=int, default=100)
+    parser.add_argument("-n", "--rounds", type=overhead.positive, default=100)
     parser.add_argument(
         "-j",
         "--jobs",
-        type=int,
+        type=overhead.positive,
         default=os.cpu_count() or 1,
         help="processes under callgrind at once (the counts do not depend on it)",
     )

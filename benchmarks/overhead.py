@@ -821,10 +821,22 @@ def process_rows(rounds: int, processes: int) -> list[Row]:
     return rows
 
 
+def positive(text: str) -> int:
+    """An argparse type: an integer >= 1, or an error naming what was given."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        msg = f"expected an integer >= 1, got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("-n", "--rounds", type=int, default=2000)
-    parser.add_argument("--concurrent", type=int, default=1000)
+    parser.add_argument("-n", "--rounds", type=positive, default=2000)
+    parser.add_argument("--concurrent", type=positive, default=1000)
     parser.add_argument("--no-peers", action="store_true")
     parser.add_argument(
         "--processes",
