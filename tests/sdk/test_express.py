@@ -677,18 +677,23 @@ async def test_an_observer_of_refusals_only_leaves_calls_on_the_lane(
         assert observer.seen.count("committed") == 3 * ("committed" in kinds)
 
 
-# Ends of an admitted call: each but "another model answered" (which the lane
-# prices at the answering model's rates itself) is handed to the general path.
+# Ends of an admitted call, and whether the lane hands it to the general path.
+# The lane settles a response whose usage fits the worst case itself: parsed,
+# raw (``with_raw_response``, as LangChain's ``ChatOpenAI`` asks: parsed and
+# cached by the SDK), or from another model (priced at the answering model's
+# rates); any other end is handed on.
 _UNUSUAL = {
-    "error status": (FakeReply(status=500), False),
-    "connection closed": (FakeReply(truncate_after=0), False),
-    "no usage": (FakeReply(omit_usage=True), False),
+    "error status": (FakeReply(status=500), False, True),
+    "connection closed": (FakeReply(truncate_after=0), False, True),
+    "no usage": (FakeReply(omit_usage=True), False, True),
     "usage beyond the worst case": (
         FakeReply(usage=FakeUsage(input_tokens=5_000, output_tokens=900)),
         False,
+        True,
     ),
-    "another model answered": (FakeReply(model="gpt-4o-2024-08-06"), False),
-    "raw response": (None, True),
+    "another model answered": (FakeReply(model="gpt-4o-2024-08-06"), False, False),
+    "raw response": (None, True, False),
+    "raw response, no usage": (FakeReply(omit_usage=True), True, True),
 }
 
 
@@ -696,19 +701,33 @@ _UNUSUAL = {
 @pytest.mark.parametrize("kind", ["sync", "async"])
 @pytest.mark.parametrize("metrics", [False, True], ids=["", "metrics"])
 def test_each_unusual_end_of_an_express_call_settles_as_the_general_path(
-    fake: FakeProvider, case: str, kind: str, *, metrics: bool
+    fake: FakeProvider,
+    monkeypatch: pytest.MonkeyPatch,
+    case: str,
+    kind: str,
+    *,
+    metrics: bool,
 ) -> None:
-    """Handed on after the lane held it (and, with metrics, reported its
-    admission): the same outcome, charges, call log and metrics as the full
-    plan's."""
-    reply, raw = _UNUSUAL[case]
+    """Settled by the lane or handed on after the lane held it (and, with
+    metrics, reported its admission): the same outcome, charges, call log and
+    metrics as the full plan's."""
+    reply, raw, handed_on = _UNUSUAL[case]
     script = [Step("a", "u", "priced", ("hi",), False, 50, None, raw, reply)]
     config = Config("tokens", 1_000_000, None, "raise")
     lanes = _Lanes()
+    tickets: list[object] = []
+    ticket = _express.Lane.ticket
+
+    def counted(lane: _express.Lane) -> object:
+        tickets.append(lane)
+        return ticket(lane)
+
+    monkeypatch.setattr(_express.Lane, "ticket", counted)
     on = asyncio.run(
         _run(fake, "openai", kind, config, script, lane=lanes, metrics=metrics)
     )
     assert lanes.admitted == 1  # the script's call: admitted by the lane
+    assert len(tickets) == handed_on
     off = asyncio.run(
         _run(fake, "openai", kind, config, script, lane=_never, metrics=metrics)
     )
@@ -720,8 +739,91 @@ def test_each_unusual_end_of_an_express_call_settles_as_the_general_path(
     assert misses == (case == "usage beyond the worst case")
     outcome = records[-1][7]
     assert outcome == {"error status": "error", "connection closed": "error"}.get(
-        case, "unmetered" if case == "no usage" else "ok"
+        case, "unmetered" if "no usage" in case else "ok"
     )
+
+
+class _Unreadable:
+    """A provider on 127.0.0.1 that answers 200 with JSON cut short."""
+
+    def __init__(self) -> None:
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers["content-length"]))
+                body = b'{"id": "chatcmpl-1", "object": "chat.completion", "choi'
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = HTTPServer(("127.0.0.1", 0), Handler)
+        self.base_url = f"http://127.0.0.1:{self.server.server_port}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_a_raw_response_that_does_not_parse_is_charged_in_full(
+    monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """The lane hands it on; the general path keeps the worst case, as with
+    the lane off; the caller's ``parse()`` raises the SDK's error."""
+    import openai
+
+    unreadable = _Unreadable()
+    step = Step("a", "u", "priced", ("hi",), False, 50, None, True, None)
+    tickets: list[object] = []
+    ticket = _express.Lane.ticket
+
+    def counted(lane: _express.Lane) -> object:
+        tickets.append(lane)
+        return ticket(lane)
+
+    monkeypatch.setattr(_express.Lane, "ticket", counted)
+    lanes = _Lanes()
+    seen = []
+    try:
+        for lane in (lanes, _never):
+            monkeypatch.setattr(_common, "admit", lane)
+            cls: Any = openai.OpenAI if kind == "sync" else openai.AsyncOpenAI
+            client = cls(base_url=unreadable.base_url, api_key="test", max_retries=0)
+            guard = allowance.Guard(budget=10_000, ledger="memory://")
+            if lane is _never:
+                guard._begin_fast = _never  # type: ignore[method-assign]
+            allowance.wrap(client, guard=guard)
+            try:
+                for _ in range(2):  # the first opens the ledger (the general path)
+                    raw = await aw(
+                        client.chat.completions.with_raw_response.create(
+                            **_request("openai", step)
+                        )
+                    )
+                    with pytest.raises(json.JSONDecodeError):
+                        raw.parse()
+            finally:
+                await close(client)
+            seen.append(
+                (
+                    [(r.outcome, r.usage, r.cost_micros) for r in guard.ledger.calls()],
+                    [(s.spent, s.reserved) for s in guard.status()],
+                )
+            )
+    finally:
+        unreadable.stop()
+    assert lanes.admitted == 1
+    assert len(tickets) == 1  # the lane's call, handed on
+    assert seen[0] == seen[1]
+    records, status = seen[0]
+    assert [outcome for outcome, _, _ in records] == ["unmetered"] * 2
+    assert status[0][1] == 0  # nothing left held
+    assert status[0][0] > 0  # the worst case kept
 
 
 async def test_calls_the_lane_cannot_take_go_the_general_way(

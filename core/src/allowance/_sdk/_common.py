@@ -313,7 +313,8 @@ def _express_sync(
         raise
     finally:
         _claimed.reset(token)
-    if settle(lane, binding, result, binding.unparsed_types):
+    parsed = _read_raw(result) if isinstance(result, binding.raw_types) else result
+    if settle(lane, binding, parsed, binding.unparsed_types):
         return result
     ticket = lane.ticket()
     return _track_sync(
@@ -343,11 +344,29 @@ async def _express_async(
         raise
     finally:
         _claimed.reset(token)
-    if settle(lane, binding, result, binding.async_unparsed_types):
+    parsed = _read_raw(result) if isinstance(result, binding.raw_types) else result
+    if settle(lane, binding, parsed, binding.async_unparsed_types):
         return result
     ticket = lane.ticket()
     call = _handed_on(binding, client, ticket, lane.path, lane.args, kwargs)
     return await _track_async(call, ticket, result)
+
+
+def _read_raw(raw: Any) -> Any:
+    """A raw response's parsed body, for the express lane to settle; else ``raw``.
+
+    ``with_raw_response`` (LangChain's ``ChatOpenAI`` asks for it) returns a
+    response whose body is read and whose ``parse()`` the SDK caches, so the
+    caller's own ``parse()`` is free, as on the general path. A body that
+    does not parse is returned as it is: the lane hands the call on, and
+    the general path parses it again and charges it in full.
+    """
+    if not _body_read(raw):  # pragma: no cover - a raw response reads its body
+        return raw
+    try:
+        return raw.parse()
+    except Exception:  # noqa: BLE001 - the general path reports it
+        return raw
 
 
 def _handed_on(  # noqa: PLR0917 - the express lane's call, rebuilt

@@ -31,10 +31,14 @@ It never decides differently from the general path:
   which refuses the model asked for whatever the limits say (``hold``'s
   ``gates``); the fallback is held as the full plan holds it, and the request
   sent with the fallback's model. Any other such call goes the general path.
-- After the hold, anything out of the ordinary (an error, a raw or streamed
-  response, no usage, usage beyond the worst case, a lease ended, an observer
-  that appeared) is handed to the general path as the ``Ticket`` it would have
-  built (``Lane.ticket``), and settled by the same code.
+- After the hold, anything out of the ordinary (an error, a response whose
+  body is not read yet (``with_streaming_response``) or does not parse, no
+  usage, usage beyond the worst case, a lease ended, an observer that
+  appeared) is handed to the general path as the ``Ticket`` it would have
+  built (``Lane.ticket``), and settled by the same code. A raw response
+  (``with_raw_response``, which LangChain's ``ChatOpenAI`` asks for) is
+  parsed, as the general path parses it (the SDK caches the result for the
+  caller's ``parse()``), and settled here.
 
 A hypothesis test (``tests/sdk/test_express.py``) drives random calls through
 the real SDKs with the lane on and off, and holds both to the same ledger
