@@ -336,6 +336,26 @@ def test_a_model_without_usage_keeps_its_reservation() -> None:
     assert status.reserved == 0
 
 
+def test_a_completion_model_is_estimated_from_its_prompts() -> None:
+    """A ``BaseLLM`` (``on_llm_start``: prompts, not messages): the handler
+    estimates the prompt itself, refuses one that cannot fit before the model
+    runs, and keeps the worst case of a call without usage."""
+    from langchain_core.language_models.fake import FakeListLLM
+
+    model = FakeListLLM(responses=["hi"] * 2)
+    h = handler(budget=20_000)
+    model.invoke(PROMPT, config={"callbacks": [h]})
+    (record,) = records(h)
+    assert record.outcome == "unmetered"
+    assert record.provider == "fakelist"  # its ls_provider
+    short = record.estimate_tokens
+    with pytest.raises(allowance.BudgetExceeded):
+        model.invoke("word " * 20_000, config={"callbacks": [h]})
+    assert model.i == 1  # the refused prompt never reached the model
+    (status,) = guard_of(h).status()
+    assert (status.spent, status.reserved) == (short, 0)
+
+
 # -- streams -------------------------------------------------------------------------
 
 

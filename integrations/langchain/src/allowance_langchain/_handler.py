@@ -36,7 +36,7 @@ from allowance_langchain import _compat
 from allowance_langchain._compat import ADAPTER_NAME
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Mapping, Sequence
+    from collections.abc import Callable, Iterable, Mapping, Sequence
     from uuid import UUID
 
     from langchain_core.messages import BaseMessage
@@ -321,9 +321,10 @@ class AllowanceCallbackHandler(BaseCallbackHandler):
         """Admit the chat call (or raise ``BudgetExceeded``) and route it."""
         if self.guard is None:
             return
-        rows: list[dict[str, Any]] = [
-            _message_row(m) for message_list in messages for m in message_list
-        ]
+
+        def rows() -> list[dict[str, Any]]:
+            return [_message_row(m) for batch in messages for m in batch]
+
         self._start(serialized, rows, run_id, parent_run_id, tags, metadata, kwargs)
 
     def on_llm_start(
@@ -340,7 +341,10 @@ class AllowanceCallbackHandler(BaseCallbackHandler):
         """Admit the completion call (or raise ``BudgetExceeded``) and route it."""
         if self.guard is None:
             return
-        rows = [{"role": "user", "content": p} for p in prompts]
+
+        def rows() -> list[dict[str, Any]]:
+            return [{"role": "user", "content": p} for p in prompts]
+
         self._start(serialized, rows, run_id, parent_run_id, tags, metadata, kwargs)
 
     def on_llm_new_token(
@@ -395,7 +399,7 @@ class AllowanceCallbackHandler(BaseCallbackHandler):
     def _start(  # noqa: PLR0917 - the callback's arguments, passed on
         self,
         serialized: Mapping[str, Any] | None,
-        rows: list[dict[str, Any]],
+        rows: Callable[[], list[dict[str, Any]]],
         run_id: UUID,
         parent_run_id: UUID | None,
         tags: Sequence[str] | None,
@@ -429,7 +433,9 @@ class AllowanceCallbackHandler(BaseCallbackHandler):
         )
         try:
             if not through_sdk:
-                call.ticket = self._admit(guard, provider, rows, params, metadata)
+                # The rows only when this handler estimates the call: one
+                # the SDK layer charges is estimated from its request body.
+                call.ticket = self._admit(guard, provider, rows(), params, metadata)
         except BaseException:
             _undo(call)
             _claimed.discard(run_id)
@@ -480,17 +486,17 @@ class AllowanceCallbackHandler(BaseCallbackHandler):
         metadata: Mapping[str, Any],
     ) -> dict[str, str | int]:
         dims: dict[str, str | int] = {}
+        run = str(run_id)
         if (
             self.run_dimension is not None
             and self.run_dimension not in allowance.current_scope()
         ):
-            root = (
-                run_id
+            dims[self.run_dimension] = (
+                run
                 if parent_run_id is None
-                else self._runs.roots.get(parent_run_id, parent_run_id)
+                else str(self._runs.roots.get(parent_run_id, parent_run_id))
             )
-            dims[self.run_dimension] = str(root)
-        dims["langchain_run"] = str(run_id)
+        dims["langchain_run"] = run
         if parent_run_id is not None:
             dims["langchain_parent"] = str(parent_run_id)
         if tags:
