@@ -31,13 +31,13 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import inspect
 import logging
+import os
 import threading
-import uuid
+import types
 import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from llama_index.core.base.base_query_engine import BaseQueryEngine
 from llama_index.core.base.base_retriever import BaseRetriever
@@ -70,6 +70,8 @@ from allowance_llamaindex._callbacks import (
 )
 
 if TYPE_CHECKING:
+    import inspect
+
     from llama_index.core.instrumentation.events import BaseEvent
 
 __all__ = ["install", "uninstall"]
@@ -99,11 +101,44 @@ _model_call: contextvars.ContextVar[tuple[int, str] | None] = contextvars.Contex
 Exit = Callable[[], None]
 
 
-def _stage_of(instance: object) -> str | None:
-    for cls, stage in _STAGES:
-        if isinstance(instance, cls):
-            return stage
-    return None
+_GENERATORS: tuple[type, ...] = (types.GeneratorType, types.AsyncGeneratorType)
+_STREAM_ENDS: tuple[type, ...] = (
+    LLMChatEndEvent,
+    LLMCompletionEndEvent,
+    ExceptionEvent,
+)
+
+
+# A span's or event's class decides what the handlers do with it, and never
+# changes: asked once per class. (LlamaIndex's classes are pydantic models,
+# whose ``isinstance`` runs ``ABCMeta.__instancecheck__`` in Python; a query
+# enters ~20 spans and sends as many events.) At most ``_MAX_CLASSES`` each.
+_MAX_CLASSES = 1024
+_KINDS: dict[type, tuple[str | None, bool]] = {}
+_ENDS: dict[type, bool] = {}
+
+
+def _kind(cls: type) -> tuple[str | None, bool]:
+    """The stage a span of ``cls`` starts, and whether it is a model's call.
+
+    Callers read ``_KINDS`` first: this runs once per class.
+    """
+    stage = next((stage for base, stage in _STAGES if issubclass(cls, base)), None)
+    kind = stage, issubclass(cls, BaseLLM | BaseEmbedding)
+    if len(_KINDS) < _MAX_CLASSES:
+        _KINDS[cls] = kind
+    return kind
+
+
+def _ends_stream(cls: type) -> bool:
+    """Whether an event of ``cls`` ends a model stream (or abandons it).
+
+    Callers read ``_ENDS`` first: this runs once per class.
+    """
+    ends = issubclass(cls, _STREAM_ENDS)
+    if len(_ENDS) < _MAX_CLASSES:
+        _ENDS[cls] = ends
+    return ends
 
 
 def _model_of(instance: object) -> tuple[str, int | None]:
@@ -160,28 +195,29 @@ class _Runtime:
         exits: list[Exit] = []
         dims: dict[str, str] = {}
         if _query.get() is None:
-            query = (
-                allowance.current_scope().get("query") or f"q-{uuid.uuid4().hex[:16]}"
-            )
+            named = allowance.current_scope().get("query")
+            query = named or f"q-{os.urandom(8).hex()}"
             token = _query.set(query)
             exits.append(lambda: _query.reset(token))
-            if "query" not in allowance.current_scope():
+            if named is None:
                 dims["query"] = query
-        stage = _stage_of(instance)
+        cls = type(instance)
+        stage, is_model = _KINDS.get(cls) or _kind(cls)
         if stage is not None and stage != _stage.get():
             stage_token = _stage.set(stage)
             exits.append(lambda: _stage.reset(stage_token))
             dims["stage"] = stage
         context: contextlib.AbstractContextManager[Any] | None = None
         model_call = False
-        outer = _model_call.get()
-        if isinstance(instance, BaseLLM | BaseEmbedding):
+        if is_model:
+            outer = _model_call.get()
             if outer is not None and outer[0] == id(instance):
                 # A nested span of the same call (stream -> stream_chat).
                 with self.lock:
                     self.alias[id_] = outer[1]
             else:
-                context = self._model_context(instance, guard, dims)
+                model = cast("BaseLLM | BaseEmbedding", instance)
+                context = self._model_context(model, guard, dims)
                 call_token = _model_call.set((id(instance), id_))
                 exits.append(lambda: _model_call.reset(call_token))
                 model_call = True
@@ -222,16 +258,17 @@ class _Runtime:
                 self.lists[id(handlers)] = handlers
 
     def leave(self, id_: str, result: object) -> None:
+        generator = isinstance(result, _GENERATORS)
         with self.lock:
             opened = self.open.pop(id_, None)
-            if not (inspect.isgenerator(result) or inspect.isasyncgen(result)):
+            if not generator:
                 self.alias.pop(id_, None)
         if opened is None:
             return
         exits, model_call = opened
         if isinstance(result, StreamingResponse | AsyncStreamingResponse):
             self._wrap_stream(result)
-        elif model_call and (inspect.isgenerator(result) or inspect.isasyncgen(result)):
+        elif model_call and generator:
             # A model stream: its request is sent when it is iterated. Keep the
             # context until the event handler sees it end.
             with self.lock:
@@ -417,7 +454,11 @@ class AllowanceEventHandler(BaseEventHandler):
 
     def handle(self, event: BaseEvent, **kwargs: Any) -> None:  # noqa: ARG002
         """Undo a finished (or abandoned) model stream's context."""
-        if isinstance(event, LLMChatEndEvent | LLMCompletionEndEvent | ExceptionEvent):
+        cls = type(event)
+        ends = _ENDS.get(cls)
+        if ends is None:
+            ends = _ends_stream(cls)
+        if ends:
             _RUNTIME.stream_ended(event.span_id)
 
 
