@@ -588,6 +588,20 @@ def lanes(monkeypatch: pytest.MonkeyPatch) -> _Lanes:
     return counter
 
 
+@pytest.fixture
+def handed_on(monkeypatch: pytest.MonkeyPatch) -> list[_express.Lane]:
+    """The lane's calls handed to the general path (``Lane.ticket``), in order."""
+    lanes: list[_express.Lane] = []
+    ticket = _express.Lane.ticket
+
+    def counted(lane: _express.Lane) -> Any:
+        lanes.append(lane)
+        return ticket(lane)
+
+    monkeypatch.setattr(_express.Lane, "ticket", counted)
+    return lanes
+
+
 @pytest.mark.parametrize("sdk", ["openai", "anthropic"])
 async def test_a_plain_call_takes_the_express_lane(
     fake: FakeProvider, lanes: _Lanes, sdk: str, kind: str
@@ -702,7 +716,7 @@ _UNUSUAL = {
 @pytest.mark.parametrize("metrics", [False, True], ids=["", "metrics"])
 def test_each_unusual_end_of_an_express_call_settles_as_the_general_path(
     fake: FakeProvider,
-    monkeypatch: pytest.MonkeyPatch,
+    handed_on: list[_express.Lane],
     case: str,
     kind: str,
     *,
@@ -711,23 +725,15 @@ def test_each_unusual_end_of_an_express_call_settles_as_the_general_path(
     """Settled by the lane or handed on after the lane held it (and, with
     metrics, reported its admission): the same outcome, charges, call log and
     metrics as the full plan's."""
-    reply, raw, handed_on = _UNUSUAL[case]
+    reply, raw, hands_on = _UNUSUAL[case]
     script = [Step("a", "u", "priced", ("hi",), False, 50, None, raw, reply)]
     config = Config("tokens", 1_000_000, None, "raise")
     lanes = _Lanes()
-    tickets: list[object] = []
-    ticket = _express.Lane.ticket
-
-    def counted(lane: _express.Lane) -> object:
-        tickets.append(lane)
-        return ticket(lane)
-
-    monkeypatch.setattr(_express.Lane, "ticket", counted)
     on = asyncio.run(
         _run(fake, "openai", kind, config, script, lane=lanes, metrics=metrics)
     )
     assert lanes.admitted == 1  # the script's call: admitted by the lane
-    assert len(tickets) == handed_on
+    assert len(handed_on) == hands_on
     off = asyncio.run(
         _run(fake, "openai", kind, config, script, lane=_never, metrics=metrics)
     )
@@ -771,7 +777,7 @@ class _Unreadable:
 
 @pytest.mark.parametrize("kind", ["sync", "async"])
 async def test_a_raw_response_that_does_not_parse_is_charged_in_full(
-    monkeypatch: pytest.MonkeyPatch, kind: str
+    monkeypatch: pytest.MonkeyPatch, handed_on: list[_express.Lane], kind: str
 ) -> None:
     """The lane hands it on; the general path keeps the worst case, as with
     the lane off; the caller's ``parse()`` raises the SDK's error."""
@@ -779,14 +785,6 @@ async def test_a_raw_response_that_does_not_parse_is_charged_in_full(
 
     unreadable = _Unreadable()
     step = Step("a", "u", "priced", ("hi",), False, 50, None, True, None)
-    tickets: list[object] = []
-    ticket = _express.Lane.ticket
-
-    def counted(lane: _express.Lane) -> object:
-        tickets.append(lane)
-        return ticket(lane)
-
-    monkeypatch.setattr(_express.Lane, "ticket", counted)
     lanes = _Lanes()
     seen = []
     try:
@@ -818,7 +816,7 @@ async def test_a_raw_response_that_does_not_parse_is_charged_in_full(
     finally:
         unreadable.stop()
     assert lanes.admitted == 1
-    assert len(tickets) == 1  # the lane's call, handed on
+    assert len(handed_on) == 1  # the lane's call, handed on
     assert seen[0] == seen[1]
     records, status = seen[0]
     assert [outcome for outcome, _, _ in records] == ["unmetered"] * 2

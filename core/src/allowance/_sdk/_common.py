@@ -313,8 +313,10 @@ def _express_sync(
         raise
     finally:
         _claimed.reset(token)
-    parsed = _read_raw(result) if isinstance(result, binding.raw_types) else result
-    if settle(lane, binding, parsed, binding.unparsed_types):
+    if settle(lane, binding, result, binding.unparsed_types) or (
+        isinstance(result, binding.raw_types)
+        and settle(lane, binding, _read_raw(result), binding.unparsed_types)
+    ):
         return result
     ticket = lane.ticket()
     return _track_sync(
@@ -344,8 +346,10 @@ async def _express_async(
         raise
     finally:
         _claimed.reset(token)
-    parsed = _read_raw(result) if isinstance(result, binding.raw_types) else result
-    if settle(lane, binding, parsed, binding.async_unparsed_types):
+    if settle(lane, binding, result, binding.async_unparsed_types) or (
+        isinstance(result, binding.raw_types)
+        and settle(lane, binding, _read_raw(result), binding.async_unparsed_types)
+    ):
         return result
     ticket = lane.ticket()
     call = _handed_on(binding, client, ticket, lane.path, lane.args, kwargs)
