@@ -8,8 +8,11 @@ The same method as ``overhead.py`` (whose helpers this imports): the fake
 provider in a child process with no delay, one process, interleaved rounds
 (alternating which side goes first), medians of the per-round differences of
 wall and thread CPU time, each side's p99; memory ledger, ``budget="$1000"`` so
-nothing is refused. The guarded side is the framework's own call with the
-adapter in force:
+nothing is refused. Each row also counts, free of the machine's noise, the
+bytecodes one guarded call runs beyond one raw call (``overhead.bytecodes``;
+for CrewAI in every thread): in the whole process (what the adapter makes the
+framework do included), and in allowance's own code. The guarded side is the
+framework's own call with the adapter in force:
 
 - langchain: ``ChatOpenAI.invoke`` (``ainvoke``, ``stream``) with an
   ``AllowanceCallbackHandler`` in ``config["callbacks"]`` (built once);
@@ -44,7 +47,14 @@ from typing import TYPE_CHECKING, Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from overhead import WARMUP, RemoteProvider, quantile
+from overhead import (
+    WARMUP,
+    RemoteProvider,
+    bytecodes,
+    everything,
+    is_allowance,
+    quantile,
+)
 from rich.console import Console
 from rich.table import Table
 
@@ -54,6 +64,7 @@ from allowance.integration import SDK_PROVIDERS
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from types import FrameType
 
 PROMPT = "Say hello in five words."
 STREAM_TOKENS = 200  # the fake answers one word per chunk, cut to max_tokens
@@ -68,15 +79,24 @@ def measure(
     guarded: Callable[[], Callable[[], Any]],
     rounds: int,
     warmup: int = WARMUP,
-    cpu_clock: Callable[[], int] = time.thread_time_ns,
+    *,
+    all_threads: bool = False,
 ) -> dict[str, float]:
     """``overhead.measure``, but each side is a factory run outside the timed region.
 
     A factory switches the process to its side (adapter on or off: each switch
     is idempotent) and returns the call to time, so a process-wide adapter can
-    be toggled per round without timing the toggle. ``cpu_clock``: the calling
-    thread's CPU time unless the framework works on other threads too.
+    be toggled per round without timing the toggle. ``all_threads``: the
+    framework works on other threads too (CrewAI): CPU time is the process's,
+    not the calling thread's, and bytecodes are counted in every thread.
+
+    Then it counts instead of timing: the bytecodes one guarded call runs in
+    the whole process (every frame: the framework's, the SDK's, allowance's)
+    less one raw call's, and the same in allowance's frames alone
+    (``overhead.bytecodes``), free of the machine's noise. (A CrewAI
+    kickoff's process count moves by ~1,000 between kickoffs: its threads.)
     """
+    cpu_clock = time.process_time_ns if all_threads else time.thread_time_ns
     for _ in range(warmup):
         raw()()
         guarded()()
@@ -100,6 +120,14 @@ def measure(
             y - x for x, y in zip(times[raw], times[guarded], strict=True)
         )
 
+    process: dict[Any, int] = {}
+    ours: dict[Any, int] = {}
+    for side in (raw, guarded):
+        for counts, frames in ((process, everything), (ours, is_ours)):
+            side()()  # warm; then a fresh call from the factory (a fresh crew)
+            counts[side] = bytecodes(
+                side(), frames, all_threads=all_threads, warm=False
+            )
     return {
         "raw": statistics.median(wall[raw]),
         "guarded": statistics.median(wall[guarded]),
@@ -107,7 +135,14 @@ def measure(
         "added_cpu": added(cpu),
         "p99": quantile(wall[guarded], 0.99),
         "raw_p99": quantile(wall[raw], 0.99),
+        "bytecodes": process[guarded] - process[raw],
+        "ours": ours[guarded] - ours[raw],
     }
+
+
+def is_ours(frame: FrameType) -> bool:
+    """Allowance's code, its framework integrations' included."""
+    return is_allowance(frame) or f"{os.sep}allowance_" in frame.f_code.co_filename
 
 
 class SdkHook:
@@ -297,8 +332,12 @@ def llamaindex_rows(fake: RemoteProvider, rounds: int) -> list[Row]:
         loop.close()
 
     rows.append(query_engine_row(fake, llm, sides, rounds))
-    rows.append(passthrough_row(sdk, lambda: llm.chat(messages), rounds))
+    # The adapter off (a query row's last side leaves it on): the SDK hook
+    # alone, toggled by the row. With ``instrument()`` still in force, the raw
+    # side's calls were the adapter's own to charge (no SDK layer beneath).
     off()
+    rows.append(passthrough_row(sdk, lambda: llm.chat(messages), rounds))
+    sdk.off()
     if left:
         name, result, note = rows[-1]
         rows[-1] = (name, result, f"{left}; {note}")
@@ -402,7 +441,7 @@ def crewai_rows(fake: RemoteProvider, rounds: int) -> list[Row]:
 
     warmup = min(WARMUP, max(5, rounds // 5))
     # CrewAI works on other threads too (its event bus): count the process's CPU.
-    result = measure(raw, guarded, rounds, warmup, time.process_time_ns)
+    result = measure(raw, guarded, rounds, warmup, all_threads=True)
     calls = len(guard.ledger.calls()) / (warmup + rounds)
     allowance_crewai.uninstall()
     left = "SDK hook stays after uninstall()" if sdk.hooked else ""
@@ -425,6 +464,8 @@ def print_table(title: str, rows: list[Row]) -> None:
         "guarded",
         "added",
         "added CPU",
+        "added bytecodes",
+        "allowance's",
         "ratio",
         "p99 raw",
         "p99 guarded",
@@ -438,7 +479,7 @@ def print_table(title: str, rows: list[Row]) -> None:
 
     for name, r, note in rows:
         if r is None:
-            table.add_row(name, "", "", "", "", "", "", "", note)
+            table.add_row(name, "", "", "", "", "", "", "", "", "", note)
             continue
         precise = 2 if "per chunk" in name else 1
         table.add_row(
@@ -447,6 +488,8 @@ def print_table(title: str, rows: list[Row]) -> None:
             number(r["guarded"], precise - 1),
             number(r["added"], precise),
             number(r["added_cpu"], precise),
+            number(r["bytecodes"], precise - 1),
+            number(r["ours"], precise - 1),
             f"{r['guarded'] / r['raw']:.3f}" if r["raw"] else "",
             number(r["raw_p99"]),
             number(r["p99"]),

@@ -33,6 +33,7 @@ import argparse
 import asyncio
 import contextlib
 import gc
+import itertools
 import json
 import math
 import os
@@ -302,35 +303,57 @@ def is_allowance(frame: FrameType) -> bool:
     return type(frame.f_locals.get("self")).__module__.startswith("allowance")
 
 
-def bytecodes(fn: Callable[[], Any], ours: Callable[[FrameType], bool]) -> int:
+def bytecodes(
+    fn: Callable[[], Any],
+    ours: Callable[[FrameType], bool],
+    *,
+    all_threads: bool = False,
+    warm: bool = True,
+) -> int:
     """The bytecodes frames that ``ours`` accepts run during one call of ``fn``.
 
     Counted (``f_trace_opcodes``), not timed: no machine noise, so a change of
     a few bytecodes shows. It depends on the Python version and, by a few
     bytecodes, on what the process imported (telemetry checks for
     OpenTelemetry). What it leaves out is code in C (the SDK's parsers,
-    SQLite), which the timed table shows.
+    SQLite), which the timed table shows. ``all_threads``: also the threads
+    ``fn`` starts (CrewAI runs an agent on a thread of its own); a thread
+    that outlives the call stops counting with it. ``warm=False``: the caller
+    has run a call like it already (``fn`` may run only once: a crew's
+    kickoff).
     """
-    fn()  # warm, as before the timed rounds: caches filled, connections open
-    count = 0
+    if warm:
+        fn()  # as before the timed rounds: caches filled, connections open
+    ticks = itertools.count()  # next() is atomic: threads count into one counter
+    tick = ticks.__next__
+    counting = True
 
     def trace(frame: FrameType, event: str, _: object) -> Any:
-        nonlocal count
-        if not ours(frame):
+        if not counting or not ours(frame):
             return None
         if event == "call":
             frame.f_trace_lines = False
             frame.f_trace_opcodes = True
         elif event == "opcode":
-            count += 1
+            tick()
         return trace
 
     sys.settrace(trace)
+    if all_threads:
+        threading.settrace(trace)
     try:
         fn()
     finally:
+        counting = False
         sys.settrace(None)
-    return count
+        if all_threads:
+            threading.settrace(None)  # the documented reset
+    return next(ticks)
+
+
+def everything(_: FrameType) -> bool:
+    """Every frame: what the whole process runs."""
+    return True
 
 
 # A budget that degrades to a cheaper model at 80% (far from it in the bench).
