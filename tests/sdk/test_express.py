@@ -749,6 +749,24 @@ def test_each_unusual_end_of_an_express_call_settles_as_the_general_path(
     )
 
 
+@pytest.mark.parametrize("kind", ["sync", "async"])
+@pytest.mark.parametrize("sdk", ["openai", "anthropic"])
+def test_a_raw_response_is_settled_in_the_lane(
+    fake: FakeProvider, handed_on: list[_express.Lane], sdk: str, kind: str
+) -> None:
+    """``with_raw_response`` (openai: a ``LegacyAPIResponse``; anthropic 2.x:
+    an ``APIResponse`` whose body is read): parsed and charged by the lane,
+    as the full plan charges it."""
+    script = [Step("a", "u", "priced", ("hi",), False, 50, None, True, None)]
+    config = Config("tokens", 1_000_000, None, "raise")
+    lanes = _Lanes()
+    on = asyncio.run(_run(fake, sdk, kind, config, script, lane=lanes))
+    assert (lanes.admitted, handed_on) == (1, [])
+    off = asyncio.run(_run(fake, sdk, kind, config, script, lane=_never))
+    assert on == off
+    assert on[2][-1][7] == "ok"  # the call log's outcome
+
+
 class _Unreadable:
     """A provider on 127.0.0.1 that answers 200 with JSON cut short."""
 

@@ -314,7 +314,7 @@ def _express_sync(
     finally:
         _claimed.reset(token)
     if settle(lane, binding, result, binding.unparsed_types) or (
-        isinstance(result, binding.raw_types)
+        isinstance(result, binding.response_types)
         and settle(lane, binding, _read_raw(result), binding.unparsed_types)
     ):
         return result
@@ -347,8 +347,10 @@ async def _express_async(
     finally:
         _claimed.reset(token)
     if settle(lane, binding, result, binding.async_unparsed_types) or (
-        isinstance(result, binding.raw_types)
-        and settle(lane, binding, _read_raw(result), binding.async_unparsed_types)
+        isinstance(result, binding.async_response_types)
+        and settle(
+            lane, binding, await _aread_raw(result), binding.async_unparsed_types
+        )
     ):
         return result
     ticket = lane.ticket()
@@ -359,16 +361,28 @@ async def _express_async(
 def _read_raw(raw: Any) -> Any:
     """A raw response's parsed body, for the express lane to settle; else ``raw``.
 
-    ``with_raw_response`` (LangChain's ``ChatOpenAI`` asks for it) returns a
-    response whose body is read and whose ``parse()`` the SDK caches, so the
-    caller's own ``parse()`` is free, as on the general path. A body that
-    does not parse is returned as it is: the lane hands the call on, and
-    the general path parses it again and charges it in full.
+    ``with_raw_response`` (LangChain's ``ChatOpenAI`` and ``ChatAnthropic``
+    ask for it) returns a response whose body is read and whose ``parse()``
+    the SDK caches, so the caller's own ``parse()`` is free, as on the
+    general path. A body not read yet (``with_streaming_response``) or that
+    does not parse is returned as it is: the lane hands the call on, and the
+    general path reads it when the caller does, or charges it in full.
     """
-    if not _body_read(raw):  # pragma: no cover - a raw response reads its body
+    if not _body_read(raw):
         return raw
     try:
         return raw.parse()
+    except Exception:  # noqa: BLE001 - the general path reports it
+        return raw
+
+
+async def _aread_raw(raw: Any) -> Any:
+    """Async twin of ``_read_raw`` (an async response's ``parse()`` is awaited)."""
+    if not _body_read(raw):
+        return raw
+    try:
+        parsed = raw.parse()
+        return await parsed if inspect.isawaitable(parsed) else parsed
     except Exception:  # noqa: BLE001 - the general path reports it
         return raw
 

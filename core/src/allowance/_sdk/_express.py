@@ -36,7 +36,7 @@ It never decides differently from the general path:
   usage, usage beyond the worst case, a lease ended, an observer that
   appeared) is handed to the general path as the ``Ticket`` it would have
   built (``Lane.ticket``), and settled by the same code. A raw response
-  (``with_raw_response``, which LangChain's ``ChatOpenAI`` asks for) is
+  (``with_raw_response``, which LangChain's chat models ask for) is
   parsed, as the general path parses it (the SDK caches the result for the
   caller's ``parse()``), and settled here.
 
