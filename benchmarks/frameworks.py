@@ -14,8 +14,9 @@ for CrewAI in every thread): in the whole process (what the adapter makes the
 framework do included), and in allowance's own code. The guarded side is the
 framework's own call with the adapter in force:
 
-- langchain: ``ChatOpenAI.invoke`` (``ainvoke``, ``stream``) with an
-  ``AllowanceCallbackHandler`` in ``config["callbacks"]`` (built once);
+- langchain: ``ChatOpenAI.invoke`` (``ainvoke``, ``stream``; and
+  ``ChatAnthropic.invoke``) with an ``AllowanceCallbackHandler`` in
+  ``config["callbacks"]`` (built once);
 - llamaindex: ``OpenAI.chat`` (``achat``, a query engine) with
   ``instrument(guard=...)`` in force; it is process-wide, so it is toggled
   between calls;
@@ -146,10 +147,10 @@ def is_ours(frame: FrameType) -> bool:
 
 
 class SdkHook:
-    """The openai SDK layer's class-wide hook, switched on and off between calls."""
+    """An SDK layer's class-wide hook (openai's unless said), switched between calls."""
 
-    def __init__(self) -> None:
-        self.adapter: Any = plugins.adapters()[SDK_PROVIDERS["openai"]]
+    def __init__(self, provider: str = "openai") -> None:
+        self.adapter: Any = plugins.adapters()[SDK_PROVIDERS[provider]]
 
     def on(self) -> None:
         self.adapter.hook()
@@ -199,6 +200,7 @@ def passthrough_row(sdk: SdkHook, call: Callable[[], Any], rounds: int) -> Row:
 
 
 def langchain_rows(fake: RemoteProvider, rounds: int) -> list[Row]:
+    from langchain_anthropic import ChatAnthropic
     from langchain_core.callbacks import BaseCallbackHandler
     from langchain_openai import ChatOpenAI
 
@@ -225,6 +227,19 @@ def langchain_rows(fake: RemoteProvider, rounds: int) -> list[Row]:
         lambda: llm.invoke(PROMPT), lambda: llm.invoke(PROMPT, config=config)
     )
     rows.append(("invoke", measure(raw, guarded, rounds), ""))
+    claude = ChatAnthropic(
+        base_url=fake.openai_base_url.removesuffix("/v1"),
+        api_key="x",
+        max_retries=0,
+        max_tokens=16,
+        model="claude-haiku-4-5",
+    )
+    anthropic_sdk = SdkHook("anthropic")
+    raw, guarded = toggled(anthropic_sdk.on, anthropic_sdk.off)(
+        lambda: claude.invoke(PROMPT), lambda: claude.invoke(PROMPT, config=config)
+    )
+    rows.append(("invoke, ChatAnthropic", measure(raw, guarded, rounds), ""))
+    anthropic_sdk.off()
     # LangChain's own price for any handler: a handler that does nothing.
     noop: Any = {"callbacks": [BaseCallbackHandler()]}
     raw, guarded = toggled(sdk.off, sdk.off)(
