@@ -794,11 +794,17 @@ class _Unreadable:
 
 
 @pytest.mark.parametrize("kind", ["sync", "async"])
+@pytest.mark.parametrize("sdk", ["openai", "anthropic"])
 async def test_a_raw_response_that_does_not_parse_is_charged_in_full(
-    monkeypatch: pytest.MonkeyPatch, handed_on: list[_express.Lane], kind: str
+    monkeypatch: pytest.MonkeyPatch,
+    handed_on: list[_express.Lane],
+    sdk: str,
+    kind: str,
 ) -> None:
     """The lane hands it on; the general path keeps the worst case, as with
-    the lane off; the caller's ``parse()`` raises the SDK's error."""
+    the lane off; ``create`` returns, and the caller's ``parse()`` raises the
+    SDK's error (anthropic 2.x: an ``AsyncAPIResponse`` parsed by awaiting)."""
+    import anthropic
     import openai
 
     unreadable = _Unreadable()
@@ -808,8 +814,16 @@ async def test_a_raw_response_that_does_not_parse_is_charged_in_full(
     try:
         for lane in (lanes, _never):
             monkeypatch.setattr(_common, "admit", lane)
-            cls: Any = openai.OpenAI if kind == "sync" else openai.AsyncOpenAI
-            client = cls(base_url=unreadable.base_url, api_key="test", max_retries=0)
+            if sdk == "openai":
+                cls: Any = openai.OpenAI if kind == "sync" else openai.AsyncOpenAI
+                url = unreadable.base_url
+            else:
+                cls = (
+                    anthropic.Anthropic if kind == "sync" else anthropic.AsyncAnthropic
+                )
+                url = unreadable.base_url.removesuffix("/v1")
+            client = cls(base_url=url, api_key="test", max_retries=0)
+            resource = client.chat.completions if sdk == "openai" else client.messages
             guard = allowance.Guard(budget=10_000, ledger="memory://")
             if lane is _never:
                 guard._begin_fast = _never  # type: ignore[method-assign]
@@ -817,12 +831,10 @@ async def test_a_raw_response_that_does_not_parse_is_charged_in_full(
             try:
                 for _ in range(2):  # the first opens the ledger (the general path)
                     raw = await aw(
-                        client.chat.completions.with_raw_response.create(
-                            **_request("openai", step)
-                        )
+                        resource.with_raw_response.create(**_request(sdk, step))
                     )
                     with pytest.raises(json.JSONDecodeError):
-                        raw.parse()
+                        await aw(raw.parse())
             finally:
                 await close(client)
             seen.append(

@@ -315,7 +315,8 @@ def _express_sync(
         _claimed.reset(token)
     if settle(lane, binding, result, binding.unparsed_types) or (
         isinstance(result, binding.response_types)
-        and settle(lane, binding, _read_raw(result), binding.unparsed_types)
+        and _body_read(result)
+        and settle(lane, binding, _parse_quietly(result), binding.unparsed_types)
     ):
         return result
     ticket = lane.ticket()
@@ -348,43 +349,15 @@ async def _express_async(
         _claimed.reset(token)
     if settle(lane, binding, result, binding.async_unparsed_types) or (
         isinstance(result, binding.async_response_types)
+        and _body_read(result)
         and settle(
-            lane, binding, await _aread_raw(result), binding.async_unparsed_types
+            lane, binding, await _aparse_quietly(result), binding.async_unparsed_types
         )
     ):
         return result
     ticket = lane.ticket()
     call = _handed_on(binding, client, ticket, lane.path, lane.args, kwargs)
     return await _track_async(call, ticket, result)
-
-
-def _read_raw(raw: Any) -> Any:
-    """A raw response's parsed body, for the express lane to settle; else ``raw``.
-
-    ``with_raw_response`` (LangChain's ``ChatOpenAI`` and ``ChatAnthropic``
-    ask for it) returns a response whose body is read and whose ``parse()``
-    the SDK caches, so the caller's own ``parse()`` is free, as on the
-    general path. A body not read yet (``with_streaming_response``) or that
-    does not parse is returned as it is: the lane hands the call on, and the
-    general path reads it when the caller does, or charges it in full.
-    """
-    if not _body_read(raw):
-        return raw
-    try:
-        return raw.parse()
-    except Exception:  # noqa: BLE001 - the general path reports it
-        return raw
-
-
-async def _aread_raw(raw: Any) -> Any:
-    """Async twin of ``_read_raw`` (an async response's ``parse()`` is awaited)."""
-    if not _body_read(raw):
-        return raw
-    try:
-        parsed = raw.parse()
-        return await parsed if inspect.isawaitable(parsed) else parsed
-    except Exception:  # noqa: BLE001 - the general path reports it
-        return raw
 
 
 def _handed_on(  # noqa: PLR0917 - the express lane's call, rebuilt
@@ -590,26 +563,48 @@ async def _track_async(call: _Call, ticket: Ticket, result: Any) -> Any:
         if call.stream:
             return _RawStreamResponse(result, _StreamTracker(call, ticket))
         if _body_read(result):
-            parsed = _parse_quietly(result, ticket)
-            if inspect.isawaitable(parsed):
-                parsed = await parsed
-            await _commit_async(call, ticket, parsed)
+            await _commit_async(call, ticket, await _aparse_quietly(result, ticket))
             return result
         return _AsyncLazyResponse(result, call, ticket)
     await _commit_async(call, ticket, result)
     return result
 
 
-def _parse_quietly(raw: Any, ticket: Ticket) -> Any:
-    """Parse a raw response (cached by the SDK, so the caller's parse() is free)."""
+def _parse_quietly(raw: Any, ticket: Ticket | None = None) -> Any:
+    """Parse a response whose body is read, or return None if it does not parse.
+
+    The SDK caches ``parse()``, so the caller's own is free. ``with_raw_response``
+    returns such a response (LangChain's chat models ask for it): the express
+    lane settles it too. A body that does not parse is logged against
+    ``ticket``'s call, which is charged in full; the lane passes no ticket, as
+    it then hands the call on and the general path parses (and logs) again.
+    """
     try:
         return raw.parse()
     except Exception:  # noqa: BLE001 - a body we cannot read is charged in full
+        _unreadable(ticket)
+        return None
+
+
+async def _aparse_quietly(raw: Any, ticket: Ticket | None = None) -> Any:
+    """Async twin of ``_parse_quietly``: an async response's ``parse()`` is awaited.
+
+    Inside the ``try``: a body that does not parse must not fail the call.
+    """
+    try:
+        parsed = raw.parse()
+        return await parsed if inspect.isawaitable(parsed) else parsed
+    except Exception:  # noqa: BLE001 - a body we cannot read is charged in full
+        _unreadable(ticket)
+        return None
+
+
+def _unreadable(ticket: Ticket | None) -> None:
+    if ticket is not None:
         logger.warning(
             "allowance: could not read usage of call %s; charged in full",
             ticket.call_id,
         )
-        return None
 
 
 # -- streams -------------------------------------------------------------------------
