@@ -45,6 +45,8 @@ CASES: dict[str, Callable[[], object]] = {
     "window fortnight": lambda: Budget("$1", window="fortnight"),  # type: ignore[arg-type]
     "unknown time zone": lambda: Budget("$1", window="day", tz="Mars/Olympus"),
     "name with colon": lambda: Budget("$1", name="a:b"),
+    "name ending in a newline": lambda: Budget("$1", name="daily\n"),
+    "per ending in a newline": lambda: Budget("$1", per="tenant\n"),
     "threshold 0": lambda: Threshold(0),
     "threshold above 1": lambda: Threshold(1.5),
     "threshold nan": lambda: Threshold(float("nan")),
@@ -71,6 +73,7 @@ CASES: dict[str, Callable[[], object]] = {
     "ledger scheme": lambda: Guard(ledger="postgres://db"),
     "ledger not a ledger": lambda: Guard(ledger=42),  # type: ignore[arg-type]
     "scope colon dimension": lambda: allowance.scope(**{"a:b": "x"}),
+    "scope dimension ending in a newline": lambda: allowance.scope(**{"tenant\n": "x"}),
     "scope empty value": lambda: allowance.scope(tenant=""),
     "scope 10 kB value": lambda: allowance.scope(tenant="x" * 10_240),
     "scope float value": lambda: allowance.scope(tenant=1.5),  # type: ignore[arg-type]
@@ -90,6 +93,18 @@ def test_bad_configuration_raises_a_typed_error(build: Callable[[], object]) -> 
     assert isinstance(err, allowance.AllowanceError)
     assert isinstance(err, ValueError)
     assert "expected" in str(err)
+
+
+def test_a_dimension_checked_once_is_still_checked_with_each_value() -> None:
+    # Dimension names that passed are remembered; their values are not.
+    with allowance.scope(tenant="acme"), allowance.scope(tenant=7):
+        assert dict(allowance.current_scope()) == {"tenant": "7"}
+    for bad in ("", "x" * 257, 1.5, True, None):
+        with pytest.raises(ConfigurationError) as info:
+            allowance.scope(tenant=bad)  # type: ignore[arg-type]
+        assert info.value.value == bad
+    with pytest.raises(ConfigurationError):
+        allowance.seen_by("mine", **{"tenant ": "acme"})
 
 
 def test_long_values_are_shortened_in_messages() -> None:

@@ -56,7 +56,7 @@ _LIMIT_EXPECTED = (
 )
 _USD = re.compile(r"^\$\s*(\d+(?:\.\d*)?|\.\d+)$")
 _TOKENS = re.compile(r"^(\d+(?:\.\d*)?|\.\d+)\s*([kKmM]?)\s*(?:tokens?)?$")
-_DIMENSION = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")
+_DIMENSION = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")  # fullmatch: "$" admits "\n"
 _ESCAPE = re.compile(r"[%:=/{}\s\x00-\x1f\x7f]")
 MICROS_PER_USD = 1_000_000
 _DECEMBER = 12
@@ -64,7 +64,7 @@ _DECEMBER = 12
 
 def is_name(value: object) -> bool:
     """Return True for a valid dimension or budget name."""
-    return isinstance(value, str) and _DIMENSION.match(value) is not None
+    return isinstance(value, str) and _DIMENSION.fullmatch(value) is not None
 
 
 def parse_limit(value: object, *, what: str = "budget") -> tuple[int, Unit]:

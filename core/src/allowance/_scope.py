@@ -189,13 +189,24 @@ def current_budgets() -> tuple[Budget, ...]:
     return _budgets.get()
 
 
+# Dimension names that passed ``is_name``: few, and met again on every call a
+# framework adapter scopes (``seen_by``), where the regex would run each time.
+_NAMES: set[str] = set()
+_MAX_NAMES = 1024
+
+
 def _check_value(dimension: str, value: object) -> str:
-    if not is_name(dimension):
-        raise ConfigurationError(
-            "scope dimension",
-            dimension,
-            "a name: a letter or _, then up to 63 letters, digits, _ . -",
-        )
+    if dimension not in _NAMES:
+        if not is_name(dimension):
+            raise ConfigurationError(
+                "scope dimension",
+                dimension,
+                "a name: a letter or _, then up to 63 letters, digits, _ . -",
+            )
+        if type(dimension) is str and len(_NAMES) < _MAX_NAMES:
+            _NAMES.add(dimension)
+    if type(value) is str and 0 < len(value) <= MAX_SCOPE_VALUE_LENGTH:
+        return value  # the commonest value: what the checks below return for it
     if isinstance(value, bool) or not isinstance(value, str | int):
         raise ConfigurationError(f"scope {dimension}", value, "a str or int identifier")
     text = str(value)
