@@ -57,6 +57,12 @@ CASES: dict[str, Callable[[], object]] = {
     "webhook ftp url": lambda: Threshold(0.5, "webhook", to="ftp://x"),
     "degrade to blank": lambda: Threshold(0.5, "degrade", to=" "),
     "callback not callable": lambda: Threshold(0.5, callback=3),  # type: ignore[arg-type]
+    "warn with a target": lambda: Threshold(0.5, "warn", to="gpt-4o-mini"),
+    "block with a target": lambda: Threshold(0.5, "block", to="gpt-4o-mini"),
+    "degrade with a callback": lambda: Threshold(0.5, "degrade", callback=print),
+    "block with a callback": lambda: Threshold(0.5, "block", callback=print),
+    "warn with a secret": lambda: Threshold(0.5, secret="s3cret"),  # noqa: S106
+    "degrade with allow_http": lambda: Threshold(0.5, "degrade", allow_http=True),
     "thresholds not Threshold": lambda: Budget("$1", thresholds=[0.5]),  # type: ignore[list-item]
     "policy budgets not Budget": lambda: Policy(["$1"]),  # type: ignore[list-item]
     "on_limit": lambda: Policy(on_limit="explode"),  # type: ignore[arg-type]
@@ -68,6 +74,11 @@ CASES: dict[str, Callable[[], object]] = {
     "lease a month": lambda: Policy(lease_seconds=30 * 86400),
     "guard policy and shorthand": lambda: Guard(Policy(), budget="$1"),
     "guard policy not a Policy": lambda: Guard("strict"),  # type: ignore[arg-type]
+    "guard scope a list": lambda: Guard(budget="$1", scope=["tenant"]),  # type: ignore[arg-type]
+    "guard scope a str": lambda: Guard(budget="$1", scope="tenant=acme"),  # type: ignore[arg-type]
+    "status scope a list": lambda: Guard(budget="$1", ledger="memory://").status(
+        ["tenant"]  # type: ignore[arg-type]
+    ),
     "guard threshold without budget": lambda: Guard(threshold=0.8),
     "guard budget list of str": lambda: Guard(budget=["$1"]),  # type: ignore[list-item]
     "ledger scheme": lambda: Guard(ledger="postgres://db"),
@@ -78,6 +89,10 @@ CASES: dict[str, Callable[[], object]] = {
     "scope 10 kB value": lambda: allowance.scope(tenant="x" * 10_240),
     "scope float value": lambda: allowance.scope(tenant=1.5),  # type: ignore[arg-type]
     "scope bool value": lambda: allowance.scope(tenant=True),
+    "seen_by name not a str": lambda: allowance.seen_by(3),  # type: ignore[arg-type]
+    "seen_by name empty": lambda: allowance.seen_by(""),
+    "seen_by name with a comma": lambda: allowance.seen_by("a,b"),
+    "seen_by name a list": lambda: allowance.seen_by(["x"]),  # type: ignore[arg-type]
     "open_ledger scheme": lambda: allowance.open_ledger("mysql://x"),
     "open_ledger sqlite without path": lambda: allowance.open_ledger("sqlite:///"),
     "price negative": lambda: allowance.prices.set("m", input=-1, output=1),
@@ -105,6 +120,13 @@ def test_a_dimension_checked_once_is_still_checked_with_each_value() -> None:
         assert info.value.value == bad
     with pytest.raises(ConfigurationError):
         allowance.seen_by("mine", **{"tenant ": "acme"})
+
+
+def test_a_webhook_secret_given_to_another_action_is_not_shown() -> None:
+    with pytest.raises(ConfigurationError) as info:
+        Threshold(0.5, "warn", secret="s3cret-value")  # noqa: S106
+    assert "s3cret-value" not in str(info.value)
+    assert "s3cret-value" not in repr(info.value.value)
 
 
 def test_long_values_are_shortened_in_messages() -> None:

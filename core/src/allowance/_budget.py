@@ -149,9 +149,9 @@ class Threshold:
             to the URL ``to``, off the call path), ``"block"`` (treat
             ``at * limit`` as the limit).
         to: The fallback model for ``degrade`` (default: the policy's
-            ``fallback``), or the URL for ``webhook``.
-        callback: Called with the ``Event`` for ``warn`` and ``webhook``; its
-            errors are logged, never raised.
+            ``fallback``), or the URL for ``webhook``; other actions take none.
+        callback: Called with the ``Event`` for ``warn`` and ``webhook`` (other
+            actions take none); its errors are logged, never raised.
         secret: For ``webhook``: signs each POST with HMAC-SHA256 (headers
             ``X-Allowance-Timestamp`` and ``X-Allowance-Signature:
             sha256=<hex of HMAC(secret, "<timestamp>.<body>")>``); default the
@@ -162,6 +162,12 @@ class Threshold:
 
     Warn and webhook fire once per crossing per window (a ledger marker makes
     that hold across processes).
+
+    Raises:
+        ConfigurationError: ``at`` is not a ratio, the action is unknown, its
+            target is malformed, or an argument is given that the action never
+            reads (``to`` for warn or block, ``callback`` for degrade or
+            block, ``secret`` or ``allow_http`` without ``webhook``).
 
     Example:
         >>> Threshold(0.8, "degrade", to="gpt-4o-mini")
@@ -204,6 +210,31 @@ class Threshold:
             raise ConfigurationError("degrade threshold to", self.to, "a model name")
         if self.callback is not None and not callable(self.callback):
             raise ConfigurationError("threshold callback", self.callback, "a callable")
+        self._check_only_for_its_action()
+
+    def _check_only_for_its_action(self) -> None:
+        """Refuse an argument the action never reads (it would be ignored)."""
+        action = self.action
+        if self.to is not None and action not in {"degrade", "webhook"}:
+            raise ConfigurationError(
+                "threshold to",
+                self.to,
+                "to only with action='degrade' (a model) or 'webhook' (a URL); "
+                f"action={action!r} has no target",
+            )
+        if self.callback is not None and action not in {"warn", "webhook"}:
+            raise ConfigurationError(
+                "threshold callback",
+                self.callback,
+                "callback only with action='warn' or 'webhook'; "
+                f"action={action!r} calls none (its calls emit events to plugins)",
+            )
+        if action != "webhook" and (self.secret is not None or self.allow_http):
+            raise ConfigurationError(
+                "threshold secret" if self.secret is not None else "allow_http",
+                "<hidden>" if self.secret is not None else self.allow_http,
+                f"secret and allow_http only with action='webhook', not {action!r}",
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,7 +254,8 @@ class Budget:
             or any name). A call whose scope lacks the dimension is not counted.
         window: ``"hour"``, ``"day"``, ``"week"`` or ``"month"``: the limit
             applies per calendar window; None (default) for all time.
-        tz: IANA time zone the window is aligned to; UTC by default.
+        tz: IANA time zone the window is aligned to; UTC by default (no
+            effect without ``window``).
         thresholds: ``Threshold`` actions at ratios of the limit.
         name: Keeps this budget's counters apart from other budgets on the same
             dimension, unit and window; also shown in reports and errors.

@@ -108,7 +108,8 @@ class seen_by:  # noqa: N801 - used like a function
     attributed to that scope and tagged with every adapter that saw it.
 
     Args:
-        name: The adapter's name (written to the call log).
+        name: The adapter's name, written to the call log: a letter or _, then
+            up to 63 letters, digits, _ . -
         guard: Charge calls made inside to this guard, whatever guard the SDK
             layer was installed with (a framework handler built with its own
             budget routes its model's calls to it).
@@ -118,8 +119,8 @@ class seen_by:  # noqa: N801 - used like a function
         **dimensions: Scope dimensions to add (``agent="writer"``).
 
     Raises:
-        ConfigurationError: A dimension is malformed, or ``charged`` without
-            ``guard``.
+        ConfigurationError: ``name`` or a dimension is malformed, or
+            ``charged`` without ``guard``.
 
     Example:
         >>> with allowance.seen_by("my-framework", guard=guard, agent="writer"):
@@ -138,6 +139,8 @@ class seen_by:  # noqa: N801 - used like a function
         **dimensions: str | int,
     ) -> None:
         """Remember the adapter name, the guard and the dimensions to add."""
+        if type(name) is not str or name not in _NAMES:
+            _check_name("seen_by name", name)
         if charged and guard is None:
             raise ConfigurationError(
                 "charged", charged, "charged=True together with guard=<the Guard>"
@@ -189,22 +192,25 @@ def current_budgets() -> tuple[Budget, ...]:
     return _budgets.get()
 
 
-# Dimension names that passed ``is_name``: few, and met again on every call a
-# framework adapter scopes (``seen_by``), where the regex would run each time.
+# Names that passed ``is_name`` (dimensions, adapters): few, and met again on
+# every call a framework adapter scopes (``seen_by``), where the regex would
+# run each time.
 _NAMES: set[str] = set()
 _MAX_NAMES = 1024
+_NAME_EXPECTED = "a name: a letter or _, then up to 63 letters, digits, _ . -"
+
+
+def _check_name(what: str, name: object) -> None:
+    """Raise unless ``name`` is a name (``is_name``); remember it if it is."""
+    if not is_name(name):
+        raise ConfigurationError(what, name, _NAME_EXPECTED)
+    if type(name) is str and len(_NAMES) < _MAX_NAMES:
+        _NAMES.add(name)
 
 
 def _check_value(dimension: str, value: object) -> str:
     if dimension not in _NAMES:
-        if not is_name(dimension):
-            raise ConfigurationError(
-                "scope dimension",
-                dimension,
-                "a name: a letter or _, then up to 63 letters, digits, _ . -",
-            )
-        if type(dimension) is str and len(_NAMES) < _MAX_NAMES:
-            _NAMES.add(dimension)
+        _check_name("scope dimension", dimension)
     if type(value) is str and 0 < len(value) <= MAX_SCOPE_VALUE_LENGTH:
         return value  # the commonest value: what the checks below return for it
     if isinstance(value, bool) or not isinstance(value, str | int):
@@ -226,10 +232,17 @@ def validate_scope(values: Mapping[str, object]) -> dict[str, str]:
     """Check and normalise scope values (ints become strings).
 
     Raises:
-        ConfigurationError: A dimension name is not an identifier, or a value is
-            not a non-empty str/int of at most 256 characters.
+        ConfigurationError: ``values`` is not a mapping, a dimension name is not
+            an identifier, or a value is not a non-empty str/int of at most 256
+            characters.
     """
-    return {dim: _check_value(dim, val) for dim, val in values.items()}
+    try:
+        items = values.items()
+    except AttributeError:
+        raise ConfigurationError(
+            "scope", values, "a mapping of dimension -> identifier"
+        ) from None
+    return {dim: _check_value(dim, val) for dim, val in items}
 
 
 class scope:  # noqa: N801 - used like a function, as contextlib's helpers are
