@@ -231,3 +231,18 @@ async def test_unwrap_frees_the_client(sdk, kind, fake_provider, clients):
     await generate(client, sdk)
     assert fake_provider.generation_count == 1
     assert [r.outcome for r in guard.ledger.calls()] == ["blocked"]
+
+
+@pytest.mark.parametrize("sdk", SDKS)
+async def test_wrapping_again_replaces_the_guard(sdk, kind, fake_provider, clients):
+    """A wrapped client wrapped again is charged once, to the new guard only."""
+    client = clients(sdk, kind)
+    first = allowance.wrap(client, 1, ledger="memory://")
+    old = allowance.of(first).guard
+    again = allowance.wrap(client, budget="$5", ledger="memory://")
+    assert again is client
+    await generate(client, sdk)  # 1 token would refuse it: the old guard is gone
+    assert fake_provider.generation_count == 1
+    assert allowance.of(client).guard is not old
+    assert [r.outcome for r in allowance.of(client).guard.ledger.calls()] == ["ok"]
+    assert old.ledger.calls() == []

@@ -177,7 +177,7 @@ def wrap(
     copies) is estimated and reserved before it is sent, and charged with the
     provider's usage after. ``isinstance`` and identity are unchanged: it is
     the same client. ``client.allowance`` shows ``spent``, ``remaining`` and
-    ``status()``.
+    ``status()``. Wrapping a wrapped client again replaces its guard.
 
     Args:
         client: ``openai.OpenAI``, ``AsyncOpenAI``, ``AzureOpenAI``,
