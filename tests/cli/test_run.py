@@ -222,3 +222,39 @@ def test_child_env_puts_the_bootstrap_first_once() -> None:
     assert again["PYTHONPATH"] == env["PYTHONPATH"]
     assert again["ALLOWANCE_BUDGET"] == "$1"
     assert again["ALLOWANCE_RUN_ID"] == env["ALLOWANCE_RUN_ID"]
+
+
+def _python_without_allowance() -> str:
+    """The interpreter this venv was made from, which has no allowance."""
+    base = getattr(sys, "_base_executable", sys.executable)
+    probe = subprocess.run(
+        [base, "-c", "import allowance"], capture_output=True, check=False, timeout=60
+    )
+    if base == sys.executable or probe.returncode == 0:
+        pytest.skip("no interpreter without allowance at hand")
+    return base
+
+
+def test_a_python_that_cannot_import_allowance_does_not_run_unguarded(
+    tmp_path: Path, fake_provider: FakeProvider
+) -> None:
+    bare = _python_without_allowance()
+    script = tmp_path / "hello.py"
+    script.write_text("print('the program ran')\n")
+    url = f"sqlite:///{tmp_path / 'bare.db'}"
+    refused = allowance_run(
+        "--budget", "$1", "--ledger", url, "--", bare, str(script),
+        cwd=tmp_path, fake=fake_provider,
+    )  # fmt: skip
+    assert refused.returncode == 2, refused.stderr
+    assert "the program ran" not in refused.stdout
+    assert f"cannot import allowance in {bare}" in refused.stderr
+    assert "--fail open" in refused.stderr
+
+    allowed = allowance_run(
+        "--budget", "$1", "--ledger", url, "--fail", "open", "--", bare, str(script),
+        cwd=tmp_path, fake=fake_provider,
+    )  # fmt: skip
+    assert allowed.returncode == 0, allowed.stderr
+    assert "the program ran" in allowed.stdout
+    assert "WITHOUT a budget" in allowed.stderr

@@ -3,7 +3,9 @@
 ``allowance run`` puts this directory first on ``PYTHONPATH``; Python imports
 ``sitecustomize`` before the program's first line, and this one applies
 ``allowance.patch()`` from the ``ALLOWANCE_*`` environment variables, then
-hands over to any other ``sitecustomize`` on the path.
+hands over to any other ``sitecustomize`` on the path. A Python that cannot
+import allowance ends with exit code 2 before the program starts, unless
+``ALLOWANCE_FAIL=open``.
 """
 
 from __future__ import annotations
@@ -33,11 +35,18 @@ def _guard() -> None:
     try:
         from allowance._run import bootstrap  # noqa: PLC0415
     except ImportError as err:
+        # Another interpreter (a venv without allowance, a system Python): it
+        # cannot be guarded. ``fail`` decides, as for a ledger that fails.
+        where = f"allowance run: cannot import allowance in {sys.executable} ({err})"
+        if os.environ.get("ALLOWANCE_FAIL", "").strip() == "open":
+            sys.stderr.write(f"{where}; fail=open: it runs WITHOUT a budget\n")
+            return
         sys.stderr.write(
-            f"allowance run: cannot import allowance in {sys.executable} ({err}); "
-            "this program runs WITHOUT a budget\n"
+            f"{where}: install allowance in this interpreter, or pass --fail open "
+            "to run it without a budget\n"
         )
-        return
+        sys.stderr.flush()
+        os._exit(2)
     bootstrap()
 
 
