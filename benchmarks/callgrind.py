@@ -49,6 +49,8 @@ import overhead
 from rich.console import Console
 from rich.table import Table
 
+from allowance._cli import positive_int  # the CLI's argparse type
+
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
@@ -301,11 +303,11 @@ def main() -> None:
         nargs="*",
         help=f"of {', '.join(SCENARIOS)} (default: {' '.join(DEFAULT)})",
     )
-    parser.add_argument("-n", "--rounds", type=overhead.positive, default=100)
+    parser.add_argument("-n", "--rounds", type=positive_int, default=100)
     parser.add_argument(
         "-j",
         "--jobs",
-        type=overhead.positive,
+        type=positive_int,
         default=os.cpu_count() or 1,
         help="processes under callgrind at once (the counts do not depend on it)",
     )

@@ -52,6 +52,7 @@ from rich.table import Table
 
 import allowance
 import allowance.telemetry
+from allowance._cli import positive_int as positive  # the CLI's argparse type
 from allowance.testing import RedisServer
 
 if TYPE_CHECKING:
@@ -842,18 +843,6 @@ def process_rows(rounds: int, processes: int) -> list[Row]:
             )
         )
     return rows
-
-
-def positive(text: str) -> int:
-    """An argparse type: an integer >= 1, or an error naming what was given."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        msg = f"expected an integer >= 1, got {text!r}"
-        raise argparse.ArgumentTypeError(msg)
-    return value
 
 
 def main() -> None:

@@ -7,7 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from allowance import Estimate, Guard, Usage, scope
+import pytest
+
+from allowance import Estimate, Guard, Usage, open_ledger, scope
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -54,10 +56,50 @@ def test_report_groups_by_a_chosen_dimension(tmp_path: Path) -> None:
     assert "Spend by tenant" not in out
 
 
+def empty_ledger(path: Path) -> None:
+    """A ledger file with no counters and no calls."""
+    ledger = open_ledger(f"sqlite:///{path}")
+    ledger.keys("")
+    ledger.close()
+    assert path.exists()
+
+
 def test_report_of_an_empty_ledger(tmp_path: Path) -> None:
+    empty_ledger(tmp_path / "empty.db")
     result = run_cli("report", "--ledger", "sqlite:///empty.db", cwd=tmp_path)
     assert result.returncode == 0
     assert "No calls recorded." in result.stdout
+
+
+@pytest.mark.parametrize("command", ["report", "status", "reset"])
+def test_a_ledger_file_that_does_not_exist_is_an_error_not_created(
+    tmp_path: Path, command: str
+) -> None:
+    result = run_cli(command, "--ledger", "sqlite:///typo/ledger.db", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "there is no file" in result.stdout
+    assert "typo" in result.stdout
+    assert list(tmp_path.iterdir()) == []  # neither the file nor its directory
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["report", "--top", "-5"], "--top"),
+        (["report", "--top", "0"], "--top"),
+        (["report", "--top", "ten"], "--top"),
+        (["report", "--by", "a b"], "'a b'"),
+        (["report", "--by", "tenant,x:y"], "'x:y'"),
+        (["status", "--per", "a b"], "'a b'"),
+    ],
+)
+def test_bad_report_and_status_options_are_clear_errors(
+    tmp_path: Path, args: list[str], named: str
+) -> None:
+    empty_ledger(tmp_path / "live.db")
+    result = run_cli(*args, "--ledger", "sqlite:///live.db", cwd=tmp_path)
+    assert result.returncode == 2
+    assert named in result.stdout + result.stderr
 
 
 def test_a_bad_ledger_url_is_a_clear_error(tmp_path: Path) -> None:

@@ -94,8 +94,54 @@ def _report_parser(commands: Any) -> None:
         "--html", metavar="PATH", help="also write a self-contained HTML report"
     )
     report.add_argument(
-        "--top", type=int, default=10, help="models to list (default 10)"
+        "--top", type=positive_int, default=10, help="models to list (default 10)"
     )
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number above 0 (argparse names the option)."""
+    try:
+        number = int(text)
+    except ValueError:
+        number = 0
+    if number < 1:
+        msg = f"expected a whole number above 0, got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return number
+
+
+def _dimension(option: str, value: str) -> str:
+    """A dimension name given on the command line (``--by``, ``--per``)."""
+    from allowance._budget import is_name  # noqa: PLC0415
+
+    if not is_name(value):
+        raise ConfigurationError(
+            option,
+            value,
+            "a dimension name: a letter or _, then letters, digits, _ . -",
+        )
+    return value
+
+
+def _existing(url: str) -> None:
+    """Refuse a SQLite ledger file that does not exist.
+
+    ``status``, ``report`` and ``reset`` read what a guarded program wrote:
+    opening a mistyped path would create an empty ledger there (and its
+    directory) and report nothing.
+    """
+    from pathlib import Path  # noqa: PLC0415
+
+    from allowance._ledger import sqlite_file  # noqa: PLC0415
+
+    path = sqlite_file(url)
+    if path is not None and not Path(path).exists():
+        raise ConfigurationError(
+            "--ledger",
+            url,
+            f"an existing ledger: there is no file {path!r} "
+            "(status, report and reset read a ledger, and create none)",
+        )
 
 
 def _run_parser(commands: Any) -> None:
@@ -169,6 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_demo(console)
         if args.command == "run":
             return _run(args)
+        _existing(args.ledger)
         if args.command == "status":
             _status(console, args)
             return 0
@@ -176,7 +223,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _reset(console, errors, args)
         from allowance._report import print_report  # noqa: PLC0415
 
-        by = tuple(d.strip() for item in args.by for d in item.split(",") if d.strip())
+        by = tuple(
+            _dimension("--by", d.strip())
+            for item in args.by
+            for d in item.split(",")
+            if d.strip()
+        )
         print_report(
             console,
             args.ledger,
@@ -244,6 +296,8 @@ def _status(console: Console, args: argparse.Namespace) -> None:  # noqa: C901
     limit: tuple[int, Unit] | None = None
     if args.budget is not None:
         limit = parse_limit(args.budget, what="--budget")
+    if args.per is not None:
+        _dimension("--per", args.per)
     ledger = open_ledger(args.ledger)
     try:
         keys: dict[str, KeyState] = ledger.keys(args.prefix)

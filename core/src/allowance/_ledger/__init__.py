@@ -52,6 +52,7 @@ __all__ = [
     "SQLiteLedger",
     "WriteBehindLedger",
     "open_ledger",
+    "sqlite_file",
 ]
 
 DEFAULT_LEDGER_URL: Final = "sqlite:///allowance.db"
@@ -124,7 +125,38 @@ def _open_memory(url: str, options: dict[str, Any]) -> Ledger:
         return ledger
 
 
+def sqlite_file(url: str) -> str | None:
+    """Return the file a ``sqlite://`` URL names; None for another scheme.
+
+    Raises:
+        ConfigurationError: A malformed ``sqlite://`` URL, as ``open_ledger``.
+    """
+    url = url.strip()
+    scheme, separator, _ = url.partition("://")
+    if not separator or scheme.lower() != "sqlite":
+        return None
+    return _parse_sqlite(url)[0]
+
+
 def _open_sqlite(url: str, options: dict[str, Any]) -> Ledger:
+    path, seconds = _parse_sqlite(url)
+    busy_timeout = options.pop("busy_timeout", seconds["busy_timeout"])
+    write_behind = options.pop("write_behind", seconds["write_behind"])
+    clock = _pop_clock(options)
+    _no_more(options, url, "busy_timeout, write_behind, clock")
+    if write_behind == 0:
+        return SQLiteLedger(path, busy_timeout=busy_timeout, clock=clock, url=url)
+    return WriteBehindLedger(
+        path,
+        write_behind=write_behind,
+        busy_timeout=busy_timeout,
+        clock=clock,
+        url=url,
+    )
+
+
+def _parse_sqlite(url: str) -> tuple[str, dict[str, float]]:
+    """The file path of a ``sqlite://`` URL, and its query's seconds."""
     expected = "sqlite:///<relative path> or sqlite:////<absolute path>"
     rest = url.partition("://")[2]
     if not rest.startswith("/"):
@@ -157,19 +189,7 @@ def _open_sqlite(url: str, options: dict[str, Any]) -> Ledger:
         if not 0 <= number <= most[name]:  # also rejects nan
             raise _bad_url(url, f"{name}=<seconds>, a number from 0 to {most[name]:g}")
         seconds[name] = number
-    busy_timeout = options.pop("busy_timeout", seconds["busy_timeout"])
-    write_behind = options.pop("write_behind", seconds["write_behind"])
-    clock = _pop_clock(options)
-    _no_more(options, url, "busy_timeout, write_behind, clock")
-    if write_behind == 0:
-        return SQLiteLedger(path, busy_timeout=busy_timeout, clock=clock, url=url)
-    return WriteBehindLedger(
-        path,
-        write_behind=write_behind,
-        busy_timeout=busy_timeout,
-        clock=clock,
-        url=url,
-    )
+    return path, seconds
 
 
 def _open_redis(url: str, options: dict[str, Any]) -> Ledger:
