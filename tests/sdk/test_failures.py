@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
+import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import anthropic
 import openai
@@ -37,7 +40,7 @@ from allowance._sdk import openai as openai_sdk
 from allowance.testing import FakeReply, FakeUsage
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+    from collections.abc import Awaitable, Callable, Iterator
 
 MAX = 400
 USAGE = FakeUsage(input_tokens=30, output_tokens=12)
@@ -301,6 +304,113 @@ async def test_response_without_usage_is_charged_the_whole_reservation(
     assert held(guard) == (api.worst(unit), 0)
     record = only_record(guard)
     assert record.outcome == "unmetered"
+
+
+class _NegativeUsage:
+    """A provider on 127.0.0.1 whose answers report ``input_tokens=-100000``.
+
+    (``FakeUsage`` refuses a negative count: this is a server of its own.)
+    """
+
+    CHAT: ClassVar[dict[str, Any]] = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "created": 0,
+        "model": GPT,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "hi"},
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {"prompt_tokens": -100_000, "completion_tokens": 5},
+    }
+    MESSAGE: ClassVar[dict[str, Any]] = {
+        "id": "msg_1",
+        "type": "message",
+        "role": "assistant",
+        "model": CLAUDE,
+        "content": [{"type": "text", "text": "hi"}],
+        "stop_reason": "end_turn",
+        "stop_sequence": None,
+        "usage": {"input_tokens": -100_000, "output_tokens": 5},
+    }
+
+    def __init__(self) -> None:
+        answers = {"/v1/chat/completions": self.CHAT, "/v1/messages": self.MESSAGE}
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers["content-length"]))
+                body = json.dumps(answers[self.path]).encode()
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = HTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def negative_usage() -> Iterator[_NegativeUsage]:
+    server = _NegativeUsage()
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize("ledger", ["memory://", "sqlite"])
+@pytest.mark.parametrize("unit", ["usd", "tokens"])
+@pytest.mark.parametrize("api", [CHAT, MESSAGES], ids=["chat", "messages"])
+async def test_a_negative_token_count_is_charged_the_whole_reservation(
+    api, unit, ledger, kind, *, negative_usage, tmp_path, caplog, guarded
+):
+    """A provider reporting a negative count: the worst case, not a credit.
+
+    Charged as it is, ``input_tokens=-100000`` would lower the budget's
+    counter and let later calls spend past the limit. The memory ledger's
+    calls take the express lane, SQLite's the general path.
+    """
+    budget = "$5" if unit == "usd" else TOKENS
+    url = ledger if ledger != "sqlite" else f"sqlite:///{tmp_path / 'neg.db'}"
+    base = negative_usage.url + ("/v1" if api.sdk == "openai" else "")
+    client, guard = guarded(
+        api.sdk, kind, "wrap", budget, ledger=url, client_options={"base_url": base}
+    )
+    with caplog.at_level("WARNING", logger="allowance"):
+        for _ in range(2):  # the first opens the ledger (the general path)
+            await api.call(client)
+    assert held(guard) == (2 * api.worst(unit), 0)
+    assert [r.outcome for r in guard.ledger.calls()] == ["unmetered"] * 2
+    assert caplog.text.count("negative token count") == 2
+    guard.close()
+
+
+@pytest.mark.parametrize(
+    "how", ["commit", "acommit", "commit_partial", "acommit_partial"]
+)
+async def test_a_ticket_does_not_take_a_negative_usage_as_a_credit(
+    how: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``Ticket.commit`` and its twins, as an integration calls them."""
+    guard = allowance.Guard(budget=1_000, ledger="memory://")
+    estimate = allowance.Estimate("openai", GPT, 100, 50)
+    with caplog.at_level("WARNING", logger="allowance"):
+        ticket = guard.begin(estimate)
+        await aw(getattr(ticket, how)(allowance.Usage(-500, 10)))
+    assert held(guard) == (estimate.total_tokens, 0)
+    assert only_record(guard).outcome == "unmetered"
+    assert "negative token count" in caplog.text
 
 
 @pytest.mark.parametrize("api", APIS, ids=IDS)

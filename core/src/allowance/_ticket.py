@@ -8,6 +8,7 @@ guard's sync and async drivers run.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ if TYPE_CHECKING:
     from allowance.typing import Outcome, Unit
 
 __all__ = ["FAILED", "NO_LAYOUT", "Alert", "Layout", "Line", "Op", "Ticket"]
+
+logger = logging.getLogger("allowance")
 
 _NO_KWARGS: Mapping[str, Any] = MappingProxyType({})
 
@@ -153,9 +156,16 @@ class Ticket:
     # -- settling ---------------------------------------------------------------
 
     def commit(self, usage: Usage, *, response_model: str | None = None) -> None:
-        """Charge the actual ``usage`` and return the rest of the reservation."""
+        """Charge the actual ``usage`` and return the rest of the reservation.
+
+        A usage with a negative count is not charged (it would credit the
+        budget): the reservation is, in full, as for a call without usage.
+        """
         # ``_commit_plan`` yields one operation: run it without the driver.
         if self.settled:
+            return
+        if self._miscounted(usage):
+            self.keep()
             return
         op = self._commit_op(usage, response_model, partial=False)
         if not self._settled_in_memory(op):
@@ -163,6 +173,9 @@ class Ticket:
 
     async def acommit(self, usage: Usage, *, response_model: str | None = None) -> None:
         """Async twin of ``commit``."""
+        if not self.settled and self._miscounted(usage):
+            await self.akeep()
+            return
         if self._guard.nonblocking_ledger():
             self.commit(usage, response_model=response_model)
             return
@@ -185,15 +198,42 @@ class Ticket:
         self, usage: Usage, *, response_model: str | None = None
     ) -> None:
         """Charge what a stream cut short produced (``usage`` as counted so far)."""
+        if not self.settled and self._miscounted(usage):
+            self.keep()
+            return
         self._guard._drive(self._commit_plan(usage, response_model, partial=True))
 
     async def acommit_partial(
         self, usage: Usage, *, response_model: str | None = None
     ) -> None:
         """Async twin of ``commit_partial``."""
+        if not self.settled and self._miscounted(usage):
+            await self.akeep()
+            return
         await self._guard._adrive(
             self._commit_plan(usage, response_model, partial=True)
         )
+
+    def _miscounted(self, usage: Usage) -> bool:
+        """True (and logged) for a usage with a negative count: not a charge."""
+        if (
+            min(
+                usage.input_tokens,
+                usage.output_tokens,
+                usage.cache_read_tokens,
+                usage.cache_write_tokens,
+                usage.reasoning_tokens,
+            )
+            >= 0
+        ):
+            return False
+        logger.warning(
+            "allowance: call %s reported a negative token count (%r): charged "
+            "its reservation in full",
+            self.call_id,
+            usage,
+        )
+        return True
 
     def keep(self, *, outcome: Outcome = "unmetered") -> None:
         """Charge the whole reservation: the usage is unknown (no usage, a timeout)."""

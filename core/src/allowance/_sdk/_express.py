@@ -317,8 +317,20 @@ def settle(
         return False
     total = usage.total_tokens
     guard = lane.guard
-    # Beyond the worst case: the general path counts and reports the miss.
-    if total > lane.bound + lane.cap or plugins.observes_calls():
+    # Beyond the worst case: the general path counts and reports the miss; a
+    # negative count (the bits of the codec's ints OR'd): it charges the hold.
+    if (
+        total > lane.bound + lane.cap
+        or (
+            usage.input_tokens
+            | usage.output_tokens
+            | usage.cache_read_tokens
+            | usage.cache_write_tokens
+            | usage.reasoning_tokens
+        )
+        < 0
+        or plugins.observes_calls()
+    ):
         return False
     model = lane.model
     response_model = codec.response_model(result)
