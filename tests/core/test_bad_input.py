@@ -65,6 +65,8 @@ CASES: dict[str, Callable[[], object]] = {
     "degrade with allow_http": lambda: Threshold(0.5, "degrade", allow_http=True),
     "thresholds not Threshold": lambda: Budget("$1", thresholds=[0.5]),  # type: ignore[list-item]
     "policy budgets not Budget": lambda: Policy(["$1"]),  # type: ignore[list-item]
+    "policy budgets an int": lambda: Policy(5),  # type: ignore[arg-type]
+    "policy budgets a str": lambda: Policy("$1"),  # type: ignore[arg-type]
     "on_limit": lambda: Policy(on_limit="explode"),  # type: ignore[arg-type]
     "fail": lambda: Policy(fail="sideways"),  # type: ignore[arg-type]
     "fallback blank": lambda: Policy(fallback=""),
@@ -97,6 +99,10 @@ CASES: dict[str, Callable[[], object]] = {
     "open_ledger sqlite without path": lambda: allowance.open_ledger("sqlite:///"),
     "price negative": lambda: allowance.prices.set("m", input=-1, output=1),
     "price text": lambda: allowance.prices.set("m", input="cheap", output=1),
+    "price model not a str": lambda: allowance.prices.set(5, input=1, output=1),  # type: ignore[arg-type]
+    "price provider empty": lambda: allowance.prices.set(
+        "m", input=1, output=1, provider=""
+    ),
 }
 
 

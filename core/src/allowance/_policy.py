@@ -73,6 +73,11 @@ class Policy:
         """Validate and store the policy; see the class docstring."""
         if isinstance(budgets, Budget):
             budgets = (budgets,)
+        given: object = budgets
+        if isinstance(given, str | bytes) or not hasattr(given, "__iter__"):
+            raise ConfigurationError(
+                "budgets", given, "a list of Budget(...) objects (allowance.Budget)"
+            )
         items = tuple(budgets)
         for item in items:
             if not isinstance(item, Budget):

@@ -322,14 +322,21 @@ class PriceTable:
 
         Raises:
             ConfigurationError: A price is negative, NaN, infinite or not a
-                number, or ``model`` is not a non-empty string.
+                number, ``model`` is not a non-empty string, or ``provider``
+                neither None nor one.
 
         Example:
             >>> allowance.prices.set("gpt-4o", input=2.5, output=10, cached=1.25)
         """
-        if not model:
+        name: object = model  # typed str; checked, as callers may not be typed
+        if not isinstance(name, str) or not name:
             raise ConfigurationError(
                 what="model", value=model, expected="a non-empty model name"
+            )
+        source: object = provider
+        if source is not None and (not isinstance(source, str) or not source):
+            raise ConfigurationError(
+                what="provider", value=provider, expected="None or a provider name"
             )
         rates = self._rates_from_args(input, output, cached, cache_write)
         with self._lock:
