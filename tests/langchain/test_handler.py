@@ -16,8 +16,10 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 from langchain_core.caches import InMemoryCache
+from langchain_core.language_models import BaseChatModel as BaseChatModelBase
 from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
 from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
+from langchain_core.outputs import ChatGeneration, ChatResult
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import RunnableConfig, RunnableLambda
 from tests.langchain.conftest import (
@@ -333,6 +335,33 @@ def test_a_model_without_usage_keeps_its_reservation() -> None:
     assert record.outcome == "unmetered"
     (status,) = guard_of(h).status()
     assert status.spent == record.estimate_tokens
+    assert status.reserved == 0
+
+
+class _TotalOnly(BaseChatModelBase):
+    """A chat model whose provider reports only a total (no input or output count)."""
+
+    @property
+    def _llm_type(self) -> str:
+        return "total-only"
+
+    def _generate(
+        self, messages: list[Any], stop: Any = None, run_manager: Any = None, **kw: Any
+    ) -> ChatResult:
+        return ChatResult(
+            generations=[ChatGeneration(message=AIMessage("hi"))],
+            llm_output={"token_usage": {"total_tokens": 50}},
+        )
+
+
+def test_a_usage_without_its_counts_keeps_the_reservation() -> None:
+    """``llm_output`` with a total only: unknown usage (the worst case), not zero."""
+    h = handler(budget=1_000_000)
+    _TotalOnly().invoke(PROMPT, config={"callbacks": [h]})
+    (record,) = records(h)
+    assert record.outcome == "unmetered"
+    (status,) = guard_of(h).status()
+    assert status.spent == record.estimate_tokens > 0
     assert status.reserved == 0
 
 

@@ -422,3 +422,27 @@ def test_the_sdk_layer_degrades_a_llamaindex_call(fake_provider: FakeProvider) -
     last = fake_provider.last_request
     assert last is not None
     assert last.json["model"] == "gpt-4o-mini"
+
+
+@pytest.mark.parametrize(
+    ("reported", "read"),
+    [
+        ({"prompt_tokens": 12, "completion_tokens": 5}, (12, 5)),
+        ({"prompt_tokens": 12.0, "completion_tokens": 5.0}, (12, 5)),
+        ({"completion_tokens": 5}, None),
+        ({"prompt_tokens": None, "completion_tokens": 5}, None),
+        ({"input_tokens": "12", "output_tokens": 5}, None),
+    ],
+)
+def test_a_usage_count_that_cannot_be_read_is_not_zero(
+    reported: dict[str, object], read: tuple[int, int] | None
+) -> None:
+    """``usage_of`` a real ``CompletionResponse``: a missing, null or text count
+    makes the usage unknown (the caller keeps the worst case), not 0."""
+    from llama_index.core.base.llms.types import CompletionResponse
+
+    from allowance_llamaindex._callbacks import usage_of
+
+    usage = usage_of(CompletionResponse(text="hi", raw={"usage": reported}))
+    got = None if usage is None else (usage.input_tokens, usage.output_tokens)
+    assert got == read

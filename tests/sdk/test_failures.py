@@ -17,7 +17,7 @@ import json
 import threading
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, HTTPServer
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 import anthropic
 import openai
@@ -306,44 +306,20 @@ async def test_response_without_usage_is_charged_the_whole_reservation(
     assert record.outcome == "unmetered"
 
 
-class _NegativeUsage:
-    """A provider on 127.0.0.1 whose answers report ``input_tokens=-100000``.
+class _UsageServer:
+    """A provider on 127.0.0.1 that answers chat and messages with a usage given.
 
-    (``FakeUsage`` refuses a negative count: this is a server of its own.)
+    (``FakeUsage`` accepts only counts: this is a server of its own.)
     """
 
-    CHAT: ClassVar[dict[str, Any]] = {
-        "id": "chatcmpl-1",
-        "object": "chat.completion",
-        "created": 0,
-        "model": GPT,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": "hi"},
-                "finish_reason": "stop",
-            }
-        ],
-        "usage": {"prompt_tokens": -100_000, "completion_tokens": 5},
-    }
-    MESSAGE: ClassVar[dict[str, Any]] = {
-        "id": "msg_1",
-        "type": "message",
-        "role": "assistant",
-        "model": CLAUDE,
-        "content": [{"type": "text", "text": "hi"}],
-        "stop_reason": "end_turn",
-        "stop_sequence": None,
-        "usage": {"input_tokens": -100_000, "output_tokens": 5},
-    }
-
     def __init__(self) -> None:
-        answers = {"/v1/chat/completions": self.CHAT, "/v1/messages": self.MESSAGE}
+        self.usage: dict[str, Any] = {}
+        server = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 self.rfile.read(int(self.headers["content-length"]))
-                body = json.dumps(answers[self.path]).encode()
+                body = json.dumps(server.answer(self.path)).encode()
                 self.send_response(200)
                 self.send_header("content-type", "application/json")
                 self.send_header("content-length", str(len(body)))
@@ -357,14 +333,50 @@ class _NegativeUsage:
         self.url = f"http://127.0.0.1:{self.server.server_port}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
+    def answer(self, path: str) -> dict[str, Any]:
+        if path == "/v1/chat/completions":
+            return {
+                "id": "chatcmpl-1",
+                "object": "chat.completion",
+                "created": 0,
+                "model": GPT,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": "hi"},
+                        "finish_reason": "stop",
+                    }
+                ],
+                "usage": self.usage,
+            }
+        return {
+            "id": "msg_1",
+            "type": "message",
+            "role": "assistant",
+            "model": CLAUDE,
+            "content": [{"type": "text", "text": "hi"}],
+            "stop_reason": "end_turn",
+            "stop_sequence": None,
+            "usage": self.usage,
+        }
+
+    def base_url(self, api: Api, counts: tuple[object, object]) -> str:
+        """Answer ``api``'s calls with ``counts`` (input, output; None: absent)."""
+        names = ("prompt_tokens", "completion_tokens")
+        if api.sdk == "anthropic":
+            names = ("input_tokens", "output_tokens")
+        pairs = zip(names, counts, strict=True)
+        self.usage = {name: count for name, count in pairs if count is not None}
+        return self.url + ("/v1" if api.sdk == "openai" else "")
+
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
 
 
 @pytest.fixture
-def negative_usage() -> Iterator[_NegativeUsage]:
-    server = _NegativeUsage()
+def usage_server() -> Iterator[_UsageServer]:
+    server = _UsageServer()
     yield server
     server.stop()
 
@@ -373,7 +385,7 @@ def negative_usage() -> Iterator[_NegativeUsage]:
 @pytest.mark.parametrize("unit", ["usd", "tokens"])
 @pytest.mark.parametrize("api", [CHAT, MESSAGES], ids=["chat", "messages"])
 async def test_a_negative_token_count_is_charged_the_whole_reservation(
-    api, unit, ledger, kind, *, negative_usage, tmp_path, caplog, guarded
+    api, unit, ledger, kind, *, usage_server, tmp_path, caplog, guarded
 ):
     """A provider reporting a negative count: the worst case, not a credit.
 
@@ -383,7 +395,7 @@ async def test_a_negative_token_count_is_charged_the_whole_reservation(
     """
     budget = "$5" if unit == "usd" else TOKENS
     url = ledger if ledger != "sqlite" else f"sqlite:///{tmp_path / 'neg.db'}"
-    base = negative_usage.url + ("/v1" if api.sdk == "openai" else "")
+    base = usage_server.base_url(api, (-100_000, 5))
     client, guard = guarded(
         api.sdk, kind, "wrap", budget, ledger=url, client_options={"base_url": base}
     )
@@ -394,6 +406,43 @@ async def test_a_negative_token_count_is_charged_the_whole_reservation(
     assert [r.outcome for r in guard.ledger.calls()] == ["unmetered"] * 2
     assert caplog.text.count("negative token count") == 2
     guard.close()
+
+
+@pytest.mark.parametrize(
+    "counts",
+    [(None, None), (None, 5), (12, None), ("12", "5"), (12.5, 5), (True, 5)],
+    ids=["empty", "no input", "no output", "text", "a fraction", "a bool"],
+)
+@pytest.mark.parametrize("api", [CHAT, MESSAGES], ids=["chat", "messages"])
+async def test_a_usage_that_cannot_be_read_is_charged_the_whole_reservation(
+    api, counts, kind, *, usage_server, guarded
+):
+    """A usage object whose input or output count is missing, null or not a
+    count is charged as a missing usage (it counted 0 before: a free call)."""
+    base = usage_server.base_url(api, counts)
+    client, guard = guarded(
+        api.sdk, kind, "wrap", TOKENS, client_options={"base_url": base}
+    )
+    for _ in range(2):  # the general path, then the express lane
+        await api.call(client)
+    assert held(guard) == (2 * api.worst("tokens"), 0)
+    assert [r.outcome for r in guard.ledger.calls()] == ["unmetered"] * 2
+
+
+@pytest.mark.parametrize("api", [CHAT, MESSAGES], ids=["chat", "messages"])
+async def test_a_count_sent_as_a_whole_float_is_read(
+    api, kind, *, usage_server, guarded
+):
+    """``12.0`` (an OpenAI-compatible server's JSON) is 12 tokens."""
+    base = usage_server.base_url(api, (12.0, 5.0))
+    client, guard = guarded(
+        api.sdk, kind, "wrap", TOKENS, client_options={"base_url": base}
+    )
+    for _ in range(2):
+        await api.call(client)
+    assert held(guard) == (2 * 17, 0)
+    records = [(r.outcome, r.usage.total_tokens) for r in guard.ledger.calls()]
+    assert records == [("ok", 17)] * 2
 
 
 @pytest.mark.parametrize(

@@ -115,6 +115,7 @@ __all__ = [
     "responses_input_bound",
     "text_bytes",
     "token_count",
+    "whole_count",
 ]
 
 MESSAGE_TOKENS: Final = 4
@@ -277,6 +278,21 @@ def make_estimate(
     draft.__class__ = Estimate
     estimate: Estimate = draft
     return estimate
+
+
+def whole_count(value: object) -> int | None:
+    """A token count a provider reported, or None where it gave none.
+
+    An int (not a bool), or a float that is a whole number (a JSON ``12.0``
+    from an OpenAI-compatible server, which the SDKs pass on unvalidated).
+    None for anything else (missing, null, text): a count that cannot be read
+    is not zero.
+    """
+    if type(value) is int:
+        return value
+    if type(value) is float and value.is_integer():
+        return int(value)
+    return None
 
 
 def make_usage(

@@ -12,7 +12,9 @@ The contract, one call charged once:
 - Any other call: estimate it (``estimate_chat``), ``guard.begin(estimate)``
   before it is sent (``BudgetExceeded`` blocks it), enter
   ``seen_by(name, guard=guard, charged=True, **dimensions)`` so no SDK layer
-  charges it again, and settle the ticket with the framework's usage.
+  charges it again, and settle the ticket with the framework's usage. Read
+  its counts with ``whole_count``: one that cannot be read (missing, null,
+  text) makes the usage unknown, ``ticket.keep()``, not zero.
 
 An adapter that takes ``wrap``-style budget arguments builds its guard with
 ``make_guard`` (the same checks and messages as ``wrap`` and ``patch``).
@@ -25,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from allowance import plugins
 from allowance._errors import ConfigurationError
 from allowance._estimate import estimate as _estimate
+from allowance._estimate import whole_count
 from allowance._scope import current_adapters, current_route, seen_by
 from allowance._wrap import make_guard
 
@@ -41,6 +44,7 @@ __all__ = [
     "make_guard",
     "sdk_layer",
     "seen_by",
+    "whole_count",
 ]
 
 SDK_PROVIDERS: Mapping[str, str] = {

@@ -21,6 +21,7 @@ from allowance._estimate import (
     plain_estimate,
     plain_tokens,
     text_bytes,
+    whole_count,
 )
 from allowance._sdk._adapter import SdkAdapter
 from allowance._sdk._common import NO_CAP, CappedAccumulator
@@ -35,23 +36,24 @@ if TYPE_CHECKING:
 __all__ = ["AnthropicAdapter", "AnthropicCodec"]
 
 
-def _usage(usage: Any) -> Usage:
-    # Token counts are ints, never bools: anything else counts 0.
-    uncached = getattr(usage, "input_tokens", 0)
-    if type(uncached) is not int:
-        uncached = 0
+def _usage(usage: Any) -> Usage | None:
+    # None when the input or output count is not a count (``whole_count``):
+    # charged as a missing usage. The cache counts are ints, never bools:
+    # anything else (absent, null) counts 0.
+    uncached = getattr(usage, "input_tokens", None)
+    output = getattr(usage, "output_tokens", None)
+    if type(uncached) is not int or type(output) is not int:
+        uncached, output = whole_count(uncached), whole_count(output)
+        if uncached is None or output is None:
+            return None
     cache_read = getattr(usage, "cache_read_input_tokens", 0)
     if type(cache_read) is not int:
         cache_read = 0
     cache_write = getattr(usage, "cache_creation_input_tokens", 0)
     if type(cache_write) is not int:
         cache_write = 0
-    output = getattr(usage, "output_tokens", 0)
     return make_usage(
-        uncached + cache_read + cache_write,
-        output if type(output) is int else 0,
-        cache_read,
-        cache_write,
+        uncached + cache_read + cache_write, output, cache_read, cache_write
     )
 
 
@@ -176,8 +178,8 @@ _USAGE_FIELDS: Final = (
 def _take(fields: dict[str, int], usage: Any) -> None:
     # message_delta usage is cumulative: overwrite the fields it carries.
     for name in _USAGE_FIELDS:
-        value = getattr(usage, name, None)
-        if isinstance(value, int) and not isinstance(value, bool):
+        value = whole_count(getattr(usage, name, None))
+        if value is not None:
             fields[name] = value
 
 
@@ -224,9 +226,9 @@ class _MessagesAccumulator(CappedAccumulator):
         return True
 
     def usage(self) -> Usage | None:
-        if not self._fields:
-            return None
         f = self._fields
+        if "input_tokens" not in f or "output_tokens" not in f:
+            return None  # not a usage that can be read: charged as none
         cache_read = f.get("cache_read_input_tokens", 0)
         cache_write = f.get("cache_creation_input_tokens", 0)
         return make_usage(

@@ -24,6 +24,7 @@ from allowance._estimate import (
     plain_tokens,
     responses_input_bound,
     text_bytes,
+    whole_count,
 )
 from allowance._sdk._adapter import SdkAdapter
 from allowance._sdk._common import NO_CAP, CappedAccumulator
@@ -149,8 +150,12 @@ class OpenAICodec:
         usage = getattr(response, "usage", None)
         if usage is None:
             return None
-        if _api(path) == _RESPONSES:
+        api = _api(path)
+        if api == _RESPONSES:
             return _read_usage(usage, _RESPONSES_USAGE)
+        if api == _EMBEDDINGS:  # input only: no completion_tokens to read
+            inputs = whole_count(getattr(usage, "prompt_tokens", None))
+            return None if inputs is None else make_usage(inputs, 0)
         return _read_usage(usage, _CHAT_USAGE)
 
     def response_model(self, response: Any) -> str | None:
@@ -279,11 +284,19 @@ def _stopped_response(ident: str, model: str, reason: str) -> dict[str, Any]:
     }
 
 
-def _read_usage(usage: Any, names: tuple[str, str, str, str]) -> Usage:
-    """Read a usage object of either API: their fields differ only by name."""
+def _read_usage(usage: Any, names: tuple[str, str, str, str]) -> Usage | None:
+    """Read a usage object of either API: their fields differ only by name.
+
+    None when its input or output count is not a count (``whole_count``):
+    such a usage is charged as a missing one, the worst case.
+    """
     inputs_name, outputs_name, inputs_details, outputs_details = names
-    inputs = getattr(usage, inputs_name, 0)
-    outputs = getattr(usage, outputs_name, 0)
+    inputs = getattr(usage, inputs_name, None)
+    outputs = getattr(usage, outputs_name, None)
+    if type(inputs) is not int or type(outputs) is not int:
+        inputs, outputs = whole_count(inputs), whole_count(outputs)
+        if inputs is None or outputs is None:
+            return None
     details = getattr(usage, inputs_details, None)
     if details is None:
         cache_read = cache_write = 0
@@ -292,10 +305,10 @@ def _read_usage(usage: Any, names: tuple[str, str, str, str]) -> Usage:
         cache_write = getattr(details, "cache_write_tokens", 0)
     details = getattr(usage, outputs_details, None)
     reasoning = 0 if details is None else getattr(details, "reasoning_tokens", 0)
-    # Token counts are ints, never bools: anything else counts 0.
+    # The details' counts are ints, never bools: anything else (absent) counts 0.
     return make_usage(
-        inputs if type(inputs) is int else 0,
-        outputs if type(outputs) is int else 0,
+        inputs,
+        outputs,
         cache_read if type(cache_read) is int else 0,
         cache_write if type(cache_write) is int else 0,
         reasoning if type(reasoning) is int else 0,
@@ -316,11 +329,11 @@ _RESPONSES_USAGE: Final = (
 )
 
 
-def _chat_usage(usage: Any) -> Usage:
+def _chat_usage(usage: Any) -> Usage | None:
     return _read_usage(usage, _CHAT_USAGE)
 
 
-def _responses_usage(usage: Any) -> Usage:
+def _responses_usage(usage: Any) -> Usage | None:
     return _read_usage(usage, _RESPONSES_USAGE)
 
 

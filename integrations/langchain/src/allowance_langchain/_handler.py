@@ -32,6 +32,7 @@ from langchain_core.callbacks import BaseCallbackHandler
 
 import allowance
 from allowance import integration
+from allowance.integration import whole_count
 from allowance_langchain import _compat
 from allowance_langchain._compat import ADAPTER_NAME
 
@@ -645,34 +646,45 @@ def _settle(ticket: allowance.Ticket, response: LLMResult) -> None:
             usages.append(
                 {
                     "input_tokens": token_usage.get(
-                        "prompt_tokens", token_usage.get("input_tokens", 0)
+                        "prompt_tokens", token_usage.get("input_tokens")
                     ),
                     "output_tokens": token_usage.get(
-                        "completion_tokens", token_usage.get("output_tokens", 0)
+                        "completion_tokens", token_usage.get("output_tokens")
                     ),
                 }
             )
-    if usages:
-        ticket.commit(_usage(usages), response_model=model)
-    elif cached:
+    usage = _usage(usages) if usages else None
+    if usage is not None:
+        ticket.commit(usage, response_model=model)
+    elif cached and not usages:
         ticket.commit(allowance.Usage(), response_model=model)
     else:
-        ticket.keep()
+        ticket.keep()  # no usage, or one that cannot be read: the worst case
 
 
-def _usage(usages: Iterable[Mapping[str, Any]]) -> allowance.Usage:
+def _usage(usages: Iterable[Mapping[str, Any]]) -> allowance.Usage | None:
+    """Return the sum of ``usages``; None if one of them cannot be read.
+
+    A missing input or output count is not zero (``whole_count``); the
+    details' counts are optional.
+    """
     total = [0, 0, 0, 0, 0]
     for u in usages:
-        inputs = cast("Mapping[str, Any]", u.get("input_token_details") or {})
-        outputs = cast("Mapping[str, Any]", u.get("output_token_details") or {})
+        inputs = whole_count(u.get("input_tokens"))
+        outputs = whole_count(u.get("output_tokens"))
+        if inputs is None or outputs is None:
+            return None
+        total[0] += inputs
+        total[1] += outputs
+        details = cast("Mapping[str, Any]", u.get("input_token_details") or {})
+        produced = cast("Mapping[str, Any]", u.get("output_token_details") or {})
         for i, value in enumerate(
             (
-                u.get("input_tokens"),
-                u.get("output_tokens"),
-                inputs.get("cache_read"),
-                inputs.get("cache_creation"),
-                outputs.get("reasoning"),
-            )
+                details.get("cache_read"),
+                details.get("cache_creation"),
+                produced.get("reasoning"),
+            ),
+            start=2,
         ):
-            total[i] += value if isinstance(value, int) else 0
+            total[i] += whole_count(value) or 0
     return allowance.Usage(*total)

@@ -23,7 +23,7 @@ from llama_index.core.callbacks import CBEventType, EventPayload
 from llama_index.core.callbacks.base_handler import BaseCallbackHandler
 
 import allowance
-from allowance.integration import estimate_chat
+from allowance.integration import estimate_chat, whole_count
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -69,19 +69,20 @@ def _messages(payload: Mapping[str, Any]) -> list[dict[str, Any] | str]:
     return [str(prompt or "")]
 
 
-def _int(value: object) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) else 0
-
-
 def _from_mapping(data: Mapping[str, Any]) -> allowance.Usage | None:
+    """Return the usage ``data`` reports; None for none, or one not readable.
+
+    A missing input or output count is not zero (``whole_count``).
+    """
     for inp, out in (
         ("prompt_tokens", "completion_tokens"),
         ("input_tokens", "output_tokens"),
     ):
         if inp in data or out in data:
-            return allowance.Usage(
-                input_tokens=_int(data.get(inp)), output_tokens=_int(data.get(out))
-            )
+            inputs, outputs = whole_count(data.get(inp)), whole_count(data.get(out))
+            if inputs is None or outputs is None:
+                return None
+            return allowance.Usage(input_tokens=inputs, output_tokens=outputs)
     return None
 
 
