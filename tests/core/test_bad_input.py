@@ -99,6 +99,9 @@ CASES: dict[str, Callable[[], object]] = {
     "open_ledger sqlite without path": lambda: allowance.open_ledger("sqlite:///"),
     "price negative": lambda: allowance.prices.set("m", input=-1, output=1),
     "price text": lambda: allowance.prices.set("m", input="cheap", output=1),
+    "estimate negative input": lambda: allowance.Estimate("openai", "m", -5, 10),
+    "estimate fractional output": lambda: allowance.Estimate("openai", "m", 5, 2.5),  # type: ignore[arg-type]
+    "estimate bool output": lambda: allowance.Estimate("openai", "m", 5, True),
     "price model not a str": lambda: allowance.prices.set(5, input=1, output=1),  # type: ignore[arg-type]
     "price provider empty": lambda: allowance.prices.set(
         "m", input=1, output=1, provider=""
@@ -146,6 +149,16 @@ def test_wrap_refuses_what_is_not_an_sdk_client() -> None:
     with pytest.raises(allowance.UsageError) as info:
         allowance.wrap(object(), budget="$1", ledger="memory://")
     assert "object" in str(info.value)
+
+
+async def test_begin_takes_an_estimate_only() -> None:
+    guard = Guard(budget=100, ledger="memory://")
+    with pytest.raises(allowance.UsageError, match="not str") as info:
+        guard.begin("gpt-4o")  # type: ignore[arg-type]
+    assert info.value.value == "gpt-4o"
+    with pytest.raises(allowance.UsageError, match="not dict"):
+        await guard.abegin({"model": "gpt-4o"})  # type: ignore[arg-type]
+    assert guard.status()[0].reserved == 0
 
 
 def test_patch_names_an_unknown_adapter() -> None:

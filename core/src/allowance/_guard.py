@@ -30,6 +30,7 @@ from allowance._errors import (
     LedgerError,
     LedgerUnavailableError,
     PricingError,
+    UsageError,
     Violation,
 )
 from allowance._events import call_safely, webhooks
@@ -358,7 +359,9 @@ class Guard:
             BudgetExceeded: The call fits no budget and ``on_limit="raise"``.
             PricingError: A USD budget applies and the model has no price.
             LedgerUnavailableError: The ledger failed and ``fail="closed"``.
+            UsageError: ``estimate`` is not an ``Estimate``.
         """
+        _check_estimate(estimate)
         ticket = self._begin_fast(estimate, adapters, reestimate, refine)
         if ticket is not None:
             return ticket
@@ -566,6 +569,7 @@ class Guard:
         refine: Callable[[], Estimate | None] | None = None,
     ) -> Ticket:
         """Async twin of ``begin``; never blocks the event loop on the ledger."""
+        _check_estimate(estimate)
         if self.nonblocking_ledger():
             ticket = self._begin_fast(estimate, adapters, reestimate, refine)
             if ticket is not None:
@@ -1161,3 +1165,14 @@ def _violation(line: Line, item: ReserveItem, state: KeyState) -> Violation:
         limit=line.limit,
         unit=line.unit,
     )
+
+
+def _check_estimate(estimate: object) -> None:
+    """Refuse what ``Guard.begin`` cannot reserve for (it would fail halfway)."""
+    if not isinstance(estimate, Estimate):
+        kind = type(estimate).__qualname__
+        raise UsageError(
+            f"Guard.begin takes an allowance.Estimate, not {kind}",
+            value=estimate,
+            expected="Estimate(provider, model, input_tokens, output_tokens)",
+        )

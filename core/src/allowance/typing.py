@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
+from allowance._errors import ConfigurationError
+
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping, Sequence
 
@@ -95,6 +97,15 @@ class Estimate:
     exact_input: bool = False
 
     __module__ = "allowance.typing"
+
+    def __post_init__(self) -> None:
+        """Refuse a bound that is not a token count: it would hold too little."""
+        for name in ("input_tokens", "output_tokens"):
+            value: object = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigurationError(
+                    f"estimate {name}", value, "a token count: an int >= 0"
+                )
 
     @property
     def total_tokens(self) -> int:
