@@ -10,6 +10,8 @@ whatever the client returned.
 from __future__ import annotations
 
 import inspect
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import TYPE_CHECKING, Any
 
 import anthropic
@@ -38,6 +40,41 @@ USAGE = FakeUsage(
     reasoning_tokens=10,
 )
 """What the fake provider reports for generation calls (allowance's convention)."""
+
+
+class Loopback:
+    """An HTTP server on 127.0.0.1 whose answers a test writes.
+
+    ``answer(path, body)`` returns ``(status, body)`` for each POST (a
+    non-empty body is sent as JSON). For what the fake provider will not
+    send (a body cut short, a usage that is not a count) and for webhook
+    receivers. ``url`` has no path; ``stop()`` shuts it down.
+    """
+
+    def __init__(self, answer: Callable[[str, bytes], tuple[int, bytes]]) -> None:
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                status, body = answer(
+                    self.path, self.rfile.read(int(self.headers["content-length"]))
+                )
+                self.send_response(status)
+                if body:
+                    self.send_header("content-type", "application/json")
+                    self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = HTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
 
 USD_BUDGET = "$5"
 TOKEN_BUDGET = 1_000_000

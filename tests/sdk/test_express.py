@@ -16,11 +16,9 @@ import contextlib
 import json
 import queue
 import re
-import threading
 import uuid
 import warnings
 from dataclasses import dataclass, replace
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -35,7 +33,7 @@ from allowance._sdk import _common, _express
 from allowance.testing import FakeProvider, FakeReply, FakeUsage
 from allowance.typing import KeyState
 
-from .conftest import CLAUDE, GPT, MINI, aw, close, drain
+from .conftest import CLAUDE, GPT, MINI, Loopback, aw, close, drain
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -554,21 +552,13 @@ class _Hook:
 
     def __init__(self) -> None:
         self.received: queue.Queue[dict[str, Any]] = queue.Queue()
-        received = self.received
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                length = int(self.headers["content-length"])
-                received.put(json.loads(self.rfile.read(length)))
-                self.send_response(204)
-                self.end_headers()
+        def answer(_: str, body: bytes) -> tuple[int, bytes]:
+            self.received.put(json.loads(body))
+            return 204, b""
 
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = HTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.server = Loopback(answer)
+        self.url = f"{self.server.url}/hook"
 
 
 @pytest.fixture
@@ -576,8 +566,7 @@ def hook() -> Iterator[_Hook]:
     """A webhook receiver of the test's own (nothing left retrying after it)."""
     receiver = _Hook()
     yield receiver
-    receiver.server.shutdown()
-    receiver.server.server_close()
+    receiver.server.stop()
 
 
 @pytest.fixture
@@ -767,30 +756,9 @@ def test_a_raw_response_is_settled_in_the_lane(
     assert on[2][-1][7] == "ok"  # the call log's outcome
 
 
-class _Unreadable:
-    """A provider on 127.0.0.1 that answers 200 with JSON cut short."""
-
-    def __init__(self) -> None:
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                self.rfile.read(int(self.headers["content-length"]))
-                body = b'{"id": "chatcmpl-1", "object": "chat.completion", "choi'
-                self.send_response(200)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = HTTPServer(("127.0.0.1", 0), Handler)
-        self.base_url = f"http://127.0.0.1:{self.server.server_port}/v1"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+def _cut_short(_: str, __: bytes) -> tuple[int, bytes]:
+    """A provider's answer: 200 with JSON cut short."""
+    return 200, b'{"id": "chatcmpl-1", "object": "chat.completion", "choi'
 
 
 @pytest.mark.parametrize("kind", ["sync", "async"])
@@ -807,7 +775,7 @@ async def test_a_raw_response_that_does_not_parse_is_charged_in_full(
     import anthropic
     import openai
 
-    unreadable = _Unreadable()
+    unreadable = Loopback(_cut_short)
     step = Step("a", "u", "priced", ("hi",), False, 50, None, True, None)
     lanes = _Lanes()
     seen = []
@@ -816,12 +784,12 @@ async def test_a_raw_response_that_does_not_parse_is_charged_in_full(
             monkeypatch.setattr(_common, "admit", lane)
             if sdk == "openai":
                 cls: Any = openai.OpenAI if kind == "sync" else openai.AsyncOpenAI
-                url = unreadable.base_url
+                url = f"{unreadable.url}/v1"
             else:
                 cls = (
                     anthropic.Anthropic if kind == "sync" else anthropic.AsyncAnthropic
                 )
-                url = unreadable.base_url.removesuffix("/v1")
+                url = unreadable.url
             client = cls(base_url=url, api_key="test", max_retries=0)
             resource = client.chat.completions if sdk == "openai" else client.messages
             guard = allowance.Guard(budget=10_000, ledger="memory://")

@@ -14,9 +14,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
-import threading
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import TYPE_CHECKING, Any
 
 import anthropic
@@ -26,6 +24,7 @@ from tests.sdk.conftest import (
     CLAUDE,
     GPT,
     USER,
+    Loopback,
     aw,
     drain,
     enter,
@@ -314,26 +313,13 @@ class _UsageServer:
 
     def __init__(self) -> None:
         self.usage: dict[str, Any] = {}
-        server = self
+        self.server = Loopback(self.answer)
+        self.url = self.server.url
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                self.rfile.read(int(self.headers["content-length"]))
-                body = json.dumps(server.answer(self.path)).encode()
-                self.send_response(200)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+    def answer(self, path: str, _: bytes) -> tuple[int, bytes]:
+        return 200, json.dumps(self.body(path)).encode()
 
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = HTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def answer(self, path: str) -> dict[str, Any]:
+    def body(self, path: str) -> dict[str, Any]:
         if path == "/v1/chat/completions":
             return {
                 "id": "chatcmpl-1",
@@ -370,8 +356,7 @@ class _UsageServer:
         return self.url + ("/v1" if api.sdk == "openai" else "")
 
     def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self.server.stop()
 
 
 @pytest.fixture
