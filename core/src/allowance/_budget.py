@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from allowance.typing import Event, Unit
 
 __all__ = [
+    "NAME_RULE",
     "Budget",
     "BudgetStatus",
     "Threshold",
@@ -60,6 +61,10 @@ _DIMENSION = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")  # fullmatch: "$" admi
 _ESCAPE = re.compile(r"[%:=/{}\s\x00-\x1f\x7f]")
 MICROS_PER_USD = 1_000_000
 _DECEMBER = 12
+
+
+NAME_RULE = "a name: a letter or _, then up to 63 letters, digits, _ . -"
+"""What ``is_name`` accepts, for error messages."""
 
 
 def is_name(value: object) -> bool:
@@ -298,7 +303,7 @@ class Budget:
             raise ConfigurationError(
                 "per",
                 per,
-                "a dimension name: a letter or _, then letters, digits, _ . -",
+                NAME_RULE,
             )
         self.per = per
         if window is not None and window not in _WINDOWS:
@@ -315,9 +320,7 @@ class Budget:
                 raise ConfigurationError("thresholds", item, "Threshold(...) objects")
         self.thresholds = tuple(sorted(items, key=lambda t: t.at))
         if name is not None and not is_name(name):
-            raise ConfigurationError(
-                "name", name, "a name: a letter or _, then letters, digits, _ . -"
-            )
+            raise ConfigurationError("name", name, NAME_RULE)
         self.name = name
         self.label = name or self._default_label()
         self._span: _WindowSpan | None = None

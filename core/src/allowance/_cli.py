@@ -112,14 +112,9 @@ def positive_int(text: str) -> int:
 
 def _dimension(option: str, value: str) -> str:
     """A dimension name given on the command line (``--by``, ``--per``)."""
-    from allowance._budget import is_name  # noqa: PLC0415
+    from allowance._scope import check_name  # noqa: PLC0415
 
-    if not is_name(value):
-        raise ConfigurationError(
-            option,
-            value,
-            "a dimension name: a letter or _, then letters, digits, _ . -",
-        )
+    check_name(option, value)
     return value
 
 

@@ -16,7 +16,7 @@ import os
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast
 
-from allowance._budget import Budget, Threshold, is_name
+from allowance._budget import NAME_RULE, Budget, Threshold, is_name
 from allowance._errors import ConfigurationError
 
 if TYPE_CHECKING:
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 __all__ = [
     "MAX_SCOPE_VALUE_LENGTH",
     "budget",
+    "check_name",
     "current_adapters",
     "current_budgets",
     "current_route",
@@ -140,7 +141,7 @@ class seen_by:  # noqa: N801 - used like a function
     ) -> None:
         """Remember the adapter name, the guard and the dimensions to add."""
         if type(name) is not str or name not in _NAMES:
-            _check_name("seen_by name", name)
+            check_name("seen_by name", name)
         if charged and guard is None:
             raise ConfigurationError(
                 "charged", charged, "charged=True together with guard=<the Guard>"
@@ -197,20 +198,19 @@ def current_budgets() -> tuple[Budget, ...]:
 # run each time.
 _NAMES: set[str] = set()
 _MAX_NAMES = 1024
-_NAME_EXPECTED = "a name: a letter or _, then up to 63 letters, digits, _ . -"
 
 
-def _check_name(what: str, name: object) -> None:
+def check_name(what: str, name: object) -> None:
     """Raise unless ``name`` is a name (``is_name``); remember it if it is."""
     if not is_name(name):
-        raise ConfigurationError(what, name, _NAME_EXPECTED)
+        raise ConfigurationError(what, name, NAME_RULE)
     if type(name) is str and len(_NAMES) < _MAX_NAMES:
         _NAMES.add(name)
 
 
 def _check_value(dimension: str, value: object) -> str:
     if dimension not in _NAMES:
-        _check_name("scope dimension", dimension)
+        check_name("scope dimension", dimension)
     if type(value) is str and 0 < len(value) <= MAX_SCOPE_VALUE_LENGTH:
         return value  # the commonest value: what the checks below return for it
     if isinstance(value, bool) or not isinstance(value, str | int):
