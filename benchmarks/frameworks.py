@@ -203,15 +203,18 @@ def langchain_rows(fake: RemoteProvider, rounds: int) -> list[Row]:
     from langchain_anthropic import ChatAnthropic
     from langchain_core.callbacks import BaseCallbackHandler
     from langchain_openai import ChatOpenAI
+    from pydantic import SecretStr
 
     from allowance_langchain import AllowanceCallbackHandler
 
     def model(max_tokens: int) -> Any:
+        # The fields by the names their types know (the aliases of max_tokens
+        # and model): the same fields, the same request.
         return ChatOpenAI(
             base_url=fake.openai_base_url,
-            api_key="x",
+            api_key=SecretStr("x"),
             max_retries=0,
-            max_tokens=max_tokens,
+            max_completion_tokens=max_tokens,
             model="gpt-4o-mini",
         )
 
@@ -229,10 +232,12 @@ def langchain_rows(fake: RemoteProvider, rounds: int) -> list[Row]:
     rows.append(("invoke", measure(raw, guarded, rounds), ""))
     claude = ChatAnthropic(
         base_url=fake.openai_base_url.removesuffix("/v1"),
-        api_key="x",
+        api_key=SecretStr("x"),
         max_retries=0,
-        max_tokens=16,
-        model="claude-haiku-4-5",
+        max_tokens_to_sample=16,
+        model_name="claude-haiku-4-5",
+        timeout=None,  # the defaults, which mypy sees as required
+        stop=None,
     )
     anthropic_sdk = SdkHook("anthropic")
     raw, guarded = toggled(anthropic_sdk.on, anthropic_sdk.off)(
@@ -447,12 +452,14 @@ def crewai_rows(fake: RemoteProvider, rounds: int) -> list[Row]:
     def raw() -> Callable[[], Any]:
         allowance_crewai.uninstall()
         sdk.off()
-        return crew().kickoff
+        kickoff: Callable[[], Any] = crew().kickoff
+        return kickoff
 
     def guarded() -> Callable[[], Any]:
         sdk.on()
         allowance_crewai.install(guard)
-        return crew().kickoff
+        kickoff: Callable[[], Any] = crew().kickoff
+        return kickoff
 
     warmup = min(WARMUP, max(5, rounds // 5))
     # CrewAI works on other threads too (its event bus): count the process's CPU.
@@ -486,8 +493,9 @@ def print_table(title: str, rows: list[Row]) -> None:
         "p99 guarded",
         "note",
     ):
-        justify = "left" if column in {"scenario", "note"} else "right"
-        table.add_column(column, justify=justify)
+        table.add_column(
+            column, justify="left" if column in {"scenario", "note"} else "right"
+        )
 
     def number(value: float, digits: int = 0) -> str:
         return "" if math.isnan(value) else f"{value:.{digits}f}"
