@@ -3,6 +3,7 @@ returns zero."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sqlite3
 import warnings
@@ -260,3 +261,38 @@ def test_database_that_became_read_only(path) -> None:
         path.parent.chmod(0o755)
         for file in path.parent.iterdir():
             file.chmod(0o644)
+
+
+async def test_a_cancel_after_the_reserve_came_back_releases_it(path) -> None:
+    """Cancelled after the worker delivered the reserve, before the task resumed.
+
+    ``wait_for``'s timer can land there: the future holds the result, the
+    task gets ``CancelledError``. The hold is released, not left to its lease.
+    """
+    loop = asyncio.get_running_loop()
+    tasks: list[asyncio.Future[object]] = []
+
+    class Cancelling(SQLiteLedger):
+        def reserve(self, *args: object, **kwargs: object) -> object:  # type: ignore[override]
+            result = super().reserve(*args, **kwargs)  # type: ignore[arg-type]
+            # On the worker thread, queued before its delivery: the cancel
+            # is queued right after the delivery, before the task's wake-up.
+            loop.call_soon_threadsafe(loop.call_soon, tasks[0].cancel)
+            return result
+
+    ledger = Cancelling(path)
+    try:
+        tasks.append(
+            asyncio.ensure_future(
+                ledger.areserve(PLAN, reservation_id="r-1", lease_seconds=600)
+            )
+        )
+        with pytest.raises(asyncio.CancelledError):
+            await tasks[0]
+        for _ in range(200):  # the release runs on the worker
+            if ledger.state(["k"])["k"].reserved == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert ledger.state(["k"])["k"] == KeyState(0, 0)
+    finally:
+        ledger.close()

@@ -584,7 +584,7 @@ class Guard:
             self._begin_plan(estimate, adapters, reestimate, refine)
         )
 
-    def _begin_plan(  # noqa: C901 - the lifecycle, in one readable place
+    def _begin_plan(  # noqa: C901, PLR0912 - the lifecycle, in one readable place
         self,
         estimate: Estimate,
         adapters: tuple[str, ...],
@@ -690,12 +690,16 @@ class Guard:
             self._degraded[id(layout)] = layout
         elif self._degraded:
             self._degraded.pop(id(layout), None)
-        crossed = (
-            (yield from self._threshold_plan(lines, result.before, scope, model))
-            if layout.alerts
-            else ()
-        )
         admitted = ticket(chosen, reserved, micros)
+        if not layout.alerts:
+            return admitted
+        try:
+            crossed = yield from self._threshold_plan(
+                lines, result.before, scope, model
+            )
+        except BaseException:  # cancelled, or the ledger failed: nothing sent
+            yield from admitted._release_plan("error")
+            raise
         for message in crossed:
             try:
                 warnings.warn(message, BudgetThresholdWarning, stacklevel=2)
@@ -1056,11 +1060,20 @@ class Guard:
         except LedgerError as err:
             return self._on_ledger_error(op, err)
 
+    # The drivers throw what an operation raised (a fail-closed ledger error, a
+    # cancelled await, Ctrl-C) into the plan, so a plan holding a reservation
+    # can give it back before the error goes on.
+
     def _drive(self, plan: Generator[Op, Any, T]) -> T:
         try:
             op = next(plan)
             while True:
-                op = plan.send(self._run(op))
+                try:
+                    result = self._run(op)
+                except BaseException as err:  # noqa: BLE001 - thrown into the plan
+                    op = plan.throw(err)
+                else:
+                    op = plan.send(result)
         except StopIteration as stop:
             return cast("T", stop.value)
 
@@ -1068,7 +1081,12 @@ class Guard:
         try:
             op = next(plan)
             while True:
-                op = plan.send(await self._arun(op))
+                try:
+                    result = await self._arun(op)
+                except BaseException as err:  # noqa: BLE001 - thrown into the plan
+                    op = plan.throw(err)
+                else:
+                    op = plan.send(result)
         except StopIteration as stop:
             return cast("T", stop.value)
 

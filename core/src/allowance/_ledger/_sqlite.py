@@ -625,7 +625,16 @@ class SQLiteLedger:
             lease_seconds=lease_seconds,
         )
         orphan = functools.partial(self._release_orphan, reservation_id)
-        return await self._submit(call, orphan)
+        future = self._submit(call, orphan)
+        try:
+            result: ReserveResult = await future
+        except BaseException:
+            # Cancelled after the worker delivered, before the task resumed:
+            # the future kept its result, so the worker saw no orphan.
+            if future.done() and not future.cancelled() and future.exception() is None:
+                orphan(future.result())
+            raise
+        return result
 
     async def acommit(
         self,
