@@ -7,12 +7,18 @@ with ``seen_by(guard=..., charged=True)`` (the SDK layer passes it through).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
+import openai
 import pytest
 from tests.sdk.conftest import GPT, USER
 
 import allowance
 from allowance import integration, plugins
-from allowance.testing import FakeUsage
+from allowance.testing import FakeReply, FakeUsage
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 
 @pytest.fixture(autouse=True)
@@ -152,3 +158,45 @@ def test_make_guard_refuses_a_guard_with_budget_arguments(option, openai_client)
         integration.make_guard(guard=existing, **option)
     with pytest.raises(allowance.ConfigurationError, match="guard"):
         allowance.wrap(openai_client, guard=existing, **option)
+
+
+def raised(call: Callable[[], object]) -> BaseException:
+    try:
+        call()
+    except Exception as err:  # the error is the result
+        return err
+    raise AssertionError("no error")
+
+
+def test_provider_did_no_work_reads_real_sdk_errors(fake_provider):
+    """Released: an error status, a connection never made. Kept: the rest."""
+    client = openai.OpenAI(
+        base_url=fake_provider.openai_base_url, api_key="x", max_retries=0
+    )
+    refused = openai.OpenAI(
+        base_url="http://127.0.0.1:9/v1", api_key="x", max_retries=0
+    )
+
+    def create(on: openai.OpenAI = client, **options: Any) -> object:
+        return on.with_options(**options).chat.completions.create(
+            model=GPT, messages=USER
+        )
+
+    fake_provider.enqueue(FakeReply(status=500))
+    assert integration.provider_did_no_work(raised(create))
+    assert integration.provider_did_no_work(raised(lambda: create(refused)))
+    fake_provider.enqueue(FakeReply(latency=0.5))
+    assert not integration.provider_did_no_work(raised(lambda: create(timeout=0.05)))
+    fake_provider.enqueue(FakeReply(truncate_after=0))
+    assert not integration.provider_did_no_work(raised(create))  # dropped mid-answer
+    fake_provider.enqueue(FakeReply(status=429))
+    status = raised(create)
+
+    def wrapped() -> None:
+        raise RuntimeError("a framework's own error") from status
+
+    assert integration.provider_did_no_work(raised(wrapped))  # through the cause
+    assert not integration.provider_did_no_work(TimeoutError())
+    assert not integration.provider_did_no_work(ValueError("unknown"))
+    client.close()
+    refused.close()
