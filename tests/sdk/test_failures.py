@@ -11,9 +11,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import json
+import threading
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +37,7 @@ from tests.sdk.conftest import (
 
 import allowance
 from allowance import prices
+from allowance._ledger import SQLiteLedger
 from allowance._sdk import anthropic as anthropic_sdk
 from allowance._sdk import openai as openai_sdk
 from allowance.testing import FakeReply, FakeUsage
@@ -460,6 +464,99 @@ async def test_timeout_is_charged_in_full(api, kind, fake_provider, guarded):
     record = only_record(guard)
     assert record.outcome == "error"
     assert fake_provider.generation_count == 1
+
+
+@pytest.mark.parametrize("mode", ["wrap", "patch"])
+@pytest.mark.parametrize("api", [CHAT, MESSAGES], ids=["chat", "messages"])
+async def test_an_attempt_that_timed_out_before_a_retry_is_charged(
+    api, mode, kind, fake_provider, guarded
+):
+    """A timeout, then the SDK's retry answers: two charges.
+
+    The attempt that timed out may have been billed: its worst case is kept
+    as a call of its own (``error``); the answer is charged its usage.
+
+    If this fails with only the answer charged: the SDK's retries inside
+    ``request`` hide the attempt that timed out (``_sleep_for_retry`` hook).
+    """
+    client, guard = guarded(
+        api.sdk,
+        kind,
+        mode,
+        TOKENS,
+        client_options={"timeout": 0.05, "max_retries": 1},
+    )
+    fake_provider.enqueue(FakeReply(latency=0.5), FakeReply(usage=USAGE))
+    await api.call(client)
+    assert fake_provider.generation_count == 2
+    assert held(guard) == (api.worst("tokens") + USAGE.total_tokens, 0)
+    calls = guard.ledger.calls()
+    assert sorted(c.outcome for c in calls) == ["error", "ok"]
+    (timed_out,) = (c for c in calls if c.outcome == "error")
+    assert timed_out.estimate_tokens == api.worst("tokens")
+
+
+@pytest.mark.parametrize("api", [CHAT, MESSAGES], ids=["chat", "messages"])
+async def test_a_retry_the_budget_cannot_hold_is_not_sent(
+    api, kind, fake_provider, guarded
+):
+    """The budget holds one worst case: the attempt that timed out keeps it.
+
+    The retry would need a second: ``BudgetExceeded``, and it is not sent.
+    """
+    worst = api.worst("tokens")
+    client, guard = guarded(
+        api.sdk,
+        kind,
+        "wrap",
+        worst + worst // 2,
+        client_options={"timeout": 0.05, "max_retries": 2},
+    )
+    fake_provider.enqueue(FakeReply(latency=0.5), FakeReply(usage=USAGE))
+    with pytest.raises(allowance.BudgetExceeded):
+        await api.call(client)
+    assert fake_provider.generation_count == 1
+    assert held(guard) == (worst, 0)
+    assert sorted(c.outcome for c in guard.ledger.calls()) == ["blocked", "error"]
+
+
+async def test_a_call_cancelled_between_its_reserve_and_its_send_keeps_nothing(
+    tmp_path, fake_provider, clients
+):
+    """Cancelled while the guard claims a threshold's marker (a busy file).
+
+    The reservation is made, nothing is sent yet: it is released (``error``),
+    not left held until its lease ends.
+    """
+    claiming = threading.Event()
+
+    class SlowClaim(SQLiteLedger):
+        def claim(self, marker: str) -> bool:
+            claiming.set()
+            time.sleep(0.3)
+            return super().claim(marker)
+
+    client = clients("openai", "async")
+    budget = allowance.Budget(
+        TOKENS, per="session", thresholds=[allowance.Threshold(0.0001, "warn")]
+    )
+    allowance.wrap(client, budget, ledger=SlowClaim(tmp_path / "ledger.db"))
+    guard = client.allowance.guard
+    fake_provider.enqueue(FakeReply(usage=USAGE))
+    await client.chat.completions.create(**CHAT.body)  # past the threshold
+    task = asyncio.ensure_future(client.chat.completions.create(**CHAT.body))
+    await asyncio.to_thread(claiming.wait, 10)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    for _ in range(200):  # the release runs on the ledger's worker
+        if held(guard)[1] == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert held(guard) == (USAGE.total_tokens, 0)
+    assert fake_provider.generation_count == 1
+    assert [c.outcome for c in guard.ledger.calls()] == ["ok", "error"]
+    guard.close()
 
 
 async def test_connection_refused_releases(kind, clients):

@@ -18,7 +18,12 @@ from typing import TYPE_CHECKING, Any
 import wrapt
 from packaging.requirements import InvalidRequirement, Requirement
 
-from allowance._sdk._common import make_async_interceptor, make_sync_interceptor
+from allowance._sdk._common import (
+    make_async_interceptor,
+    make_sync_interceptor,
+    retry_async,
+    retry_sync,
+)
 
 if TYPE_CHECKING:
     from allowance._guard import Guard
@@ -30,6 +35,27 @@ logger = logging.getLogger("allowance")
 
 _CLASSES = ("SyncAPIClient", "AsyncAPIClient")
 _INSTANCE_ATTRS = ("request", "copy", "with_options", "allowance")
+
+
+_retry_lock = threading.Lock()
+
+
+def hook_retries(base: Any) -> None:
+    """Wrap the SDK's ``_sleep_for_retry`` once (sync and async), for good.
+
+    The SDK calls it between the attempts of one ``request``; the wrapper
+    charges an attempt that timed out (``retry_sync``). It does nothing
+    outside a guarded call, so it stays after ``uninstall``: whichever way a
+    client is guarded (``patch``, ``wrap``, a framework route), one hook per
+    class sees its retries once.
+    """
+    with _retry_lock:
+        for name, hook in zip(_CLASSES, (retry_sync, retry_async), strict=True):
+            cls = getattr(base, name, None)
+            current = getattr(cls, "__dict__", {}).get("_sleep_for_retry")
+            if current is None or isinstance(current, wrapt.FunctionWrapper):
+                continue  # an SDK without it (nothing to charge), or hooked
+            wrapt.wrap_function_wrapper(cls, "_sleep_for_retry", hook)
 
 
 def requirement_met(requirement: str) -> bool:
@@ -142,6 +168,7 @@ class SdkAdapter:
             cls = getattr(base, name)
             self._originals[name] = cls.__dict__["request"]
             wrapt.wrap_function_wrapper(cls, "request", interceptor)
+        hook_retries(base)
 
     def uninstall(self) -> None:
         """Restore the original ``request`` functions; a no-op when not installed."""
@@ -161,6 +188,7 @@ class SdkAdapter:
         self.unwrap_client(client)
         binding = self.get_binding()
         base = importlib.import_module(self.base_module)
+        hook_retries(base)
         inner = client.request
         inner_copy = client.copy
 

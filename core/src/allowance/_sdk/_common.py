@@ -35,14 +35,14 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import wrapt
 
+from allowance._errors import BudgetExceeded
 from allowance._estimate import make_estimate, make_usage
 from allowance._ledger._write_behind import HOLDING
 from allowance._scope import current_adapters, current_route
-from allowance._sdk._express import admit, settle
+from allowance._sdk._express import Lane, admit, settle
 
 if TYPE_CHECKING:
     from allowance._guard import Guard
-    from allowance._sdk._express import Lane
     from allowance._ticket import Ticket
     from allowance.typing import Estimate, ProviderCodec, StreamAccumulator, Usage
 
@@ -57,14 +57,94 @@ __all__ = [
 
 logger = logging.getLogger("allowance")
 
-_claimed: contextvars.ContextVar[bool] = contextvars.ContextVar(
-    "allowance_claimed", default=False
+# Inside a call being sent: what holds its reservation (the express lane's
+# ``Lane``, or a ``Ticket``), for the retry hook; ``True`` from a layer that
+# charges the call itself; None outside.
+_claimed: contextvars.ContextVar[object] = contextvars.ContextVar(
+    "allowance_claimed", default=None
 )
 
 
 def claimed() -> bool:
     """Return True inside a call that an outer layer already charges."""
-    return _claimed.get()
+    return _claimed.get() is not None
+
+
+def _timed_out(kwargs: Mapping[str, Any]) -> bool:
+    """True in ``_sleep_for_retry`` after an attempt that timed out.
+
+    The SDKs call it inside the ``except`` that caught the attempt's error
+    (openai: httpx's ``TimeoutException``; anthropic: ``APITimeoutError``
+    from it), with no response.
+    """
+    if kwargs.get("response") is not None:
+        return False
+    err = sys.exc_info()[1]
+    while err is not None:
+        if isinstance(err, TimeoutError) or any(
+            "Timeout" in kind.__name__ for kind in type(err).__mro__
+        ):
+            return True
+        err = err.__cause__
+    return False
+
+
+def _retried(current: object) -> tuple[Guard, Estimate, tuple[str, ...]] | None:
+    """The guard, estimate and adapters of the call being sent, if guarded."""
+    from allowance._ticket import Ticket  # noqa: PLC0415 - a cycle
+
+    if type(current) is Lane:
+        estimate = make_estimate(
+            current.provider, current.model, current.bound, current.cap
+        )
+        return current.guard, estimate, current.adapters
+    if type(current) is Ticket:
+        return current._guard, current.estimate, current.adapters  # noqa: SLF001
+    return None
+
+
+def _refused(ticket: Ticket) -> BudgetExceeded:
+    return BudgetExceeded(ticket.violations, model=ticket.model)
+
+
+def retry_sync(
+    wrapped: Callable[..., Any], _: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    """Wrap ``SyncAPIClient._sleep_for_retry``: charge an attempt that timed out.
+
+    The SDK retries inside ``request``, the call the guard holds one worst
+    case for. An attempt that timed out may have been billed: it is charged
+    its worst case as a call of its own (``error``), held and kept before the
+    retry is sent, so the call's reservation covers the retry. A budget that
+    cannot hold it raises ``BudgetExceeded`` instead of retrying (whatever
+    ``on_limit`` says: the SDK has no response to stop with); the call's
+    reservation is then kept for the attempt that timed out.
+    """
+    retried = _retried(_claimed.get())
+    if retried is not None and _timed_out(kwargs):
+        guard, estimate, adapters = retried
+        ticket = guard.begin(estimate, adapters=adapters)
+        if ticket.stopped:
+            raise _refused(ticket)
+        ticket.keep(outcome="error")
+    return wrapped(*args, **kwargs)
+
+
+async def retry_async(
+    wrapped: Callable[..., Awaitable[Any]],
+    _: Any,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
+    """Async twin of ``retry_sync`` (``AsyncAPIClient._sleep_for_retry``)."""
+    retried = _retried(_claimed.get())
+    if retried is not None and _timed_out(kwargs):
+        guard, estimate, adapters = retried
+        ticket = await guard.abegin(estimate, adapters=adapters)
+        if ticket.stopped:
+            raise _refused(ticket)
+        await ticket.akeep(outcome="error")
+    return await wrapped(*args, **kwargs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -305,7 +385,7 @@ def _express_sync(
     kwargs: dict[str, Any],
 ) -> Any:
     """Send a call the express lane admitted, and settle it."""
-    token = _claimed.set(True)
+    token = _claimed.set(lane)
     try:
         result = wrapped(*lane.args, **kwargs)
     except BaseException as err:
@@ -339,7 +419,7 @@ async def _express_async(
     The lane runs on ledgers whose ``hold`` and ``settle`` never wait (the
     memory ledger, the write-behind ledger's slices): it settles in place.
     """
-    token = _claimed.set(True)
+    token = _claimed.set(lane)
     try:
         result = await wrapped(*lane.args, **kwargs)
     except BaseException as err:
@@ -396,7 +476,7 @@ def make_sync_interceptor(  # noqa: C901 - one way out per case, on purpose
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> Any:
-        if _claimed.get():
+        if _claimed.get() is not None:
             return wrapped(*args, **kwargs)
         route = current_route()
         if route is None:
@@ -429,7 +509,7 @@ def make_sync_interceptor(  # noqa: C901 - one way out per case, on purpose
             options = _outgoing_options(call, ticket)
         else:
             options = call.options
-        token = _claimed.set(True)
+        token = _claimed.set(ticket)
         try:
             result = wrapped(
                 call.cast_to, options, stream=call.stream, stream_cls=call.stream_cls
@@ -460,7 +540,7 @@ def make_async_interceptor(  # noqa: C901 - one way out per case, on purpose
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> Any:
-        if _claimed.get():
+        if _claimed.get() is not None:
             return await wrapped(*args, **kwargs)
         route = current_route()
         if route is None:
@@ -493,7 +573,7 @@ def make_async_interceptor(  # noqa: C901 - one way out per case, on purpose
             options = _outgoing_options(call, ticket)
         else:
             options = call.options
-        token = _claimed.set(True)
+        token = _claimed.set(ticket)
         try:
             result = await wrapped(
                 call.cast_to, options, stream=call.stream, stream_cls=call.stream_cls
