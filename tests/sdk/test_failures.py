@@ -484,9 +484,9 @@ async def test_an_attempt_that_timed_out_before_a_retry_is_charged(
         kind,
         mode,
         TOKENS,
-        client_options={"timeout": 0.05, "max_retries": 1},
+        client_options={"timeout": 0.5, "max_retries": 1},
     )
-    fake_provider.enqueue(FakeReply(latency=0.5), FakeReply(usage=USAGE))
+    fake_provider.enqueue(FakeReply(latency=3), FakeReply(usage=USAGE))
     await api.call(client)
     assert fake_provider.generation_count == 2
     assert held(guard) == (api.worst("tokens") + USAGE.total_tokens, 0)
@@ -510,9 +510,9 @@ async def test_a_retry_the_budget_cannot_hold_is_not_sent(
         kind,
         "wrap",
         worst + worst // 2,
-        client_options={"timeout": 0.05, "max_retries": 2},
+        client_options={"timeout": 0.5, "max_retries": 2},
     )
-    fake_provider.enqueue(FakeReply(latency=0.5), FakeReply(usage=USAGE))
+    fake_provider.enqueue(FakeReply(latency=3), FakeReply(usage=USAGE))
     with pytest.raises(allowance.BudgetExceeded):
         await api.call(client)
     assert fake_provider.generation_count == 1
@@ -559,12 +559,31 @@ async def test_a_call_cancelled_between_its_reserve_and_its_send_keeps_nothing(
     guard.close()
 
 
-async def test_connection_refused_releases(kind, clients):
-    """Nothing listening: a connection error releases the reservation."""
-    client = clients("openai", kind, base_url="http://127.0.0.1:9/v1")
+@pytest.mark.parametrize("api", APIS, ids=IDS)
+async def test_a_connection_dropped_before_the_answer_is_charged_in_full(
+    api, kind, fake_provider, guarded
+):
+    """The request was sent, the connection closed without an answer.
+
+    The provider may have done the work: the worst case is kept (``error``).
+    If this fails with ``(0, 0)``: every connection error was released.
+    """
+    client, guard = guarded(api.sdk, kind, "wrap", TOKENS)
+    fake_provider.enqueue(FakeReply(truncate_after=0))
+    with pytest.raises(CONNECTION_ERRORS):
+        await api.call(client)
+    assert fake_provider.generation_count == 1
+    assert held(guard) == (api.worst("tokens"), 0)
+    assert only_record(guard).outcome == "error"
+
+
+@pytest.mark.parametrize("api", [CHAT, MESSAGES], ids=["chat", "messages"])
+async def test_connection_refused_releases(api, kind, clients):
+    """Nothing listening: a connection never made releases the reservation."""
+    client = clients(api.sdk, kind, base_url="http://127.0.0.1:9/v1")
     allowance.wrap(client, TOKENS, ledger="memory://")
-    with pytest.raises(openai.APIConnectionError):
-        await aw(client.chat.completions.create(**CHAT.body))
+    with pytest.raises(CONNECTION_ERRORS):
+        await api.call(client)
     guard = client.allowance.guard
     assert held(guard) == (0, 0)
     assert only_record(guard).outcome == "error"

@@ -32,6 +32,7 @@ from allowance import plugins
 from allowance._errors import ConfigurationError
 from allowance._estimate import estimate as _estimate
 from allowance._estimate import whole_count
+from allowance._failure import provider_did_no_work
 from allowance._scope import current_adapters, current_route, seen_by
 from allowance._wrap import make_guard
 
@@ -59,55 +60,6 @@ SDK_PROVIDERS: Mapping[str, str] = {
     "anthropic": "anthropic",
 }
 """Provider id (as frameworks name it) -> the SDK adapter that sees its calls."""
-
-
-_CLIENT_ERROR = 400
-_LAST_STATUS = 599
-# Names of errors that end a call before a connection carried the request:
-# httpx's, requests', aiohttp's, the SDKs' (an SDK's timeout is not one).
-_NOT_CONNECTED = frozenset(
-    {
-        "ConnectError",
-        "ConnectionRefusedError",
-        "ClientConnectorError",
-        "InvalidURL",
-        "UnsupportedProtocol",
-    }
-)
-
-
-def provider_did_no_work(err: BaseException) -> bool:
-    """Return True when ``err`` shows the provider did no billable work.
-
-    True for an answer with an HTTP error status (an exception, or one in its
-    ``__cause__``/``__context__`` chain, with a ``status_code``, or a
-    ``response.status_code``, of 400-599: the SDKs' status errors, httpx's
-    and requests' ``HTTPStatusError``/``HTTPError``), and for a connection
-    that was never made (``ConnectError``, ``ConnectionRefusedError``). False
-    for anything else: a timeout, a connection dropped mid-answer, an error
-    the adapter cannot read. Then the provider may have billed, and the
-    ticket keeps its worst case (``ticket.keep(outcome="error")``). The rule
-    the SDK layer applies to its own calls.
-
-    Example:
-        >>> provider_did_no_work(TimeoutError("read timed out"))
-        False
-    """
-    seen: set[int] = set()
-    current: BaseException | None = err
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        status = getattr(current, "status_code", None)
-        if status is None:
-            status = getattr(getattr(current, "response", None), "status_code", None)
-        if type(status) is int and _CLIENT_ERROR <= status <= _LAST_STATUS:
-            return True
-        if any(kind.__name__ in _NOT_CONNECTED for kind in type(current).__mro__):
-            return True
-        if isinstance(current, TimeoutError) or "Timeout" in type(current).__name__:
-            return False
-        current = current.__cause__ or current.__context__
-    return False
 
 
 def sdk_layer(provider: str) -> bool:

@@ -37,6 +37,7 @@ import wrapt
 
 from allowance._errors import BudgetExceeded
 from allowance._estimate import make_estimate, make_usage
+from allowance._failure import provider_did_no_work
 from allowance._ledger._write_behind import HOLDING
 from allowance._scope import current_adapters, current_route
 from allowance._sdk._express import Lane, admit, settle
@@ -71,15 +72,17 @@ def claimed() -> bool:
 
 
 def _timed_out(kwargs: Mapping[str, Any]) -> bool:
-    """True in ``_sleep_for_retry`` after an attempt that timed out.
+    """True in ``_sleep_for_retry`` after an attempt that timed out once sent.
 
     The SDKs call it inside the ``except`` that caught the attempt's error
     (openai: httpx's ``TimeoutException``; anthropic: ``APITimeoutError``
-    from it), with no response.
+    from it), with no response. A timeout while connecting sent nothing.
     """
     if kwargs.get("response") is not None:
         return False
     err = sys.exc_info()[1]
+    if err is None or provider_did_no_work(err):
+        return False
     while err is not None:
         if isinstance(err, TimeoutError) or any(
             "Timeout" in kind.__name__ for kind in type(err).__mro__
@@ -159,9 +162,6 @@ class SdkBinding:
     # APIResponse (with_streaming_response): body unread
     lazy_types: tuple[type[Any], ...]
     async_lazy_types: tuple[type[Any], ...]
-    release_errors: tuple[type[BaseException], ...]  # the provider did no billable work
-    # The provider may have done the work (timeouts): charge in full.
-    keep_errors: tuple[type[BaseException], ...]
     provider_of: Callable[[Any], str]
     wants_stream_usage: Callable[[str], bool]
     # ``(model, input bound, output cap)`` of the commonest body of a path, as
@@ -355,23 +355,22 @@ def _httpx_of(client: Any) -> Any:
     return importlib.import_module("httpx")  # pragma: no cover
 
 
-def _failed_sync(binding: SdkBinding, ticket: Ticket, err: BaseException) -> None:
-    """Settle a call the SDK raised on: free if the provider did no work."""
-    if isinstance(err, binding.release_errors) and not isinstance(
-        err, binding.keep_errors
-    ):
+def _failed_sync(ticket: Ticket, err: BaseException) -> None:
+    """Settle a call the SDK raised on: free if the provider did no work.
+
+    An error status, or a connection never made: released. A timeout, a
+    connection dropped once the request was sent, anything else: the
+    provider may have billed, the worst case is kept (``error``).
+    """
+    if provider_did_no_work(err):
         ticket.release()
     else:
         ticket.keep(outcome="error")
 
 
-async def _failed_async(
-    binding: SdkBinding, ticket: Ticket, err: BaseException
-) -> None:
+async def _failed_async(ticket: Ticket, err: BaseException) -> None:
     """Async twin of ``_failed_sync``."""
-    if isinstance(err, binding.release_errors) and not isinstance(
-        err, binding.keep_errors
-    ):
+    if provider_did_no_work(err):
         await ticket.arelease()
     else:
         await ticket.akeep(outcome="error")
@@ -389,7 +388,7 @@ def _express_sync(
     try:
         result = wrapped(*lane.args, **kwargs)
     except BaseException as err:
-        _failed_sync(binding, lane.ticket(), err)
+        _failed_sync(lane.ticket(), err)
         raise
     finally:
         _claimed.reset(token)
@@ -423,7 +422,7 @@ async def _express_async(
     try:
         result = await wrapped(*lane.args, **kwargs)
     except BaseException as err:
-        await _failed_async(binding, lane.ticket(), err)
+        await _failed_async(lane.ticket(), err)
         raise
     finally:
         _claimed.reset(token)
@@ -515,7 +514,7 @@ def make_sync_interceptor(  # noqa: C901 - one way out per case, on purpose
                 call.cast_to, options, stream=call.stream, stream_cls=call.stream_cls
             )
         except BaseException as err:
-            _failed_sync(binding, ticket, err)
+            _failed_sync(ticket, err)
             raise
         finally:
             _claimed.reset(token)
@@ -579,7 +578,7 @@ def make_async_interceptor(  # noqa: C901 - one way out per case, on purpose
                 call.cast_to, options, stream=call.stream, stream_cls=call.stream_cls
             )
         except BaseException as err:
-            await _failed_async(binding, ticket, err)
+            await _failed_async(ticket, err)
             raise
         finally:
             _claimed.reset(token)

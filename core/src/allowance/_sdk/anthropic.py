@@ -266,8 +266,6 @@ def _binding() -> SdkBinding:
         raw_types=_optional_types("anthropic._legacy_response", "LegacyAPIResponse"),
         lazy_types=_optional_types("anthropic._response", "APIResponse"),
         async_lazy_types=_optional_types("anthropic._response", "AsyncAPIResponse"),
-        release_errors=(anthropic.APIStatusError, anthropic.APIConnectionError),
-        keep_errors=(anthropic.APITimeoutError,),
         provider_of=lambda _client: "anthropic",
         wants_stream_usage=lambda _path: False,
         plain=CODEC.plain,

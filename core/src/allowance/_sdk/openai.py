@@ -552,8 +552,6 @@ def _binding() -> SdkBinding:
         raw_types=(_legacy_response.LegacyAPIResponse,),
         lazy_types=(_response.APIResponse,),
         async_lazy_types=(_response.AsyncAPIResponse,),
-        release_errors=(openai.APIStatusError, openai.APIConnectionError),
-        keep_errors=(openai.APITimeoutError,),
         provider_of=provider_of,
         wants_stream_usage=lambda path: _api(path) == _CHAT,
         plain=CODEC.plain,
