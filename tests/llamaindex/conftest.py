@@ -38,6 +38,7 @@ class HttpLLM(CustomLLM):
     base_url: str
     model: str = MODEL
     max_tokens: int = 64
+    timeout: float = 10
 
     @property
     def metadata(self) -> LLMMetadata:
@@ -56,7 +57,7 @@ class HttpLLM(CustomLLM):
                 "max_tokens": self.max_tokens,
                 "messages": [{"role": "user", "content": prompt}],
             },
-            timeout=10,
+            timeout=self.timeout,
         )
         reply.raise_for_status()
         body = reply.json()

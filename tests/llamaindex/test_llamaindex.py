@@ -9,11 +9,13 @@ from collections import Counter
 from typing import TYPE_CHECKING
 
 import httpx
+import openai
 import pytest
 from llama_index.core import Document, VectorStoreIndex
 from llama_index.core.agent.workflow import FunctionAgent
 from llama_index.core.base.llms.types import ChatMessage
 from llama_index.core.callbacks import CallbackManager, TokenCountingHandler
+from llama_index.core.chat_engine import SimpleChatEngine
 from llama_index.core.instrumentation import get_dispatcher
 from llama_index.core.node_parser import TokenTextSplitter
 from llama_index.core.tools import FunctionTool
@@ -25,6 +27,8 @@ from allowance.testing import FakeReply, FakeUsage
 from allowance_llamaindex import instrument, uninstrument
 
 if TYPE_CHECKING:
+    from llama_index.llms.openai import OpenAI
+
     from allowance.testing import FakeProvider
     from allowance.typing import CallRecord
 
@@ -446,3 +450,194 @@ def test_a_usage_count_that_cannot_be_read_is_not_zero(
     usage = usage_of(CompletionResponse(text="hi", raw={"usage": reported}))
     got = None if usage is None else (usage.input_tokens, usage.output_tokens)
     assert got == read
+
+
+# -- a stream's context ends with its request, in every context ------------------
+
+
+def _stream_chat_through_a_chat_engine(llm: OpenAI) -> str:
+    """A ``SimpleChatEngine`` stream, read to its end (its writer thread joined)."""
+    response = SimpleChatEngine.from_defaults(llm=llm).stream_chat("Hi")
+    text = "".join(response.response_gen)
+    assert response.write_response_to_history_thread is None  # joined at the end
+    return text
+
+
+def test_a_chat_engine_stream_leaves_no_route_behind(
+    fake_provider: FakeProvider,
+) -> None:
+    """The writer thread reads the stream in a copy of the caller's context: the
+    caller's context must not keep the model call's route, query or marker."""
+    llm = openai_llm(fake_provider)
+    first = instrument(budget="$1", per="query", ledger="memory://")
+    assert _stream_chat_through_a_chat_engine(llm)
+    assert current_route() is None
+    llm.chat([ChatMessage(role="user", content="Again.")])
+    llm.chat([ChatMessage(role="user", content="And again.")])
+    calls = first.ledger.calls()
+    assert len(calls) == 3
+    assert len({r.scope.get("query") for r in calls} - {None}) == 3  # each its own
+    uninstrument()
+    second = instrument(budget=10, per="session", ledger="memory://")  # fits no call
+    sent = fake_provider.generation_count
+    with pytest.raises(allowance.BudgetExceeded):
+        llm.chat([ChatMessage(role="user", content="Blocked.")])
+    assert fake_provider.generation_count == sent
+    assert len(first.ledger.calls()) == 3  # not charged to the old guard
+    assert [r.outcome for r in second.ledger.calls()] == ["blocked"]
+
+
+def test_a_per_query_budget_holds_after_a_chat_engine_stream(
+    fake_provider: FakeProvider,
+) -> None:
+    llm = openai_llm(fake_provider)
+    fake_provider.usage = FakeUsage(input_tokens=10, output_tokens=5)
+    instrument(budget=100, per="query", ledger="memory://")  # one short call fits
+    big = [ChatMessage(role="user", content="word " * 100)]  # estimated > 100
+    assert _stream_chat_through_a_chat_engine(llm)
+    sent = fake_provider.generation_count
+    for _ in range(2):
+        with pytest.raises(allowance.BudgetExceeded):
+            llm.chat(big)
+    assert fake_provider.generation_count == sent
+
+
+def test_a_model_stream_never_read_leaves_no_route_behind(
+    fake_provider: FakeProvider,
+) -> None:
+    guard = instrument(budget="$1", per="query", ledger="memory://")
+    llm = openai_llm(fake_provider)
+    stream = llm.stream_chat([ChatMessage(role="user", content="Never read.")])
+    del stream
+    gc.collect()
+    assert current_route() is None
+    assert "query" not in allowance.current_scope()
+    llm.chat([ChatMessage(role="user", content="One.")])
+    llm.chat([ChatMessage(role="user", content="Two.")])
+    assert len({r.scope["query"] for r in guard.ledger.calls()}) == 2
+
+
+def test_a_stream_read_after_its_scope_ended_does_not_bring_the_scope_back(
+    fake_provider: FakeProvider,
+) -> None:
+    guard = instrument(budget="$1", per="tenant", ledger="memory://")
+    llm = openai_llm(fake_provider)
+    with allowance.scope(tenant="acme"):
+        stream = llm.stream_chat([ChatMessage(role="user", content="Hi")])
+    assert list(stream)
+    assert dict(allowance.current_scope()) == {}
+    assert current_route() is None
+    assert len(guard.ledger.calls()) == 1
+
+
+# -- the consumer's code between chunks runs in its own context ----------------
+
+
+def _own_client(fake: FakeProvider) -> openai.OpenAI:
+    """The user's own client with its own budget: 20 tokens, fits no call."""
+    client = openai.OpenAI(base_url=fake.openai_base_url, api_key="x", max_retries=0)
+    return allowance.wrap(client, budget=20, ledger="memory://")
+
+
+def _own_call(client: openai.OpenAI) -> str:
+    try:
+        client.chat.completions.create(
+            model="gpt-4o-mini",
+            messages=[{"role": "user", "content": "hi"}],
+            max_tokens=64,
+        )
+    except allowance.BudgetExceeded:
+        return "blocked"
+    return "sent"
+
+
+def test_a_client_called_between_stream_chunks_is_charged_to_its_own_budget(
+    fake_provider: FakeProvider,
+) -> None:
+    guard = instrument(budget=10**6, per="session", ledger="memory://")
+    own = _own_client(fake_provider)
+    fake_provider.enqueue(FakeReply(text="one two three four five"))
+    llm = openai_llm(fake_provider)
+    seen = []
+    for chunk in llm.stream_chat([ChatMessage(role="user", content="Count.")]):
+        assert chunk is not None
+        assert current_route() is None
+        seen.append(_own_call(own))
+    assert seen
+    assert set(seen) == {"blocked"}
+    assert fake_provider.generation_count == 1  # the stream's own request only
+    (call,) = guard.ledger.calls()
+    assert call.outcome == "ok"
+    assert "llamaindex" in call.adapters
+
+
+def test_a_client_called_while_reading_a_chat_engine_stream_is_its_own(
+    fake_provider: FakeProvider,
+) -> None:
+    guard = instrument(budget=10**6, per="session", ledger="memory://")
+    own = _own_client(fake_provider)
+    fake_provider.enqueue(FakeReply(text="one two three four five"))
+    response = SimpleChatEngine.from_defaults(
+        llm=openai_llm(fake_provider)
+    ).stream_chat("Count.")
+    seen = [_own_call(own) for _ in response.response_gen]
+    assert response.write_response_to_history_thread is None  # joined at the end
+    assert seen
+    assert set(seen) == {"blocked"}
+    assert fake_provider.generation_count == 1
+    assert len(guard.ledger.calls()) == 1
+
+
+@pytest.mark.usefixtures("async_http")
+async def test_an_async_stream_consumer_runs_in_its_own_context(
+    fake_provider: FakeProvider,
+) -> None:
+    guard = instrument(budget=10**6, per="session", ledger="memory://")
+    own = _own_client(fake_provider)
+    fake_provider.enqueue(FakeReply(text="one two three four five"))
+    from llama_index.core import Settings
+
+    stream = await Settings.llm.astream_chat(
+        [ChatMessage(role="user", content="Count.")]
+    )
+    seen = []
+    async for _ in stream:
+        assert current_route() is None
+        seen.append(_own_call(own))
+    assert seen
+    assert set(seen) == {"blocked"}
+    assert fake_provider.generation_count == 1
+    (call,) = guard.ledger.calls()
+    assert call.outcome == "ok"
+
+
+# -- a non-patched LLM's failed call: released only when the provider did no work --
+
+
+@pytest.mark.parametrize(
+    ("reply", "timeout", "outcome", "charged"),
+    [
+        (FakeReply(status=500), 10.0, "error", False),
+        (FakeReply(status=400), 10.0, "error", False),
+        (FakeReply(truncate_after=0), 10.0, "error", True),  # dropped connection
+        (FakeReply(latency=5), 0.2, "error", True),  # read timeout
+    ],
+    ids=["500", "400", "dropped", "timeout"],
+)
+def test_a_failed_non_patched_llm_call_is_released_only_if_no_work_was_done(
+    fake_provider: FakeProvider,
+    reply: FakeReply,
+    timeout: float,
+    outcome: str,
+    charged: bool,
+) -> None:
+    guard = instrument(budget=10_000, per="session", ledger="memory://")
+    fake_provider.enqueue(reply)
+    llm = HttpLLM(base_url=fake_provider.openai_base_url, timeout=timeout)
+    with pytest.raises(httpx.HTTPError):
+        llm.complete("Say hello.")
+    (call,) = guard.ledger.calls()
+    assert call.outcome == outcome
+    (status,) = guard.status()
+    assert status.reserved == 0
+    assert status.spent == (call.estimate_tokens if charged else 0)

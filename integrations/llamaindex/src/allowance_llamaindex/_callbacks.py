@@ -9,7 +9,9 @@ exception raised there reaches the caller. For an LLM class whose SDK
 span handler in ``_instrument`` marks the call as pending and adds this handler
 to the LLM's callback manager; this handler then reserves the worst case
 (``guard.begin``: ``BudgetExceeded`` blocks the call before it is sent) and
-settles the ticket with the usage the response reports.
+settles the ticket with the usage the response reports (an error: released
+only when the provider did no work, ``provider_did_no_work``; else the worst
+case is kept).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from llama_index.core.callbacks import CBEventType, EventPayload
 from llama_index.core.callbacks.base_handler import BaseCallbackHandler
 
 import allowance
-from allowance.integration import estimate_chat, whole_count
+from allowance.integration import estimate_chat, provider_did_no_work, whole_count
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -44,6 +46,8 @@ class Pending:
     max_tokens: int | None
     ticket: allowance.Ticket | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
+    live: bool = True
+    """False once its span is over, in every context still holding it."""
 
 
 pending: contextvars.ContextVar[Pending | None] = contextvars.ContextVar(
@@ -131,7 +135,7 @@ class AllowanceCallbackHandler(BaseCallbackHandler):
                 ``"stop"``: no synthetic response can be returned from here).
         """
         call = pending.get()
-        if event_type is not CBEventType.LLM or call is None:
+        if event_type is not CBEventType.LLM or call is None or not call.live:
             return event_id
         with call.lock:
             if call.ticket is not None and not call.ticket.settled:  # nested
@@ -174,7 +178,12 @@ class AllowanceCallbackHandler(BaseCallbackHandler):
             ticket.keep(outcome="partial")
             return
         if error is not None:
-            ticket.release()
+            if provider_did_no_work(error):
+                ticket.release()  # an HTTP error status, or never connected
+            else:
+                # A timeout, a dropped connection, an error not read: the
+                # provider may have billed. Never charged nothing.
+                ticket.keep(outcome="error")
             return
         response = payload.get(
             EventPayload.RESPONSE, payload.get(EventPayload.COMPLETION)

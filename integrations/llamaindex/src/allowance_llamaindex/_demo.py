@@ -28,7 +28,7 @@ def _usd(micros: int) -> str:
 def scene(console: Console, fake: Any, ledger: str, number: int) -> None:
     """Index four documents, then query them under a per-query budget."""
     from llama_index.core import Document, VectorStoreIndex  # noqa: PLC0415
-    from llama_index.embeddings.openai import (  # type: ignore[import-untyped]  # noqa: PLC0415
+    from llama_index.embeddings.openai import (  # noqa: PLC0415
         OpenAIEmbedding,
     )
     from llama_index.llms.openai import OpenAI  # noqa: PLC0415

@@ -22,9 +22,18 @@ variables that reach the HTTP request made inside:
 
 A streaming call sends its request when the stream is iterated, after its span
 has ended: the span's context then stays set until the event handler sees the
-stream end (``LLMChatEndEvent``, or the ``ExceptionEvent`` of an abandoned
-stream). A ``StreamingResponse`` of a query is iterated inside its query's
-context.
+stream's first chunk (the request is sent: nothing more to route), its end, or
+the ``ExceptionEvent`` of an abandoned stream; or until the stream is garbage
+collected unread. So the consumer's code between chunks runs in its own
+context, not the model call's. A ``StreamingResponse`` of a query is iterated
+inside its query's context.
+
+A stream may be read in another context than the one its span set (a chat
+engine's writer thread runs a copy of the caller's context), where the
+variables cannot be reset. So what a span sets carries the span itself
+(``_Span.live``): once the span is over, in whatever context, every context
+still holding its values reads them as unset, and its route is ended
+(``seen_by.end``).
 """
 
 from __future__ import annotations
@@ -52,7 +61,9 @@ from llama_index.core.instrumentation.event_handlers import BaseEventHandler
 from llama_index.core.instrumentation.events.exception import ExceptionEvent
 from llama_index.core.instrumentation.events.llm import (
     LLMChatEndEvent,
+    LLMChatInProgressEvent,
     LLMCompletionEndEvent,
+    LLMCompletionInProgressEvent,
 )
 from llama_index.core.instrumentation.span_handlers import BaseSpanHandler
 from llama_index.core.response_synthesizers.base import BaseSynthesizer
@@ -87,22 +98,57 @@ _STAGES: tuple[tuple[type, str], ...] = (
     (BaseEmbedding, "embed"),
 )
 
-_query: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "allowance_llamaindex_query", default=None
-)
-_stage: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "allowance_llamaindex_stage", default=None
-)
-_model_call: contextvars.ContextVar[tuple[int, str] | None] = contextvars.ContextVar(
-    "allowance_llamaindex_model_call", default=None
-)
-"""(id of the model object, id of its outermost span) around a model call."""
-
 Exit = Callable[[], None]
 
 
+class _Span:
+    """What one span set, and whether it is still in force (in any context)."""
+
+    __slots__ = ("ends", "exits", "live", "model_call")
+
+    def __init__(self) -> None:
+        self.live = True
+        self.model_call = False
+        self.exits: list[Exit] = []  # context resets, run in reverse
+        self.ends: list[Exit] = []  # what ends it in every context (routes)
+
+    def close(self) -> None:
+        """Undo what the span set: reset here if possible, end it everywhere."""
+        _run(self.exits)
+        self.live = False
+        for end in self.ends:
+            end()
+
+
+_query: contextvars.ContextVar[tuple[str, bool, _Span] | None] = contextvars.ContextVar(
+    "allowance_llamaindex_query", default=None
+)
+"""(query id, named by the caller, the span that set it)."""
+_stage: contextvars.ContextVar[tuple[str, _Span] | None] = contextvars.ContextVar(
+    "allowance_llamaindex_stage", default=None
+)
+_model_call: contextvars.ContextVar[tuple[int, str, _Span] | None] = (
+    contextvars.ContextVar("allowance_llamaindex_model_call", default=None)
+)
+"""(id of the model object, id of its outermost span, that span) around a call."""
+
+
+def _current_query() -> str | None:
+    value = _query.get()
+    return value[0] if value is not None and value[2].live else None
+
+
+def _current_stage() -> str | None:
+    value = _stage.get()
+    return value[0] if value is not None and value[1].live else None
+
+
 _GENERATORS: tuple[type, ...] = (types.GeneratorType, types.AsyncGeneratorType)
+# After these, a model stream's request has been sent (its first chunk came
+# back) or the stream is over: its span's context is not needed any more.
 _STREAM_ENDS: tuple[type, ...] = (
+    LLMChatInProgressEvent,
+    LLMCompletionInProgressEvent,
     LLMChatEndEvent,
     LLMCompletionEndEvent,
     ExceptionEvent,
@@ -131,7 +177,7 @@ def _kind(cls: type) -> tuple[str | None, bool]:
 
 
 def _ends_stream(cls: type) -> bool:
-    """Whether an event of ``cls`` ends a model stream (or abandons it).
+    """Whether after an event of ``cls`` a model stream needs no context.
 
     Callers read ``_ENDS`` first: this runs once per class.
     """
@@ -150,9 +196,32 @@ def _model_of(instance: object) -> tuple[str, int | None]:
     return str(model or "unknown"), cap if isinstance(cap, int) and cap > 0 else None
 
 
-def _exit_of(context: contextlib.AbstractContextManager[Any]) -> Exit:
+def _entered(context: contextlib.AbstractContextManager[Any]) -> Exit:
+    """Enter ``context``; return its undo, which leaves a newer scope alone.
+
+    A stream's span is undone late: by then the caller may have left a scope
+    entered before it (``with allowance.scope(...): s = llm.stream_chat(...)``),
+    and resetting ours would bring that scope back.
+    """
+    before = allowance.current_scope()
+    context.__enter__()
+    after = allowance.current_scope()
+
     def undo() -> None:
+        if after is not before and allowance.current_scope() is not after:
+            raise ValueError("the scope changed since")  # ended (routes) instead
         context.__exit__(None, None, None)
+
+    return undo
+
+
+def _reset_if_ours(var: contextvars.ContextVar[Any], value: object) -> Exit:
+    """Set ``var`` to ``value``; return an undo that resets it if still ``value``."""
+    token = var.set(value)
+
+    def undo() -> None:
+        if var.get() is value:
+            var.reset(token)
 
     return undo
 
@@ -168,7 +237,28 @@ def _run(exits: list[Exit]) -> None:
         try:
             undo()
         except (ValueError, RuntimeError):  # set in another context: cannot undo
-            logger.debug("allowance: a LlamaIndex span ended in another context")
+            logger.debug(
+                "allowance: a LlamaIndex span ended in another context or scope"
+            )
+
+
+def _enter_query(span: _Span, dims: dict[str, str]) -> None:
+    """Start a query in ``span`` unless one is in force; its id goes in ``dims``.
+
+    The caller's ``allowance.scope(query=...)`` names it; else a fresh id.
+    """
+    outer = _query.get()
+    if outer is not None and outer[2].live:
+        return
+    named = allowance.current_scope().get("query")
+    if named is not None and outer is not None and not outer[1] and named == outer[0]:
+        # Our own query id, left in this context by a span that ended in
+        # another one: not the caller's.
+        named = None
+    query = named or f"q-{os.urandom(8).hex()}"
+    span.exits.append(_reset_if_ours(_query, (query, named is not None, span)))
+    if named is None:
+        dims["query"] = query
 
 
 class _Runtime:
@@ -180,8 +270,8 @@ class _Runtime:
         # The handler lists we appended to (managers built without handlers
         # share Settings' list, so lists, not managers, are what to undo).
         self.lists: dict[int, list[Any]] = {}
-        self.open: dict[str, tuple[list[Exit], bool]] = {}
-        self.streams: dict[str, list[Exit]] = {}
+        self.open: dict[str, _Span] = {}
+        self.streams: dict[str, _Span] = {}
         self.alias: dict[str, str] = {}
         self.wrapped: weakref.WeakSet[Any] = weakref.WeakSet()
         self.lock = threading.Lock()
@@ -192,43 +282,36 @@ class _Runtime:
         guard = self.guard
         if guard is None:
             return
-        exits: list[Exit] = []
+        span = _Span()
+        exits = span.exits
         dims: dict[str, str] = {}
-        if _query.get() is None:
-            named = allowance.current_scope().get("query")
-            query = named or f"q-{os.urandom(8).hex()}"
-            token = _query.set(query)
-            exits.append(lambda: _query.reset(token))
-            if named is None:
-                dims["query"] = query
+        _enter_query(span, dims)
         cls = type(instance)
         stage, is_model = _KINDS.get(cls) or _kind(cls)
-        if stage is not None and stage != _stage.get():
-            stage_token = _stage.set(stage)
-            exits.append(lambda: _stage.reset(stage_token))
+        if stage is not None and stage != _current_stage():
+            exits.append(_reset_if_ours(_stage, (stage, span)))
             dims["stage"] = stage
         context: contextlib.AbstractContextManager[Any] | None = None
-        model_call = False
         if is_model:
             outer = _model_call.get()
-            if outer is not None and outer[0] == id(instance):
+            if outer is not None and outer[2].live and outer[0] == id(instance):
                 # A nested span of the same call (stream -> stream_chat).
                 with self.lock:
                     self.alias[id_] = outer[1]
             else:
                 model = cast("BaseLLM | BaseEmbedding", instance)
                 context = self._model_context(model, guard, dims)
-                call_token = _model_call.set((id(instance), id_))
-                exits.append(lambda: _model_call.reset(call_token))
-                model_call = True
+                exits.append(_reset_if_ours(_model_call, (id(instance), id_, span)))
+                span.model_call = True
         elif dims:
             context = allowance.scope(**dims)
         if context is not None:
-            context.__enter__()
-            exits.append(_exit_of(context))
+            exits.append(_entered(context))
+            if isinstance(context, allowance.seen_by | _Charged):
+                span.ends.append(context.end)
         if exits:
             with self.lock:
-                self.open[id_] = (exits, model_call)
+                self.open[id_] = span
 
     def _model_context(
         self,
@@ -260,36 +343,42 @@ class _Runtime:
     def leave(self, id_: str, result: object) -> None:
         generator = isinstance(result, _GENERATORS)
         with self.lock:
-            opened = self.open.pop(id_, None)
+            span = self.open.pop(id_, None)
             if not generator:
                 self.alias.pop(id_, None)
-        if opened is None:
+        if span is None:
             return
-        exits, model_call = opened
         if isinstance(result, StreamingResponse | AsyncStreamingResponse):
             self._wrap_stream(result)
-        elif model_call and generator:
+        elif span.model_call and generator:
             # A model stream: its request is sent when it is iterated. Keep the
-            # context until the event handler sees it end.
+            # context until the event handler sees its first chunk or its end,
+            # or the stream is dropped unread.
             with self.lock:
-                self.streams[id_] = exits
+                self.streams[id_] = span
+            with contextlib.suppress(TypeError):
+                weakref.finalize(result, self.stream_ended, id_).atexit = False
             return
-        _run(exits)
+        span.close()
 
     def drop(self, id_: str) -> None:
         with self.lock:
             self.alias.pop(id_, None)
-            opened = self.open.pop(id_, None)
-        if opened is not None:
-            _run(opened[0])
+            span = self.open.pop(id_, None)
+        if span is not None:
+            span.close()
 
     def stream_ended(self, span_id: str | None) -> None:
         if span_id is None:
             return
         with self.lock:
-            exits = self.streams.pop(self.alias.pop(span_id, span_id), None)
-        if exits is not None:
-            _run(exits)
+            target = self.alias.pop(span_id, span_id)
+            span = self.streams.pop(target, None)
+            if span is not None and self.alias:
+                for nested in [k for k, v in self.alias.items() if v == target]:
+                    del self.alias[nested]
+        if span is not None:
+            span.close()
 
     def _wrap_stream(
         self, response: StreamingResponse | AsyncStreamingResponse
@@ -300,16 +389,26 @@ class _Runtime:
         dims = {
             k: v
             for k, v in (
-                ("query", _query.get()),
-                ("stage", _stage.get() or "synthesize"),
+                ("query", _current_query()),
+                ("stage", _current_stage() or "synthesize"),
             )
             if v
         }
 
-        def context() -> contextlib.AbstractContextManager[Any]:
-            # Only the scope: the model stream inside keeps its own route until
-            # it ends, and context variables must be reset in order.
-            return allowance.scope(**dims)
+        query = dims.get("query")
+        held = _Span()  # never closed: set only around each step of the stream
+
+        @contextlib.contextmanager
+        def context() -> Iterator[None]:
+            # The scope and the query (the model stream inside sets its own
+            # route); the query reads as the caller's in any context.
+            token = None if query is None else _query.set((query, True, held))
+            try:
+                with allowance.scope(**dims):
+                    yield
+            finally:
+                if token is not None:
+                    _query.reset(token)
 
         if isinstance(response, StreamingResponse):
             response.response_gen = _in_context(response.response_gen, context)
@@ -347,9 +446,16 @@ class _Charged(contextlib.AbstractContextManager[Any]):
         return self._call
 
     def __exit__(self, *exc: object) -> None:
-        if self._token is not None:
-            pending.reset(self._token)
-        self._seen.__exit__()
+        try:
+            if self._token is not None:
+                pending.reset(self._token)
+        finally:
+            self._seen.__exit__()
+
+    def end(self) -> None:
+        """End the marker and the route in every context still holding them."""
+        self._call.live = False
+        self._seen.end()
 
 
 def _in_context(
