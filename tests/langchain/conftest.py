@@ -10,17 +10,21 @@ its calls.
 
 from __future__ import annotations
 
+import asyncio
+import json
 from typing import TYPE_CHECKING, Any
 
 import httpx
 from langchain_anthropic import ChatAnthropic
 from langchain_core.language_models import BaseChatModel
 from langchain_core.language_models.base import LangSmithParams
-from langchain_core.messages import AIMessage, BaseMessage
-from langchain_core.outputs import ChatGeneration, ChatResult
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_openai import ChatOpenAI
 
 if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Iterator
+
     from langchain_core.callbacks import (
         AsyncCallbackManagerForLLMRun,
         CallbackManagerForLLMRun,
@@ -40,6 +44,7 @@ class AcmeChatModel(BaseChatModel):
     base_url: str
     model_name: str = ACME
     max_tokens: int | None = None
+    timeout: float = 30.0
 
     @property
     def _llm_type(self) -> str:
@@ -94,7 +99,7 @@ class AcmeChatModel(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        with httpx.Client(base_url=self.base_url) as client:
+        with httpx.Client(base_url=self.base_url, timeout=self.timeout) as client:
             return self._result(
                 client.post("/chat/completions", json=self._body(messages))
             )
@@ -106,10 +111,92 @@ class AcmeChatModel(BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        async with httpx.AsyncClient(base_url=self.base_url) as client:
+        async with httpx.AsyncClient(
+            base_url=self.base_url, timeout=self.timeout
+        ) as client:
             return self._result(
                 await client.post("/chat/completions", json=self._body(messages))
             )
+
+
+def _chunk(line: str) -> ChatGenerationChunk | None:
+    """The chunk of one server-sent event of a Chat Completions stream, if any."""
+    if not line.startswith("data: ") or line == "data: [DONE]":
+        return None
+    data = json.loads(line.removeprefix("data: "))
+    usage = data.get("usage")
+    text = "".join(
+        (choice.get("delta") or {}).get("content") or ""
+        for choice in data.get("choices") or []
+    )
+    return ChatGenerationChunk(
+        message=AIMessageChunk(
+            content=text,
+            usage_metadata=None
+            if usage is None
+            else {
+                "input_tokens": usage["prompt_tokens"],
+                "output_tokens": usage["completion_tokens"],
+                "total_tokens": usage["total_tokens"],
+            },
+        )
+    )
+
+
+class AcmeStreamingChatModel(AcmeChatModel):
+    """``AcmeChatModel`` that streams (usage in the last chunk, as OpenAI sends it)."""
+
+    stall_after: int | None = None
+    """Async streams: wait forever after this many chunks (to be cancelled)."""
+
+    def _stream_body(self, messages: list[BaseMessage]) -> dict[str, Any]:
+        body = self._body(messages)
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
+        return body
+
+    def _stream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[ChatGenerationChunk]:
+        with (
+            httpx.Client(base_url=self.base_url, timeout=self.timeout) as client,
+            client.stream(
+                "POST", "/chat/completions", json=self._stream_body(messages)
+            ) as response,
+        ):
+            response.raise_for_status()
+            for line in response.iter_lines():
+                chunk = _chunk(line)
+                if chunk is not None:
+                    yield chunk
+
+    async def _astream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[ChatGenerationChunk]:
+        sent = 0
+        async with (
+            httpx.AsyncClient(base_url=self.base_url, timeout=self.timeout) as client,
+            client.stream(
+                "POST", "/chat/completions", json=self._stream_body(messages)
+            ) as response,
+        ):
+            response.raise_for_status()
+            async for line in response.aiter_lines():
+                chunk = _chunk(line)
+                if chunk is None:
+                    continue
+                if sent == self.stall_after:
+                    await asyncio.Event().wait()  # never set: until cancelled
+                yield chunk
+                sent += 1
 
 
 def chat_openai(
@@ -143,3 +230,12 @@ def chat_anthropic(
 def acme(fake: FakeProvider, *, max_tokens: int = 64) -> AcmeChatModel:
     """An AcmeChatModel on the fake provider."""
     return AcmeChatModel(base_url=fake.openai_base_url, max_tokens=max_tokens)
+
+
+def acme_stream(
+    fake: FakeProvider, *, max_tokens: int = 64, **options: Any
+) -> AcmeStreamingChatModel:
+    """An AcmeStreamingChatModel on the fake provider."""
+    return AcmeStreamingChatModel(
+        base_url=fake.openai_base_url, max_tokens=max_tokens, **options
+    )

@@ -55,15 +55,21 @@ def available() -> bool:
 def register_configure_hook(var: ContextVar[Any]) -> None:
     """Make every callback manager langchain-core configures include ``var``'s handler.
 
-    ``inheritable=True``: the handler reaches child runs (chains, tools,
-    agents), executor threads and asyncio tasks, since a ContextVar's default
-    is seen in every context.
+    ``inheritable=False``: a child run does not inherit the handler from its
+    parent; the hook adds it again, last, to the manager of every run
+    (chains, tools, agents, models), in executor threads and asyncio tasks
+    too, since a ContextVar's default is seen in every context. Last matters:
+    a handler the run was given (``config``, ``with_config``, a model's
+    ``callbacks``) then starts each model call first and charges it, and the
+    global handler steps aside (``_handler._claimed``). Inherited from a
+    parent instead, the global handler would come first and charge the call
+    too.
     """
     module = importlib.import_module(_TRACER_CONTEXT)
     hooks: list[tuple[Any, ...]] = getattr(module, "_configure_hooks", [])
     if any(hook[0] is var for hook in hooks):
         return
-    module.register_configure_hook(var, inheritable=True)
+    module.register_configure_hook(var, inheritable=False)
 
 
 def unregister_configure_hook(var: ContextVar[Any]) -> bool:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import json
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -43,7 +44,7 @@ if TYPE_CHECKING:
     from langchain_core.messages import BaseMessage
     from langchain_core.outputs import ChatGenerationChunk, GenerationChunk, LLMResult
 
-    from allowance.typing import Ledger
+    from allowance.typing import Estimate, Ledger
 
 __all__ = ["ADAPTER_NAME", "AllowanceCallbackHandler"]
 
@@ -85,6 +86,16 @@ class _Call:
     context: contextvars.Context | None = None
     ticket: allowance.Ticket | None = None
     closed: bool = False
+    routed: bool = True
+    """The route is live: no chunk of the answer has come back yet."""
+    chunks: int = 0
+    """Chunks of the answer seen (``on_llm_new_token``)."""
+    produced: int = 0
+    """UTF-8 bytes of the output seen, counted up to the output cap."""
+    usages: list[Mapping[str, Any]] = field(default_factory=list)
+    """The ``usage_metadata`` of the chunks seen (LangChain adds them up)."""
+    model: str | None = None
+    """The model the chunks named, if any."""
 
 
 @dataclass(slots=True)
@@ -93,9 +104,24 @@ class _Runs:
 
     lock: threading.Lock = field(default_factory=threading.Lock)
     calls: dict[UUID, _Call] = field(default_factory=dict)
-    stacks: dict[tuple[int, int], list[_Call]] = field(default_factory=dict)
     roots: dict[UUID, UUID] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class _Contexts:
+    """The context variables calls set, per context, for every handler.
+
+    One stack per (thread, task) across handlers: two handlers on one run set
+    the same context variables (``seen_by``'s), which must be reset in the
+    reverse order they were set, whichever handler's callback comes first.
+    """
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    stacks: dict[tuple[int, int], list[_Call]] = field(default_factory=dict)
     leaked: OrderedDict[str, _Call] = field(default_factory=OrderedDict)
+
+
+_contexts = _Contexts()
 
 
 def _context_key() -> tuple[int, int]:
@@ -358,17 +384,24 @@ class AllowanceCallbackHandler(BaseCallbackHandler):
         tags: list[str] | None = None,
         **kwargs: Any,
     ) -> None:
-        """On a stream's last chunk, stop routing: this runs in the caller's context.
+        """Count what a stream produced; stop routing at its first chunk.
 
-        (The end callback of an async stream runs in a task of its own, where
-        the context variables set at the start cannot be reset.)
+        The model's request has been sent once a chunk comes back, and the
+        consumer's code runs between chunks in this same context: a client it
+        calls there is charged to its own guard, not to this handler's. On the
+        last chunk the call is closed here, in the caller's context (the end
+        callback of an async stream runs in a task of its own, where the
+        context variables set at the start cannot be reset).
         """
-        message = getattr(chunk, "message", None)
-        if getattr(message, "chunk_position", None) != "last":
+        call = self._runs.calls.get(run_id)
+        if call is None:
             return
-        with self._runs.lock:
-            call = self._runs.calls.get(run_id)
-        if call is not None:
+        if call.routed:
+            self._unroute(call)
+        if call.ticket is not None:
+            _count(call, token, chunk)
+        message = getattr(chunk, "message", None)
+        if getattr(message, "chunk_position", None) == "last":
             self._close(call)
 
     def on_llm_end(self, response: LLMResult, *, run_id: UUID, **kwargs: Any) -> None:
@@ -385,13 +418,13 @@ class AllowanceCallbackHandler(BaseCallbackHandler):
     def on_llm_error(
         self, error: BaseException, *, run_id: UUID, **kwargs: Any
     ) -> None:
-        """Release the reservation: the call failed."""
+        """Settle a failed call: release it only if the provider did no work."""
         call = self._pop(run_id)
         if call is None:
             return
         try:
             if call.ticket is not None:
-                call.ticket.release()
+                _settle_error(call, call.ticket, error)
         finally:
             self._close(call)
 
@@ -444,7 +477,8 @@ class AllowanceCallbackHandler(BaseCallbackHandler):
         runs = self._runs
         with runs.lock:
             runs.calls[run_id] = call
-            runs.stacks.setdefault(call.key, []).append(call)
+        with _contexts.lock:
+            _contexts.stacks.setdefault(call.key, []).append(call)
 
     def _admit(
         self,
@@ -519,6 +553,18 @@ class AllowanceCallbackHandler(BaseCallbackHandler):
         with runs.lock:
             return runs.calls.pop(run_id, None)
 
+    def _unroute(self, call: _Call) -> None:
+        """End the route of a call whose answer has started to come back.
+
+        Its context variables are reset here too, when this runs in the
+        context the start ran in and nothing set since is still in force;
+        else ``_close`` (or ``_drop_leaked``) resets them later.
+        """
+        call.routed = False
+        call.seen.end()
+        if call.key == _context_key():
+            _unwind(call.key)
+
     def _close(self, call: _Call) -> None:
         """Undo what the start set, innermost first, where the start set it."""
         runs = self._runs
@@ -529,36 +575,42 @@ class AllowanceCallbackHandler(BaseCallbackHandler):
         # The route stops now, whatever context this end callback runs in; the
         # context variables themselves are reset below where possible.
         call.seen.end()
-        with runs.lock:
-            stack = runs.stacks.get(call.key, [])
-            done: list[_Call] = []
-            while stack and stack[-1].closed:
-                done.append(stack.pop())
-            if not stack:
-                runs.stacks.pop(call.key, None)
-        for entry in done:
-            if not _undo(entry):
-                # The end callback runs in another context than the start (an
-                # async run's end is shielded in a task of its own): undone at
-                # the next model start in the original context, see _drop_leaked.
-                with runs.lock:
-                    runs.leaked[str(entry.run_id)] = entry
-                    while len(runs.leaked) > _MAX_LEAKED:
-                        runs.leaked.popitem(last=False)
+        _unwind(call.key)
 
     def _drop_leaked(self) -> None:
         """Undo routes a finished call left in this context (async end callbacks)."""
-        runs = self._runs
-        if not runs.leaked:
+        leaked = _contexts.leaked
+        if not leaked:
             return
         while True:
             run = allowance.current_scope().get("langchain_run")
             if run is None:
                 return
-            with runs.lock:
-                entry = runs.leaked.pop(run, None)
+            with _contexts.lock:
+                entry = leaked.pop(run, None)
             if entry is None or not _undo(entry):
                 return
+
+
+def _unwind(key: tuple[int, int]) -> None:
+    """Undo the calls on top of ``key``'s stack done routing, innermost first."""
+    contexts = _contexts
+    with contexts.lock:
+        stack = contexts.stacks.get(key, [])
+        done: list[_Call] = []
+        while stack and (stack[-1].closed or not stack[-1].routed):
+            done.append(stack.pop())
+        if not stack:
+            contexts.stacks.pop(key, None)
+    for entry in done:
+        if not _undo(entry):
+            # The callback runs in another context than the start (an async
+            # run's end is shielded in a task of its own): undone at the next
+            # model start in the original context, see _drop_leaked.
+            with contexts.lock:
+                contexts.leaked[str(entry.run_id)] = entry
+                while len(contexts.leaked) > _MAX_LEAKED:
+                    contexts.leaked.popitem(last=False)
 
 
 def _undo(call: _Call) -> bool:
@@ -660,6 +712,97 @@ def _settle(ticket: allowance.Ticket, response: LLMResult) -> None:
         ticket.commit(allowance.Usage(), response_model=model)
     else:
         ticket.keep()  # no usage, or one that cannot be read: the worst case
+
+
+def _count(
+    call: _Call,
+    token: str | list[str | dict[str, Any]],
+    chunk: GenerationChunk | ChatGenerationChunk | None,
+) -> None:
+    """Add one chunk to what the stream produced (bytes, usage, model).
+
+    Never raises (it runs in the stream, between the model and its caller):
+    output it cannot measure counts as the whole output cap.
+    """
+    call.chunks += 1
+    assert call.ticket is not None  # noqa: S101 - only counted when charged here
+    cap = call.ticket.estimate.output_tokens
+    try:
+        message = getattr(chunk, "message", None)
+        if message is not None:
+            usage = getattr(message, "usage_metadata", None)
+            if isinstance(usage, dict):
+                call.usages.append(cast("Mapping[str, Any]", usage))
+            meta = getattr(message, "response_metadata", None) or {}
+            name = meta.get("model_name") or meta.get("model")
+            call.model = call.model or (name if isinstance(name, str) else None)
+        if call.produced >= cap:
+            return  # charged at most the cap: more bytes change nothing
+        if message is not None:
+            parts: list[object] = [message.content]
+            parts.extend(getattr(message, "tool_call_chunks", None) or ())
+            extra = getattr(message, "additional_kwargs", None)
+            if extra:
+                parts.append(extra)
+        else:
+            parts = [getattr(chunk, "text", None) or token]
+        call.produced = min(cap, call.produced + sum(_size(p) for p in parts))
+    except Exception:  # noqa: BLE001 - output we cannot measure: the whole cap
+        call.produced = cap
+
+
+def _size(part: object) -> int:
+    """UTF-8 bytes of a piece of output; JSON for anything but text (a bound)."""
+    if isinstance(part, str):
+        return len(part.encode("utf-8", "surrogatepass"))
+    if isinstance(part, list):
+        return sum(_size(p) for p in cast("list[object]", part))
+    return len(json.dumps(part, default=str).encode("utf-8", "surrogatepass"))
+
+
+_BROKEN_OFF = (GeneratorExit, asyncio.CancelledError)
+
+
+def _settle_error(call: _Call, ticket: allowance.Ticket, error: BaseException) -> None:
+    """Settle the ticket of a call that raised.
+
+    Released only when the provider did no work (an HTTP error status, a
+    connection never made) and nothing came back. A stream the caller broke
+    off (closed, cancelled) is charged what it produced. Anything else (a
+    timeout, a dropped connection, an unknown error) keeps the worst case:
+    the provider may have billed.
+    """
+    if not call.chunks and integration.provider_did_no_work(error):
+        ticket.release()
+    elif call.chunks and isinstance(error, _BROKEN_OFF):
+        usage = _partial(call, ticket.estimate)
+        if usage is None:
+            ticket.keep()  # what it produced cannot be read: the worst case
+        else:
+            ticket.commit_partial(usage, response_model=call.model)
+    else:
+        ticket.keep(outcome="error")
+
+
+def _partial(call: _Call, estimate: Estimate) -> allowance.Usage | None:
+    """What a stream cut short produced; None when its usage cannot be read.
+
+    The usage its chunks reported, with at least the output seen; without a
+    usage: the estimate's input and the bytes of output seen (a token covers
+    at least one byte), at most the output cap.
+    """
+    if not call.usages:
+        return allowance.Usage(estimate.input_tokens, call.produced)
+    known = _usage(call.usages)
+    if known is None:
+        return None
+    return allowance.Usage(
+        known.input_tokens or estimate.input_tokens,
+        max(known.output_tokens, call.produced),
+        known.cache_read_tokens,
+        known.cache_write_tokens,
+        known.reasoning_tokens,
+    )
 
 
 def _usage(usages: Iterable[Mapping[str, Any]]) -> allowance.Usage | None:
