@@ -7,11 +7,14 @@ import io
 import logging
 import runpy
 import sys
+import threading
 import warnings
 from decimal import Decimal
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
+import httpx
 import pytest
 from crewai.hooks.dispatch import HookAborted
 from crewai.hooks.llm_hooks import (
@@ -519,6 +522,186 @@ def test_a_custom_llm_without_a_price_fails_closed(make_crew: Any) -> None:
         make_crew(llm).kickoff()
     assert isinstance(caught.value.__cause__, allowance.PricingError)
     assert llm.calls == 0
+
+
+class HttpLLM(BaseLLM):
+    """A custom LLM no SDK layer sees, over real HTTP (the fake's chat route).
+
+    It reports the provider's usage to CrewAI as a custom LLM does. With a
+    ``barrier``, every call waits there after reporting its usage, so that many
+    calls on one LLM object are in flight at once.
+    """
+
+    base_url: str = ""
+    barrier: Any = None
+    report_off_context: bool = False
+
+    def call(  # noqa: PLR0917 - CrewAI's signature
+        self,
+        messages: Any,
+        tools: Any = None,
+        callbacks: Any = None,
+        available_functions: Any = None,
+        from_task: Any = None,
+        from_agent: Any = None,
+        response_model: Any = None,
+    ) -> str:
+        """Ask the fake; raise its HTTP or connection error as it comes."""
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        reply = httpx.post(
+            f"{self.base_url}/chat/completions",
+            json={"model": self.model, "messages": messages, "max_tokens": 64},
+            timeout=30,
+        )
+        reply.raise_for_status()
+        body = reply.json()
+        if self.report_off_context:  # from a thread of its own, no context copied
+            worker = threading.Thread(
+                target=self._track_token_usage_internal, args=(body["usage"],)
+            )
+            worker.start()
+            worker.join(30)
+        else:
+            self._track_token_usage_internal(body["usage"])
+        if self.barrier is not None:
+            self.barrier.wait()
+        return "Final Answer: " + body["choices"][0]["message"]["content"]
+
+    def supports_function_calling(self) -> bool:
+        """Text only."""
+        return False
+
+
+def http_llm(fake: FakeProvider, **options: Any) -> HttpLLM:
+    """``HttpLLM`` on the fake provider."""
+    return HttpLLM(model="house-model", base_url=fake.openai_base_url, **options)
+
+
+@pytest.mark.parametrize("how", ["kickoff_for_each_async", "crews_gathered"])
+def test_concurrent_calls_on_one_custom_llm_are_charged_their_own_usage(
+    fake_provider: FakeProvider, make_crew: Any, how: str
+) -> None:
+    """Copies of a crew (or two crews) share one LLM object and its lifetime
+    counters: each call is charged what it reported, not the others' usage."""
+    fake_provider.usage = FakeUsage(input_tokens=30, output_tokens=5)
+    guard = allowance.patch(budget=1_000_000, ledger="memory://")
+    n = 3 if how == "kickoff_for_each_async" else 2
+    llm = http_llm(fake_provider, barrier=threading.Barrier(n, timeout=30))
+
+    async def run() -> None:
+        if how == "kickoff_for_each_async":
+            await make_crew(llm).kickoff_for_each_async([{}] * n)
+        else:
+            await asyncio.gather(
+                make_crew(llm, ("researcher",)).kickoff_async(),
+                make_crew(llm, ("writer",)).kickoff_async(),
+            )
+
+    asyncio.run(run())
+    records = guard.ledger.calls()
+    assert len(records) == fake_provider.generation_count == n
+    assert [(r.usage.input_tokens, r.usage.output_tokens) for r in records] == [
+        (30, 5)
+    ] * n
+    assert {r.outcome for r in records} == {"ok"}
+    (status,) = guard.status()
+    assert (status.spent, status.reserved) == (35 * n, 0)
+    assert no_leak()
+
+
+def test_overlapping_calls_whose_usage_is_reported_elsewhere_keep_their_worst_case(
+    fake_provider: FakeProvider, make_crew: Any
+) -> None:
+    """An LLM that reports usage outside the call's context leaves only its
+    shared counters: when calls on them overlapped, no call can tell its own
+    usage, and each keeps its reservation (never another call's usage)."""
+    fake_provider.usage = FakeUsage(input_tokens=30, output_tokens=5)
+    guard = allowance.patch(budget=1_000_000, ledger="memory://")
+    llm = http_llm(
+        fake_provider, barrier=threading.Barrier(2, timeout=30), report_off_context=True
+    )
+
+    async def run() -> None:
+        await make_crew(llm).kickoff_for_each_async([{}, {}])
+
+    asyncio.run(run())
+    records = guard.ledger.calls()
+    assert len(records) == fake_provider.generation_count == 2
+    assert [r.outcome for r in records] == ["unmetered", "unmetered"]
+    (status,) = guard.status()
+    assert status.spent == sum(r.estimate_tokens for r in records)
+    assert status.reserved == 0
+
+
+@pytest.mark.parametrize(
+    ("reply", "charged"),
+    [
+        pytest.param(FakeReply(status=500), False, id="http-500-released"),
+        pytest.param(FakeReply(truncate_after=0), True, id="dropped-kept"),
+    ],
+)
+def test_a_custom_llm_call_that_raises_is_settled_at_once(
+    fake_provider: FakeProvider,
+    make_crew: Any,
+    reply: FakeReply,
+    charged: bool,
+) -> None:
+    """Every attempt (CrewAI retries the call twice) is settled when it raises:
+    an HTTP error status is released, a connection dropped mid-answer (the
+    provider may have billed) keeps its worst case. Nothing stays reserved."""
+    fake_provider.enqueue(reply, reply, reply)
+    guard = allowance.patch(budget=1_000_000, ledger="memory://")
+    with pytest.raises(httpx.HTTPError):
+        make_crew(http_llm(fake_provider)).kickoff()
+    assert fake_provider.generation_count == 3
+    records = guard.ledger.calls()
+    assert [r.outcome for r in records] == ["error"] * 3
+    (status,) = guard.status()
+    expected = sum(r.estimate_tokens for r in records) if charged else 0
+    assert (status.spent, status.reserved) == (expected, 0)
+    assert no_leak()
+
+
+class UnreadableCountsLLM(HttpLLM):
+    """Its own counters summary, with a prompt count that is not a whole number."""
+
+    def get_token_usage_summary(self) -> Any:
+        """CrewAI's summary, its prompt count off by half a token."""
+        summary = super().get_token_usage_summary()
+        counts = summary.model_dump()
+        return SimpleNamespace(
+            **{**counts, "prompt_tokens": counts["prompt_tokens"] + 0.5}
+        )
+
+
+def test_a_count_that_cannot_be_read_keeps_the_worst_case(
+    fake_provider: FakeProvider, make_crew: Any
+) -> None:
+    """A missing count is unknown, not zero: the call keeps its reservation."""
+    fake_provider.usage = FakeUsage(input_tokens=30, output_tokens=5)
+    guard = allowance.patch(budget=1_000_000, ledger="memory://")
+    llm = UnreadableCountsLLM(
+        model="house-model", base_url=fake_provider.openai_base_url
+    )
+    make_crew(llm).kickoff()
+    (record,) = guard.ledger.calls()
+    assert record.outcome == "unmetered"
+    (status,) = guard.status()
+    assert (status.spent, status.reserved) == (record.estimate_tokens, 0)
+
+
+def test_uninstall_restores_the_custom_llm_class(make_crew: Any) -> None:
+    original = (CountingLLM.call, BaseLLM.acall, BaseLLM._track_token_usage_internal)
+    allowance.patch(budget=100_000, ledger="memory://")
+    make_crew(CountingLLM(model="house-model")).kickoff()
+    assert CountingLLM.call is not original[0]  # wrapped while installed
+    allowance.unpatch()
+    assert (
+        CountingLLM.call,
+        BaseLLM.acall,
+        BaseLLM._track_token_usage_internal,
+    ) == original
 
 
 # -- install / uninstall ---------------------------------------------------------

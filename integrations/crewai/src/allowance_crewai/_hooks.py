@@ -13,14 +13,25 @@
   ``kickoff``. A call the SDK layer refuses raises ``BudgetExceeded`` inside
   the model call, which CrewAI's agent retries: the before hook of that retry
   raises the refusal again as ``HookAborted``, so the crew stops there.
-- an ``after_llm_call`` hook that settles what the before hook opened;
-- an ``execution_end`` hook that settles whatever is still open when a crew
-  finishes or fails (CrewAI skips after hooks for tool-call answers and for
-  calls that raised), so no scope leaks into the caller's context.
+- an ``after_llm_call`` hook that closes what the before hook opened;
+- an ``execution_end`` hook that settles whatever that crew still has open
+  when it finishes or fails (CrewAI skips after hooks for tool-call answers
+  and for calls that raised, and runs each agent step in a context of its own).
+
+A call this adapter charges itself (no SDK layer beneath) is settled with its
+own usage, never the LLM object's lifetime counters, which concurrent calls on
+one LLM (``kickoff_for_each_async``, crews gathered, copies of an agent) share.
+The first time it admits a call on an LLM class, the adapter wraps that class's
+``call``/``acall`` and ``_track_token_usage_internal`` (restored by
+``uninstall``): the usage a call reports to CrewAI is counted to that call's
+reservation, and when the call returns or raises the reservation is settled
+there (an error: released only when ``provider_did_no_work``, else kept whole).
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import threading
 from contextvars import ContextVar
@@ -41,12 +52,14 @@ from allowance.integration import (
     current_adapters,
     current_route,
     estimate_chat,
+    provider_did_no_work,
     sdk_layer,
+    whole_count,
 )
 from allowance_crewai._compat import scope_value, sdk_provider
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Callable, Mapping
 
     from crewai.hooks.llm_hooks import LLMCallHookContext
 
@@ -166,7 +179,11 @@ _Key = tuple[int, int, int]
 """Identity of an agent's call: ``id()`` of its crew, agent and task objects."""
 
 
-@dataclass(slots=True)
+_Counts = tuple[int, int, int, int, int]
+"""Prompt, completion, cached prompt, reasoning and cache-creation tokens."""
+
+
+@dataclass(slots=True, eq=False)
 class _Open:
     """A call the before hook admitted and no hook has settled yet."""
 
@@ -175,15 +192,41 @@ class _Open:
     key: _Key | None
     ticket: allowance.Ticket | None = None
     llm: Any = None
-    before: tuple[int, int, int, int, int] | None = None
+    crew: Any = None
+    # The LLM's lifetime counters when the call was admitted, and the object
+    # holding them (copies of an LLM share it): the fallback for an LLM that
+    # reports usage outside the call's context, trusted only when no other
+    # call on the same counters was open meanwhile (``overlapped``).
+    before: _Counts | None = None
+    counters: Any = None
+    overlapped: bool = False
+    # What the call itself reported to CrewAI (``_track_token_usage_internal``
+    # in the call's context); ``unreadable`` when a count could not be read.
+    usage: _Counts | None = None
+    unreadable: bool = False
+    settled: bool = False
+    exited: bool = False
 
 
 _lock = threading.Lock()
 _guard: allowance.Guard | None = None
 _open: ContextVar[_Open | None] = ContextVar("allowance_crewai_open", default=None)
+# Every admitted call not settled yet, wherever CrewAI runs it: settled by the
+# call's own end, its after hook, the next before hook of its context, or the
+# end of its crew (CrewAI runs each agent step in a copied context, so a
+# ContextVar alone cannot reach a call's entry from the crew's end).
+_pending: set[_Open] = set()
+_pending_lock = threading.Lock()
+# Serialises the LLM counters' updates with their snapshots (a few additions).
+_usage_lock = threading.RLock()
+_depth: ContextVar[int] = ContextVar("allowance_crewai_call_depth", default=0)
 _refused: dict[_Key, _Refusal] = {}
 _observer = _RefusalObserver()
 _OBSERVER_NAME: Final = "allowance_crewai.refusals"
+_WRAPPED: Final = "__allowance_crewai_original__"
+_wrapped: list[tuple[type, str, Any]] = []
+"""(class, attribute, original) of every LLM method wrapped; ``uninstall`` restores."""
+_instrumented: set[type] = set()
 
 
 def _call_key(ctx: Any) -> _Key | None:
@@ -245,6 +288,7 @@ def uninstall() -> None:
         unregister(InterceptionPoint.EXECUTION_END, _execution_end)
         _observe(register=False)
         _refused.clear()
+        _unwrap_all()
 
 
 def _observe(*, register: bool) -> None:
@@ -264,7 +308,7 @@ def _observe(*, register: bool) -> None:
 def _before_llm_call(ctx: LLMCallHookContext) -> None:
     # An entry still open here belongs to a call whose after hook CrewAI skipped
     # (a tool-call answer): settle it first.
-    _settle(failed=False)
+    _settle()
     guard = _guard
     if guard is None:
         return
@@ -278,7 +322,9 @@ def _before_llm_call(ctx: LLMCallHookContext) -> None:
     if provider is not None and sdk_layer(provider):
         seen = allowance.seen_by(NAME, guard=guard, **_kwargs(dims))
         seen.__enter__()
-        _open.set(_Open(seen, threading.get_ident(), key))
+        entry = _Open(seen, threading.get_ident(), key, crew=getattr(ctx, "crew", None))
+        _remember(entry)
+        _open.set(entry)
         return
     _admit(guard, ctx, llm, dims)
 
@@ -290,6 +336,7 @@ def _admit(
     dims: Mapping[str, str | int],
 ) -> None:
     """Reserve a call no SDK layer sees; the framework's usage settles it."""
+    _instrument(type(llm))
     seen = allowance.seen_by(NAME, guard=guard, charged=True, **_kwargs(dims))
     seen.__enter__()
     try:
@@ -314,64 +361,268 @@ def _admit(
     if ticket.stopped:
         seen.__exit__(None, None, None)
         raise _stop("; ".join(v.describe() for v in ticket.violations))
-    _open.set(_Open(seen, threading.get_ident(), None, ticket, llm, _usage_of(llm)))
+    with _usage_lock:
+        before = _usage_of(llm)
+    entry = _Open(
+        seen,
+        threading.get_ident(),
+        None,
+        ticket,
+        llm,
+        getattr(ctx, "crew", None),
+        before,
+        _counters_of(llm),
+    )
+    _remember(entry)
+    _open.set(entry)
 
 
 def _after_llm_call(ctx: LLMCallHookContext) -> None:
-    _settle(failed=False)
+    _settle()
     key = _call_key(ctx)
     if key is not None:
         _refused.pop(key, None)
 
 
 def _execution_end(ctx: Any) -> None:
-    _settle(failed=getattr(ctx, "status", "completed") == "failed")
-    crew = id(getattr(ctx, "crew", None))
-    for key in [k for k in _refused if k[0] == crew]:
+    _settle()
+    crew = getattr(ctx, "crew", None)
+    failed = getattr(ctx, "status", "completed") == "failed"
+    if crew is not None:
+        with _pending_lock:
+            left = [e for e in _pending if e.crew is crew]
+        for entry in left:
+            # Never seen to end (its LLM class could not be wrapped, or it is
+            # still running): what it cost is unknown, so it keeps its worst case.
+            _close(entry, outcome="error" if failed else "unmetered")
+    crew_id = id(crew)
+    for key in [k for k in _refused if k[0] == crew_id]:
         _refused.pop(key, None)
 
 
-def _settle(*, failed: bool) -> None:
+# -- settling ---------------------------------------------------------------------
+
+
+def _remember(entry: _Open) -> None:
+    """Register ``entry``; mark it and its peers overlapped if they share counters.
+
+    A direct call routed to the SDK layer (no crew, nothing to settle) is left
+    to its context alone.
+    """
+    if entry.crew is None and entry.ticket is None:
+        return
+    with _pending_lock:
+        if entry.counters is not None:
+            for peer in _pending:
+                if peer.counters is entry.counters:
+                    peer.overlapped = entry.overlapped = True
+        _pending.add(entry)
+
+
+def _claim(entry: _Open) -> bool:
+    """Mark ``entry`` settled; True for the one caller that did."""
+    with _pending_lock:
+        if entry.settled:
+            return False
+        entry.settled = True
+        _pending.discard(entry)
+        return True
+
+
+def _settle() -> None:
     """Settle and close the call the before hook opened in this context, if any."""
     entry = _open.get()
     if entry is None:
         return
     _open.set(None)
+    _close(entry, outcome="unmetered")
+
+
+def _close(entry: _Open, *, outcome: str, error: BaseException | None = None) -> None:
+    """Settle ``entry`` (once) and leave its scope when in its own thread."""
     try:
-        if entry.ticket is not None:
-            _settle_ticket(entry, failed=failed)
+        if _claim(entry) and entry.ticket is not None:
+            _settle_ticket(entry, outcome=outcome, error=error)
     finally:
-        if entry.thread == threading.get_ident():
+        if entry.thread == threading.get_ident() and not entry.exited:
+            entry.exited = True
             try:
                 entry.seen.__exit__(None, None, None)
             except (ValueError, RuntimeError):  # a copied context: the original resets
                 logger.debug("allowance: crewai scope closed in another context")
 
 
-def _settle_ticket(entry: _Open, *, failed: bool) -> None:
+def _settle_ticket(
+    entry: _Open, *, outcome: str, error: BaseException | None = None
+) -> None:
+    """Charge the call's own usage; else release or keep its reservation.
+
+    Its own usage: what the call reported in its context; else, for an LLM
+    that reports elsewhere, the growth of its counters when no other call on
+    them overlapped. A call that raised without usage is released only when
+    the provider did no work; any other unknown usage keeps the worst case.
+    """
     ticket = entry.ticket
     if ticket is None or ticket.settled:
         return
-    after = _usage_of(entry.llm)
-    if entry.before is not None and after is not None:
-        prompt, completion, cached, reasoning, created = (
-            a - b for a, b in zip(after, entry.before, strict=True)
-        )
-        if prompt > 0 or completion > 0:
-            ticket.commit(
-                allowance.Usage(
-                    input_tokens=prompt,
-                    output_tokens=completion,
-                    cache_read_tokens=max(0, cached),
-                    cache_write_tokens=max(0, created),
-                    reasoning_tokens=max(0, reasoning),
-                )
+    usage, unreadable = entry.usage, entry.unreadable
+    if usage is None and not unreadable and not entry.overlapped:
+        with _usage_lock:
+            after = _usage_of(entry.llm)
+        if entry.before is not None and after is not None:
+            usage = _delta(entry.before, after)
+            unreadable = usage is None
+    if usage is not None and (usage[0] > 0 or usage[1] > 0):
+        prompt, completion, cached, reasoning, created = usage
+        ticket.commit(
+            allowance.Usage(
+                input_tokens=prompt,
+                output_tokens=completion,
+                cache_read_tokens=cached,
+                cache_write_tokens=created,
+                reasoning_tokens=reasoning,
             )
-            return
-    if failed:
+        )
+    elif error is not None and not unreadable and provider_did_no_work(error):
         ticket.release()
+    elif error is not None:
+        ticket.keep(outcome="error")
     else:
-        ticket.keep()
+        ticket.keep(outcome="error" if outcome == "error" else "unmetered")
+
+
+def _delta(before: _Counts, after: _Counts) -> _Counts | None:
+    """``after - before``, or None when a counter went down (not a usage)."""
+    grown = tuple(a - b for a, b in zip(after, before, strict=True))
+    if min(grown) < 0:
+        return None
+    prompt, completion, cached, reasoning, created = grown
+    return (prompt, completion, cached, reasoning, created)
+
+
+# -- an LLM class's own methods, wrapped the first time a call on it is admitted ---
+
+
+def _instrument(cls: type) -> None:
+    """Wrap ``cls``'s call methods and usage tracker (once; ``uninstall`` undoes)."""
+    if cls in _instrumented:
+        return
+    for name, wrap in (
+        ("call", _wrap_call),
+        ("acall", _wrap_call),
+        ("_track_token_usage_internal", _wrap_tracker),
+    ):
+        owner = next((k for k in cls.__mro__ if name in vars(k)), None)
+        if owner is None or owner is object:
+            continue
+        found = vars(owner)[name]
+        if not inspect.isfunction(found) or hasattr(found, _WRAPPED):
+            continue
+        with _lock:
+            if _guard is None or hasattr(vars(owner)[name], _WRAPPED):
+                continue  # uninstalled meanwhile, or wrapped by another thread
+            wrapper = wrap(found)
+            setattr(wrapper, _WRAPPED, found)
+            try:
+                setattr(owner, name, wrapper)
+            except (AttributeError, TypeError):  # a class that refuses: fallback
+                logger.debug("allowance: cannot wrap %s.%s", owner.__name__, name)
+                continue
+            _wrapped.append((owner, name, found))
+    _instrumented.add(cls)
+
+
+def _unwrap_all() -> None:
+    """Put every wrapped LLM method back (called under ``_lock``)."""
+    _instrumented.clear()
+    while _wrapped:
+        owner, name, original = _wrapped.pop()
+        if hasattr(vars(owner).get(name), _WRAPPED):
+            setattr(owner, name, original)
+
+
+def _ended(error: BaseException | None) -> None:
+    """The outermost model call of this context returned (or raised ``error``)."""
+    entry = _open.get()
+    if entry is None or entry.ticket is None or entry.settled:
+        return
+    _close(entry, outcome="error" if error else "unmetered", error=error)
+
+
+def _wrap_call(original: Callable[..., Any]) -> Callable[..., Any]:
+    """``call`` (or ``acall``) that settles its call when the outermost one ends."""
+    if inspect.iscoroutinefunction(original):
+
+        @functools.wraps(original)
+        async def acall(self: Any, *args: Any, **kwargs: Any) -> Any:
+            token = _depth.set(_depth.get() + 1)
+            try:
+                result = await original(self, *args, **kwargs)
+            except BaseException as err:
+                _depth.reset(token)
+                if _depth.get() == 0:
+                    _ended(err)
+                raise
+            _depth.reset(token)
+            if _depth.get() == 0:
+                _ended(None)
+            return result
+
+        return acall
+
+    @functools.wraps(original)
+    def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        token = _depth.set(_depth.get() + 1)
+        try:
+            result = original(self, *args, **kwargs)
+        except BaseException as err:
+            _depth.reset(token)
+            if _depth.get() == 0:
+                _ended(err)
+            raise
+        _depth.reset(token)
+        if _depth.get() == 0:
+            _ended(None)
+        return result
+
+    return call
+
+
+def _wrap_tracker(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def track(self: Any, *args: Any, **kwargs: Any) -> Any:
+        entry = _open.get()
+        with _usage_lock:
+            if (
+                entry is None
+                or entry.ticket is None
+                or entry.settled
+                or _counters_of(self) is not entry.counters
+            ):  # not this call's LLM (an LLM the custom one calls reports its own)
+                return original(self, *args, **kwargs)
+            before = _usage_of(self)
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                after = _usage_of(self)
+                grown = (
+                    None if before is None or after is None else _delta(before, after)
+                )
+                if grown is None:
+                    entry.unreadable = True
+                elif entry.usage is None:
+                    entry.usage = grown
+                else:
+                    entry.usage = _sum(entry.usage, grown)
+
+    return track
+
+
+def _sum(a: _Counts, b: _Counts) -> _Counts:
+    prompt, completion, cached, reasoning, created = (
+        x + y for x, y in zip(a, b, strict=True)
+    )
+    return (prompt, completion, cached, reasoning, created)
 
 
 # -- attribution --------------------------------------------------------------
@@ -428,8 +679,17 @@ def _max_tokens(llm: Any) -> int | None:
     return None
 
 
-def _usage_of(llm: Any) -> tuple[int, int, int, int, int] | None:
-    """Return the LLM object's lifetime usage counters, or None if it keeps none."""
+def _counters_of(llm: Any) -> Any:
+    """The object holding ``llm``'s lifetime counters (copies of an LLM share it)."""
+    try:
+        counters = getattr(llm, "_token_usage", None)
+    except Exception:  # noqa: BLE001 - a custom LLM's own bug must not break the call
+        counters = None
+    return counters if counters is not None else llm
+
+
+def _usage_of(llm: Any) -> _Counts | None:
+    """Return the LLM object's lifetime usage counters, or None if unreadable."""
     summary = getattr(llm, "get_token_usage_summary", None)
     if summary is None:
         return None
@@ -437,10 +697,23 @@ def _usage_of(llm: Any) -> tuple[int, int, int, int, int] | None:
         usage = summary()
     except Exception:  # noqa: BLE001 - a custom LLM's own bug must not break the call
         return None
-    return (
-        int(getattr(usage, "prompt_tokens", 0) or 0),
-        int(getattr(usage, "completion_tokens", 0) or 0),
-        int(getattr(usage, "cached_prompt_tokens", 0) or 0),
-        int(getattr(usage, "reasoning_tokens", 0) or 0),
-        int(getattr(usage, "cache_creation_tokens", 0) or 0),
-    )
+    counts = [
+        whole_count(getattr(usage, name, None))
+        for name in (
+            "prompt_tokens",
+            "completion_tokens",
+            "cached_prompt_tokens",
+            "reasoning_tokens",
+            "cache_creation_tokens",
+        )
+    ]
+    prompt, completion, cached, reasoning, created = counts
+    if (
+        prompt is None
+        or completion is None
+        or cached is None
+        or reasoning is None
+        or created is None
+    ):
+        return None
+    return (prompt, completion, cached, reasoning, created)
