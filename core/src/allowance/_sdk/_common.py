@@ -475,7 +475,7 @@ def make_sync_interceptor(  # noqa: C901 - one way out per case, on purpose
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> Any:
-        if _claimed.get() is not None:
+        if _claimed.get():  # None, or an object (always true)
             return wrapped(*args, **kwargs)
         route = current_route()
         if route is None:
@@ -539,7 +539,7 @@ def make_async_interceptor(  # noqa: C901 - one way out per case, on purpose
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> Any:
-        if _claimed.get() is not None:
+        if _claimed.get():  # None, or an object (always true)
             return await wrapped(*args, **kwargs)
         route = current_route()
         if route is None:
