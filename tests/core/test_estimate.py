@@ -920,3 +920,22 @@ def test_the_fast_builders_build_what_the_constructors_build(
     assert repr(record) == repr(expected)
     with pytest.raises(dataclasses.FrozenInstanceError):
         record.cost_micros = 0  # type: ignore[misc]  # frozen, as the constructor's
+
+
+def test_the_hot_path_builds_its_records_without_their_constructors() -> None:
+    """Each per-call dataclass has its draft: built by plain stores, then frozen.
+
+    If this fails: a field, a slot or a ``__post_init__`` changed the class's
+    shape, and the hot path silently fell back to the constructor (Estimate's
+    check cost the SQLite path ~70 bytecodes a call that way).
+    """
+    from allowance import _estimate as module
+    from allowance._estimate import make_estimate, make_usage
+
+    assert module._ESTIMATE_DRAFT is not None
+    assert module._USAGE_DRAFT is not None
+    assert module._RECORD_DRAFT is not None
+    built = make_estimate("openai", "gpt-4o", 12, 34)
+    assert type(built) is Estimate
+    assert built == Estimate("openai", "gpt-4o", 12, 34)
+    assert make_usage(5, 6) == Usage(5, 6)

@@ -197,7 +197,9 @@ _AUDIO_TYPES: Final = frozenset({"input_audio"})
 _TOOL_USE_TYPES: Final = frozenset({"tool_use", "server_tool_use", "mcp_tool_use"})
 
 
-def _draft(cls: type, names: tuple[str, ...]) -> type | None:
+def _draft(
+    cls: type, names: tuple[str, ...], *, skip_post_init: bool = False
+) -> type | None:
     """A plain class with the slots of ``cls``, a frozen slots dataclass of ``names``.
 
     The hot path builds one instance per call of ``Usage``, ``Estimate`` and
@@ -207,14 +209,19 @@ def _draft(cls: type, names: tuple[str, ...]) -> type | None:
     ``cls`` (the same slots, so the same layout): the very object the
     constructor builds, frozen from then on, at a fraction of the cost.
     None when ``cls`` is not such a class, or refuses the swap: callers then
-    call the constructor.
+    call the constructor. A ``__post_init__`` (a check of the caller's values)
+    is skipped only with ``skip_post_init``: for values this library computed.
     """
     try:
         fields = tuple(f.name for f in dataclasses.fields(cls))
         slots = tuple(cls.__dict__["__slots__"])
     except (TypeError, KeyError):  # pragma: no cover - not a slots dataclass
         return None
-    if fields != names or set(slots) != set(names) or hasattr(cls, "__post_init__"):
+    if (
+        fields != names
+        or set(slots) != set(names)
+        or (hasattr(cls, "__post_init__") and not skip_post_init)
+    ):
         return None  # pragma: no cover - changed shape
     draft = type(f"_{cls.__name__}Draft", (), {"__slots__": slots})
     probe: Any = _new(draft)
@@ -226,8 +233,11 @@ def _draft(cls: type, names: tuple[str, ...]) -> type | None:
 
 
 _new: Final = object.__new__
+# Estimate checks a caller's counts (``__post_init__``); make_estimate's are ours.
 _ESTIMATE_DRAFT: Final = _draft(
-    Estimate, ("provider", "model", "input_tokens", "output_tokens", "exact_input")
+    Estimate,
+    ("provider", "model", "input_tokens", "output_tokens", "exact_input"),
+    skip_post_init=True,
 )
 _USAGE_DRAFT: Final = _draft(
     Usage,
