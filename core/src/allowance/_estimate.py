@@ -55,6 +55,15 @@ Exact count
     cache. It checks the file (path and SHA-256) first, so tiktoken is never
     asked to download anything.
 
+Completions (the legacy ``/completions`` API)
+    Each prompt (a string, a list of token ids, or each item of a list of
+    strings or of token-id lists) is generated on its own: its UTF-8 bytes
+    (a token id counts 1) plus ``REQUEST_TOKENS`` (a BOS token, an empty
+    prompt's ``<|endoftext|>``), plus ``suffix`` once per prompt. Its output
+    cap is ``max_tokens``, 16 when absent (the API's default) and the model
+    family's largest output when null (a server may read null as no limit),
+    times ``max(n, best_of)`` and times the number of prompts.
+
 Output cap
     ``max_completion_tokens`` / ``max_tokens`` (chat, times ``n``),
     ``max_output_tokens`` (responses), ``max_tokens`` (Anthropic). Without one,
@@ -101,6 +110,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "chat_input_bound",
+    "completions_input_bound",
+    "completions_output_cap",
     "default_output_cap",
     "estimate",
     "exact_input_tokens",
@@ -130,6 +141,7 @@ ANTHROPIC_IMAGE_TOKENS: Final = 1_600
 DOCUMENT_TOKENS: Final = 30_000
 AUDIO_TOKENS_PER_KB: Final = 10
 DEFAULT_OUTPUT_TOKENS: Final = 16_384
+COMPLETIONS_MAX_TOKENS: Final = 16  # the Completions API's default max_tokens
 
 # (prefix, high or auto detail, low detail), first match wins.
 _OPENAI_IMAGES: Final = (
@@ -787,6 +799,67 @@ def messages_input_bound(body: Mapping[str, Any]) -> int:
     return _anthropic(_ANTHROPIC_BYTES, body)
 
 
+# Completions body keys read below or carrying no prompt (besides _NOT_PROMPT).
+_COMPLETIONS_KEYS: Final = frozenset({"prompt", "suffix", "best_of", "echo"})
+
+
+def _completion_prompts(body: Mapping[str, Any]) -> list[object]:
+    """The prompts of a Completions body: the API generates each on its own.
+
+    A string, a list of token ids (every item an int) or nothing is one
+    prompt; any other list is a list of prompts (strings or token-id lists).
+    """
+    prompt = body.get("prompt")
+    if (
+        isinstance(prompt, list | tuple)
+        and prompt
+        and not all(type(item) is int for item in prompt)
+    ):
+        return list(prompt)
+    return [prompt if _is_json(prompt) else None]
+
+
+def _prompt_tokens(count: _Count, prompt: object) -> int:
+    """A bound of one prompt: its UTF-8 bytes, one per token id."""
+    if prompt is None or not _is_json(prompt):
+        return 0
+    if isinstance(prompt, str):
+        return count.text(prompt)
+    if isinstance(prompt, list | tuple):
+        return sum(1 if type(item) is int else count.json(item) for item in prompt)
+    if type(prompt) is int:
+        return 1
+    return count.json(prompt)
+
+
+def completions_input_bound(body: Mapping[str, Any], model: str | None = None) -> int:
+    """Return an upper bound of the input tokens of an OpenAI (legacy) completion.
+
+    Args:
+        body: The request body (``prompt``, ``suffix``...).
+        model: ``str(body.get("model") or "")`` when the caller has it already.
+
+    Returns:
+        Per prompt its UTF-8 bytes (a token id counts 1), ``suffix``'s and
+        ``REQUEST_TOKENS``; plus the strings under keys this module does not
+        know, as for chat.
+    """
+    count = _openai_bytes(str(body.get("model") or "") if model is None else model)
+    suffix = body.get("suffix")
+    per_prompt = REQUEST_TOKENS + (
+        _walk(count, suffix) if suffix is not None and _is_json(suffix) else 0
+    )
+    total = sum(
+        per_prompt + _prompt_tokens(count, prompt)
+        for prompt in _completion_prompts(body)
+    )
+    for key, value in body.items():
+        if key in _NOT_PROMPT or key in _COMPLETIONS_KEYS or not _is_json(value):
+            continue
+        total += _walk(count, value)
+    return total
+
+
 # -- exact counting with tiktoken, offline only --------------------------------
 
 
@@ -1001,6 +1074,46 @@ def output_cap(provider: str, model: str, body: Mapping[str, Any]) -> int:
             what="n", value=choices, expected="a positive integer number of choices"
         )
     return (default_output_cap(model) if cap is None else cap) * choices
+
+
+_ABSENT: Final = object()  # a key not in the body
+
+
+def completions_output_cap(model: str, body: Mapping[str, Any]) -> int:
+    """Return the most output tokens an OpenAI (legacy) completion can produce.
+
+    ``max_tokens`` (16 when absent, as the API; the model family's largest
+    output when null) times ``max(n, best_of)`` (``best_of`` candidates are
+    generated and billed, ``n`` returned) times the number of prompts.
+
+    Args:
+        model: The model asked for.
+        body: The request body.
+
+    Raises:
+        ConfigurationError: ``max_tokens`` is negative, a bool or not an int;
+            ``n`` or ``best_of`` is not a positive int.
+    """
+    value = body.get("max_tokens", _ABSENT)
+    if value is _ABSENT or not _is_json(value):  # not sent
+        cap = COMPLETIONS_MAX_TOKENS
+    elif value is None:
+        cap = default_output_cap(model)
+    else:
+        cap = _tokens_field(body, "max_tokens") or 0
+    choices = 1
+    for field in ("n", "best_of"):
+        value = body.get(field)
+        if value is None or not _is_json(value):
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigurationError(
+                what=field,
+                value=value,
+                expected="a positive integer number of choices",
+            )
+        choices = max(choices, value)
+    return cap * choices * len(_completion_prompts(body))
 
 
 # -- convenience ---------------------------------------------------------------

@@ -1,8 +1,9 @@
 """OpenAI SDK (2.x and 3.x): codec, adapter and plugin hooks.
 
-Endpoints charged: ``/chat/completions``, ``/responses``, ``/embeddings``.
-Everything else (models, files, ``/responses/input_tokens``, ...) passes
-through. Chat streams get ``stream_options.include_usage`` added when the caller
+Endpoints charged: ``/chat/completions``, ``/responses``, ``/embeddings``,
+the legacy ``/completions`` and ``/responses/compact``. Everything else
+(models, files, ``/responses/input_tokens``, ...) passes through. Chat and
+completions streams get ``stream_options.include_usage`` added when the caller
 did not ask for it, and the extra usage-only chunk is then hidden from them.
 """
 
@@ -16,6 +17,9 @@ from typing import TYPE_CHECKING, Any, Final
 
 from allowance._estimate import (
     chat_input_bound,
+    completions_input_bound,
+    completions_output_cap,
+    default_output_cap,
     exact_input_tokens,
     make_estimate,
     make_usage,
@@ -49,6 +53,10 @@ __all__ = ["OpenAIAdapter", "OpenAICodec"]
 _CHAT = "chat"
 _RESPONSES = "responses"
 _EMBEDDINGS = "embeddings"
+_COMPLETIONS = "completions"  # the legacy Completions API
+_COMPACT = "compact"  # /responses/compact: a Responses body, usage, no stream
+# Chat's usage fields, and its stream usage asked for and hidden.
+_STREAM_USAGE: Final = frozenset({_CHAT, _COMPLETIONS})
 
 
 @lru_cache(maxsize=64)
@@ -60,6 +68,10 @@ def _api(path: str) -> str | None:
         return _RESPONSES
     if path.endswith("/embeddings"):
         return _EMBEDDINGS
+    if path.endswith("/completions"):
+        return _COMPLETIONS
+    if path.endswith("/responses/compact"):
+        return _COMPACT
     return None
 
 
@@ -84,8 +96,22 @@ def _embedding_count(body: Mapping[str, Any]) -> int:
     return 1
 
 
+def _completion_choices(body: Mapping[str, Any]) -> int:
+    """The choices of a completion: ``n`` per prompt (for a synthetic answer)."""
+    n = body.get("n")
+    per_prompt = n if type(n) is int and n > 0 else 1
+    prompt = body.get("prompt")
+    if (  # a list of prompts, not one list of token ids: as the estimate
+        isinstance(prompt, list)
+        and prompt
+        and not all(type(item) is int for item in prompt)
+    ):
+        return per_prompt * len(prompt)
+    return per_prompt
+
+
 class OpenAICodec:
-    """Reads and writes the Chat Completions, Responses and Embeddings formats."""
+    """Reads and writes the Chat, Responses, Embeddings and Completions formats."""
 
     name = "openai"
 
@@ -116,6 +142,20 @@ class OpenAICodec:
                 responses_input_bound(body, model),
                 output_cap("openai", model, body),
             )
+        if api == _COMPLETIONS:
+            return make_estimate(
+                "openai",
+                model,
+                completions_input_bound(body, model),
+                completions_output_cap(model, body),
+            )
+        if api == _COMPACT:  # no output cap to ask for: the model's largest
+            return make_estimate(
+                "openai",
+                model,
+                responses_input_bound(body, model),
+                default_output_cap(model),
+            )
         return make_estimate("openai", model, _embedding_bound(body), 0)
 
     def plain(self, path: str, body: Mapping[str, Any]) -> tuple[str, int, int] | None:
@@ -138,7 +178,7 @@ class OpenAICodec:
         self, path: str, body: Mapping[str, Any], estimate: Estimate
     ) -> Estimate | None:
         """Count the input with tiktoken when its encoding is cached locally."""
-        if _api(path) == _EMBEDDINGS:
+        if _api(path) in (_EMBEDDINGS, _COMPLETIONS):  # not chat or Responses
             return None
         exact = exact_input_tokens("openai", estimate.model, body)
         if exact is None:
@@ -146,17 +186,20 @@ class OpenAICodec:
         return replace(estimate, input_tokens=exact, exact_input=True)
 
     def usage(self, path: str, response: Any) -> Usage | None:
-        """Read usage from a parsed ChatCompletion, Response or embeddings list."""
+        """Read usage from a parsed ChatCompletion, Response or embeddings list.
+
+        Completions report chat's fields; a CompactedResponse, Responses'.
+        """
         usage = getattr(response, "usage", None)
         if usage is None:
             return None
         api = _api(path)
-        if api == _RESPONSES:
-            return _read_usage(usage, _RESPONSES_USAGE)
+        if api in _STREAM_USAGE:  # chat (the hot path, first), completions
+            return _read_usage(usage, _CHAT_USAGE)
         if api == _EMBEDDINGS:  # input only: no completion_tokens to read
             inputs = whole_count(getattr(usage, "prompt_tokens", None))
             return None if inputs is None else make_usage(inputs, 0)
-        return _read_usage(usage, _CHAT_USAGE)
+        return _read_usage(usage, _RESPONSES_USAGE)  # Responses, compact
 
     def response_model(self, response: Any) -> str | None:
         """Return the model that answered."""
@@ -165,10 +208,13 @@ class OpenAICodec:
 
     def stream_accumulator(
         self, path: str, *, hide_usage_only: bool
-    ) -> _ChatAccumulator | _ResponsesAccumulator:
-        """Return an accumulator for a chat or responses stream."""
-        if _api(path) == _RESPONSES:
+    ) -> _ChatAccumulator | _ResponsesAccumulator | _CompletionsAccumulator:
+        """Return an accumulator for a chat, responses or completions stream."""
+        api = _api(path)
+        if api == _RESPONSES:
             return _ResponsesAccumulator()
+        if api == _COMPLETIONS:
+            return _CompletionsAccumulator(hide_usage_only=hide_usage_only)
         return _ChatAccumulator(hide_usage_only=hide_usage_only)
 
     def synthetic_body(
@@ -177,9 +223,29 @@ class OpenAICodec:
         """Return an empty, marked response for ``on_limit="stop"``."""
         model = str(body.get("model") or "")
         ident = f"allowance-stop-{call_id}"
-        if _api(path) == _RESPONSES:
+        api = _api(path)
+        if api == _RESPONSES:
             return _stopped_response(ident, model, reason)
-        if _api(path) == _EMBEDDINGS:
+        if api == _COMPACT:
+            return {
+                "id": ident,
+                "object": "response.compaction",
+                "created_at": int(time.time()),
+                "output": [],
+                "usage": _zero_responses_usage(),
+                "allowance": {"stopped": True, "reason": reason},
+            }
+        if api == _COMPLETIONS:
+            return {
+                **_stopped_completion(ident, model, _completion_choices(body)),
+                "usage": {
+                    "prompt_tokens": 0,
+                    "completion_tokens": 0,
+                    "total_tokens": 0,
+                },
+                "allowance": {"stopped": True, "reason": reason},
+            }
+        if api == _EMBEDDINGS:
             # One empty vector per input: the SDK rejects a response without data.
             empty: str | list[float] = (
                 "" if body.get("encoding_format") == "base64" else []
@@ -242,6 +308,12 @@ class OpenAICodec:
                 f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
                 for name, data in events
             )
+        if _api(path) == _COMPLETIONS:
+            completion = {
+                **_stopped_completion(ident, model, _completion_choices(body)),
+                "allowance": {"stopped": True, "reason": reason},
+            }
+            return f"data: {json.dumps(completion)}\n\ndata: [DONE]\n\n".encode()
         chunk = {
             "id": ident,
             "object": "chat.completion.chunk",
@@ -261,6 +333,31 @@ class OpenAICodec:
         return f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n".encode()
 
 
+def _stopped_completion(ident: str, model: str, choices: int) -> dict[str, Any]:
+    """An empty ``text_completion`` (a whole one, or a stream's one chunk)."""
+    return {
+        "id": ident,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "system_fingerprint": "allowance-stop",
+        "choices": [
+            {"index": i, "text": "", "finish_reason": "stop", "logprobs": None}
+            for i in range(choices)
+        ],
+    }
+
+
+def _zero_responses_usage() -> dict[str, Any]:
+    return {
+        "input_tokens": 0,
+        "input_tokens_details": {"cached_tokens": 0},
+        "output_tokens": 0,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": 0,
+    }
+
+
 def _stopped_response(ident: str, model: str, reason: str) -> dict[str, Any]:
     return {
         "id": ident,
@@ -274,13 +371,7 @@ def _stopped_response(ident: str, model: str, reason: str) -> dict[str, Any]:
         "tool_choice": "auto",
         "tools": [],
         "metadata": {"allowance_stopped": "true", "allowance_reason": reason[:512]},
-        "usage": {
-            "input_tokens": 0,
-            "input_tokens_details": {"cached_tokens": 0},
-            "output_tokens": 0,
-            "output_tokens_details": {"reasoning_tokens": 0},
-            "total_tokens": 0,
-        },
+        "usage": _zero_responses_usage(),
     }
 
 
@@ -361,8 +452,12 @@ def _chat_bytes(event: Any) -> int:
     return produced
 
 
-class _ChatAccumulator(CappedAccumulator):
-    """Usage of a chat stream: the last chunk carries it when include_usage is on."""
+class _ChunksAccumulator(CappedAccumulator):
+    """Usage of a chat or completions stream: the last chunk carries it.
+
+    When include_usage is on; the usage-only chunk the layer asked for is
+    hidden (``hide_usage_only``). Subclasses count the text of the chunks.
+    """
 
     __slots__ = ("_bytes", "_hide", "_model", "_usage")
 
@@ -372,6 +467,22 @@ class _ChatAccumulator(CappedAccumulator):
         self._usage: Any = None  # the provider's usage object, read at the end
         self._model: str | None = None
         self._bytes = 0
+
+    def usage(self) -> Usage | None:
+        usage = self._usage
+        return None if usage is None else _chat_usage(usage)
+
+    def produced_text_bytes(self) -> int:
+        return self._bytes
+
+    def response_model(self) -> str | None:
+        return self._model
+
+
+class _ChatAccumulator(_ChunksAccumulator):
+    """A chat stream's: text in ``choices[].delta`` (content, tool arguments)."""
+
+    __slots__ = ()
 
     def observe(self, event: Any) -> bool:
         if self._model is None:
@@ -484,16 +595,6 @@ class _ChatAccumulator(CappedAccumulator):
             raise
         await tracker.afinish()
 
-    def usage(self) -> Usage | None:
-        usage = self._usage
-        return None if usage is None else _chat_usage(usage)
-
-    def produced_text_bytes(self) -> int:
-        return self._bytes
-
-    def response_model(self) -> str | None:
-        return self._model
-
 
 class _ResponsesAccumulator(CappedAccumulator):
     """Usage of a Responses stream: ``response.completed`` carries it."""
@@ -533,6 +634,39 @@ class _ResponsesAccumulator(CappedAccumulator):
         return self._model
 
 
+def _completion_bytes(event: Any) -> int:
+    """The text bytes of a completions chunk, any attribute possibly missing."""
+    produced = 0
+    choices = getattr(event, "choices", None)
+    if choices:
+        for choice in choices:
+            produced += text_bytes(getattr(choice, "text", None))
+    return produced
+
+
+class _CompletionsAccumulator(_ChunksAccumulator):
+    """A (legacy) completions stream's: text in ``choices[].text``.
+
+    With ``echo`` the first chunks repeat the prompt: counted as output when
+    the stream is cut short, at most the output cap (never under).
+    """
+
+    __slots__ = ()
+
+    def observe(self, event: Any) -> bool:
+        if self._model is None:
+            model = getattr(event, "model", None)
+            self._model = model if isinstance(model, str) else None
+        if self._bytes < self.enough:
+            self._bytes += _completion_bytes(event)
+        usage = getattr(event, "usage", None)
+        if usage is not None:
+            self._usage = usage
+            if self._hide and not getattr(event, "choices", None):
+                return False  # the usage-only chunk we asked for
+        return True
+
+
 def _binding() -> SdkBinding:
     import openai  # noqa: PLC0415 - only when the adapter is used
     from openai import _legacy_response, _response  # noqa: PLC0415
@@ -553,7 +687,7 @@ def _binding() -> SdkBinding:
         lazy_types=(_response.APIResponse,),
         async_lazy_types=(_response.AsyncAPIResponse,),
         provider_of=provider_of,
-        wants_stream_usage=lambda path: _api(path) == _CHAT,
+        wants_stream_usage=lambda path: _api(path) in _STREAM_USAGE,
         plain=CODEC.plain,
     )
 

@@ -30,10 +30,20 @@ __all__ = [
 ]
 
 DEFAULT_TEXT = "Hello from the fake provider."
-GENERATION_ROUTES = frozenset({"/chat/completions", "/responses", "/messages"})
+GENERATION_ROUTES = frozenset(
+    {
+        "/chat/completions",
+        "/completions",
+        "/responses",
+        "/responses/compact",
+        "/messages",
+    }
+)
 """Routes (without the ``/v1`` prefix) that generate text and consume replies."""
+COMPLETIONS_MAX_TOKENS = 16
+"""The legacy Completions API's ``max_tokens`` when the request gives none."""
 
-_TEXT_KEYS = ("messages", "system", "input", "instructions", "prompt")
+_TEXT_KEYS = ("messages", "system", "input", "instructions", "prompt", "suffix")
 _NESTED_TEXT_KEYS = ("content", "text", "output")
 _MAX_TOKEN_KEYS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
 _OK = 200
@@ -195,7 +205,7 @@ class FakeRequest:
 
     @property
     def is_generation(self) -> bool:
-        """Whether this is a Chat Completions, Responses or Messages request."""
+        """Whether this request generates: see ``GENERATION_ROUTES``."""
         return self.method == "POST" and self.route in GENERATION_ROUTES
 
     @property
@@ -226,8 +236,8 @@ class FakeRequest:
     def text(self) -> str:
         """All text of the request, joined by newlines.
 
-        The strings under ``messages``, ``system``, ``input``, ``instructions``
-        and ``prompt``; inside objects only ``content``, ``text`` and
+        The strings under ``messages``, ``system``, ``input``, ``instructions``,
+        ``prompt`` and ``suffix``; inside objects only ``content``, ``text`` and
         ``output`` values count, so roles, types, ids, tool definitions and
         images do not.
         """
@@ -274,7 +284,9 @@ class Generation:
         """Work out what to answer: the reply's fields, else the defaults.
 
         Output tokens default to the words sent (after the max-tokens cut) plus
-        ``ceil(utf8_bytes(arguments) / 4)`` (at least 1) per tool call.
+        ``ceil(utf8_bytes(arguments) / 4)`` (at least 1) per tool call. A
+        ``/completions`` request without ``max_tokens`` is cut at 16 words, as
+        the API's default.
         """
         if reply is not None and reply.text is not None:
             text = reply.text
@@ -283,6 +295,10 @@ class Generation:
             text = ""
         pieces = tuple(_WORD.findall(text))
         limit = request.max_tokens
+        if limit is None and request.route == "/completions":
+            body = request.json if isinstance(request.json, dict) else {}
+            if "max_tokens" not in body:
+                limit = COMPLETIONS_MAX_TOKENS
         cut = limit is not None and len(pieces) > limit
         if limit is not None:
             pieces = pieces[: max(limit, 0)]

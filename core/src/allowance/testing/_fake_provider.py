@@ -9,7 +9,10 @@ frameworks built on them) against it. The wire formats live in
 Routes, each with or without the ``/v1`` prefix (query strings are ignored):
 
 - ``POST /chat/completions``: OpenAI Chat Completions, JSON or SSE chunks.
+- ``POST /completions``: OpenAI (legacy) Completions, JSON or SSE chunks
+  (one choice; ``max_tokens`` 16 when absent, as the API).
 - ``POST /responses``: OpenAI Responses, JSON or typed SSE events.
+- ``POST /responses/compact``: OpenAI's compaction, JSON only.
 - ``POST /messages``: Anthropic Messages (beta too), JSON or SSE events.
 - ``POST /messages/count_tokens`` and ``POST /responses/input_tokens``.
 - ``GET /models``, ``GET /models/{id}`` and ``POST /embeddings``.
@@ -45,6 +48,9 @@ from allowance.testing._fake_wire import (
     Frame,
     chat_completion,
     chat_stream,
+    compacted_response,
+    completion,
+    completion_stream,
     embeddings,
     error_body,
     message,
@@ -292,8 +298,9 @@ class FakeProvider:
     def enqueue(self, *replies: FakeReply) -> None:
         """Queue replies for the next generation requests, first in first out.
 
-        Only Chat Completions, Responses and Messages requests take a reply;
-        when the queue is empty the provider's settings apply.
+        Only generation requests (Chat Completions, Completions, Responses,
+        ``/responses/compact`` and Messages) take a reply; when the queue is
+        empty the provider's settings apply.
         """
         with self._lock:
             self._queue.extend(replies)
@@ -330,7 +337,7 @@ class FakeProvider:
 
     @property
     def generation_count(self) -> int:
-        """Requests to the Chat Completions, Responses and Messages endpoints."""
+        """Requests to the generation endpoints (``GENERATION_ROUTES``)."""
         with self._lock:
             return sum(1 for r in self._log if r.is_generation)
 
@@ -470,24 +477,7 @@ class FakeProvider:
             ident=ident,
             created=int(time.time()),
         )
-        route = request.route
-        if request.stream:
-            if route == "/chat/completions":
-                options = request.json.get("stream_options")
-                include = isinstance(options, dict) and bool(
-                    options.get("include_usage")
-                )
-                frames = chat_stream(gen, include_usage=include)
-            elif route == "/responses":
-                frames = response_stream(gen, request)
-            else:
-                frames = message_stream(gen)
-            return _Stream(frames, cut)
-        if route == "/chat/completions":
-            return _Json(200, chat_completion(gen))
-        if route == "/responses":
-            return _Json(200, response(gen, request))
-        return _Json(200, message(gen))
+        return _render(gen, request, cut)
 
     def _other(
         self, request: FakeRequest, flavor: Literal["openai", "anthropic"]
@@ -517,6 +507,35 @@ class FakeProvider:
         if usage is not None:
             return usage(request).input_tokens
         return request.input_tokens
+
+
+def _render(gen: Generation, request: FakeRequest, cut: int | None) -> _Answer:
+    """The answer of a generation route, in its API's shape."""
+    route = request.route
+    if request.stream and route != "/responses/compact":  # compact never streams
+        options = request.json.get("stream_options")
+        include = isinstance(options, dict) and bool(options.get("include_usage"))
+        if route == "/chat/completions":
+            frames = chat_stream(gen, include_usage=include)
+        elif route == "/completions":
+            frames = completion_stream(gen, request, include_usage=include)
+        elif route == "/responses":
+            frames = response_stream(gen, request)
+        else:
+            frames = message_stream(gen)
+        return _Stream(frames, cut)
+    body: dict[str, Any]
+    if route == "/chat/completions":
+        body = chat_completion(gen)
+    elif route == "/completions":
+        body = completion(gen, request)
+    elif route == "/responses":
+        body = response(gen, request)
+    elif route == "/responses/compact":
+        body = compacted_response(gen, request)
+    else:
+        body = message(gen)
+    return _Json(200, body)
 
 
 def _flavor(request: FakeRequest) -> Literal["openai", "anthropic"]:

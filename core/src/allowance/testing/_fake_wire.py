@@ -1,10 +1,11 @@
 """Wire formats of the fake provider: the JSON bodies and SSE events it sends.
 
 Everything here is pure: it turns a resolved :class:`Generation` into the
-bodies the OpenAI Chat Completions, OpenAI Responses and Anthropic Messages
-APIs send, in the shapes the real SDKs parse. Only the Anthropic renderers
-subtract the cache from ``input_tokens``, as that API does. The HTTP server
-lives in :mod:`allowance.testing._fake_provider`.
+bodies the OpenAI Chat Completions, (legacy) Completions, Responses (and
+``/responses/compact``) and Anthropic Messages APIs send, in the shapes the
+real SDKs parse. Only the Anthropic renderers subtract the cache from
+``input_tokens``, as that API does. The HTTP server lives in
+:mod:`allowance.testing._fake_provider`.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ __all__ = [
     "Frame",
     "chat_completion",
     "chat_stream",
+    "compacted_response",
+    "completion",
+    "completion_stream",
     "embeddings",
     "error_body",
     "message",
@@ -183,6 +187,77 @@ def chat_stream(gen: Generation, *, include_usage: bool) -> list[Frame]:
     frames.append(Frame(chunk({}, _chat_finish(gen)), "final"))
     if include_usage and gen.usage is not None:
         body = _chat_envelope(gen, "chat.completion.chunk")
+        body["choices"] = []
+        body["usage"] = _chat_usage(gen.usage)
+        frames.append(Frame(_sse(body), "final"))
+    frames.append(Frame(b"data: [DONE]\n\n", "final"))
+    return frames
+
+
+# -- OpenAI (legacy) Completions -------------------------------------------------
+
+
+def _completion_envelope(gen: Generation) -> dict[str, Any]:
+    return {
+        "id": f"cmpl-{gen.ident}",
+        "object": "text_completion",
+        "created": gen.created,
+        "model": gen.model,
+        "system_fingerprint": None,
+    }
+
+
+def _echoed(request: FakeRequest) -> str:
+    """The prompt the answer repeats with ``echo`` (a string prompt only)."""
+    body = request.json if isinstance(request.json, dict) else {}
+    prompt = body.get("prompt")
+    return prompt if body.get("echo") is True and isinstance(prompt, str) else ""
+
+
+def completion(gen: Generation, request: FakeRequest) -> dict[str, Any]:
+    """Return a ``text_completion`` object: one choice, whatever ``n`` or prompts.
+
+    With ``echo`` a string prompt comes back before the text.
+    """
+    body = _completion_envelope(gen)
+    body["choices"] = [
+        {
+            "index": 0,
+            "text": _echoed(request) + gen.content,
+            "logprobs": None,
+            "finish_reason": "length" if gen.cut else "stop",
+        }
+    ]
+    if gen.usage is not None:
+        body["usage"] = _chat_usage(gen.usage)
+    return body
+
+
+def completion_stream(
+    gen: Generation, request: FakeRequest, *, include_usage: bool
+) -> list[Frame]:
+    """Return ``text_completion`` chunks, ending with ``data: [DONE]``.
+
+    One chunk per word (the echoed prompt first, with ``echo``), a last one
+    with the ``finish_reason``; usage only with ``stream_options.include_usage``,
+    in a chunk whose ``choices`` is empty, as chat's.
+    """
+
+    def chunk(text: str, finish: str | None = None) -> bytes:
+        body = _completion_envelope(gen)
+        body["choices"] = [
+            {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        ]
+        if include_usage:
+            body["usage"] = None
+        return _sse(body)
+
+    echoed = _echoed(request)
+    frames = [Frame(chunk(echoed), "head")] if echoed else []
+    frames += [Frame(chunk(piece), "content") for piece in gen.pieces]
+    frames.append(Frame(chunk("", "length" if gen.cut else "stop"), "final"))
+    if include_usage and gen.usage is not None:
+        body = _completion_envelope(gen)
         body["choices"] = []
         body["usage"] = _chat_usage(gen.usage)
         frames.append(Frame(_sse(body), "final"))
@@ -352,6 +427,47 @@ def response_stream(gen: Generation, request: FakeRequest) -> list[Frame]:
     kind = "response.incomplete" if gen.cut else "response.completed"
     emit("final", {"type": kind, "response": response(gen, request)})
     return frames
+
+
+def compacted_response(gen: Generation, request: FakeRequest) -> dict[str, Any]:
+    """Return a ``response.compaction`` object (``/responses/compact``).
+
+    Its output: the request's user messages, then one compaction item whose
+    ``encrypted_content`` is the answer's text.
+    """
+    body = request.json if isinstance(request.json, dict) else {}
+    raw = body.get("input")
+    items = [{"role": "user", "content": raw}] if isinstance(raw, str) else raw or []
+    output: list[dict[str, Any]] = [
+        {
+            "id": f"msg_{gen.ident}_{i}",
+            "type": "message",
+            "status": "completed",
+            "role": "user",
+            "content": [{"type": "input_text", "text": item["content"]}]
+            if isinstance(item.get("content"), str)
+            else item.get("content", []),
+        }
+        for i, item in enumerate(items)
+        if isinstance(item, dict) and item.get("role") == "user"
+    ]
+    output.append(
+        {
+            "id": f"cmp_{gen.ident}",
+            "type": "compaction",
+            "encrypted_content": gen.content,
+            "created_by": "fake",
+        }
+    )
+    compacted: dict[str, Any] = {
+        "id": f"resp_{gen.ident}",
+        "object": "response.compaction",
+        "created_at": gen.created,
+        "output": output,
+    }
+    if gen.usage is not None:
+        compacted["usage"] = _responses_usage(gen.usage)
+    return compacted
 
 
 # -- Anthropic Messages --------------------------------------------------------
