@@ -6,6 +6,9 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
+import subprocess
+import sys
+import textwrap
 import warnings
 from pathlib import Path
 
@@ -294,5 +297,50 @@ async def test_a_cancel_after_the_reserve_came_back_releases_it(path) -> None:
                 break
             await asyncio.sleep(0.01)
         assert ledger.state(["k"])["k"] == KeyState(0, 0)
+    finally:
+        ledger.close()
+
+
+HELD_AT_EXIT = textwrap.dedent(
+    """
+    import sqlite3, sys
+    import allowance
+
+    path = sys.argv[1]
+    guard = allowance.Guard(
+        budget=1000, per="tenant", ledger=f"sqlite:///{path}?busy_timeout=0.2"
+    )
+    with allowance.scope(tenant="t"):
+        ticket = guard.begin(allowance.Estimate("openai", "gpt-4o-mini", 100, 50))
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # someone else holds the write lock
+        ticket.commit(allowance.Usage(40, 10))  # fails: held in memory
+        other.execute("ROLLBACK")
+        other.close()
+    print(len(guard._pending), flush=True)
+    # exits without another call or guard.close()
+    """
+)
+
+
+def test_a_charge_held_in_memory_is_written_at_exit(path) -> None:
+    """A commit the file refused is held in memory; the process then exits
+    without another call or ``close()``: the exit writes it.
+
+    If this fails with ``spent=0``: only the next call or ``close()`` wrote
+    held charges, and a process that ended first lost them.
+    """
+    done = subprocess.run(
+        [sys.executable, "-c", HELD_AT_EXIT, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert done.stdout.strip() == "1", done.stderr  # held in memory at first
+    ledger = SQLiteLedger(path)
+    try:
+        assert ledger.state(["tokens:tenant=t"])["tokens:tenant=t"] == KeyState(50, 0)
+        assert len(ledger.calls()) == 1
     finally:
         ledger.close()

@@ -869,3 +869,60 @@ def test_a_charge_in_memory_beyond_the_slice_is_written_before_a_decision(
         assert ledger.state([key])[key] == KeyState(900, 100)
     finally:
         ledger.close()
+
+
+MP_CHILD = textwrap.dedent(
+    """
+    import multiprocessing, sys, warnings
+    import allowance
+    from allowance import Estimate, Usage
+
+    warnings.simplefilter("ignore", DeprecationWarning)  # 3.12: fork with threads
+
+    def child(url):
+        guard = allowance.Guard(budget=100_000, per="tenant", ledger=url)
+        with allowance.scope(tenant="fork"):
+            for _ in range(5):
+                guard.begin(Estimate("openai", "gpt-4o-mini", 5, 5)).commit(
+                    Usage(5, 5)
+                )
+        # returns without close(): multiprocessing ends the child with os._exit
+
+    if __name__ == "__main__":
+        process = multiprocessing.get_context("fork").Process(
+            target=child, args=(sys.argv[1],)
+        )
+        process.start()
+        process.join(60)
+        print(process.exitcode, flush=True)
+    """
+)
+
+
+def test_a_multiprocessing_fork_child_writes_its_charges_at_exit(
+    tmp_path: Path,
+) -> None:
+    """multiprocessing's fork children end with ``os._exit``, past ``atexit``:
+    its own exit hook writes what the child's write-behind ledger holds.
+
+    If this fails with fewer than 50 spent and a slice still held: the
+    ledgers' exit hook is not registered where multiprocessing runs it.
+    """
+    script = tmp_path / "mp_child.py"
+    script.write_text(MP_CHILD)
+    url = f"sqlite:///{tmp_path / 'mp.db'}?write_behind=1"
+    done = subprocess.run(
+        [sys.executable, str(script), url],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=True,
+    )
+    assert done.stdout.strip() == "0", done.stderr
+    plain = SQLiteLedger(tmp_path / "mp.db")
+    try:
+        key = "tokens:tenant=fork"
+        assert plain.state([key])[key] == KeyState(50, 0)
+        assert len(plain.calls()) == 5
+    finally:
+        plain.close()

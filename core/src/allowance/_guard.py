@@ -15,6 +15,7 @@ import re
 import threading
 import time
 import warnings
+import weakref
 from collections import deque
 from decimal import Decimal
 from types import MappingProxyType
@@ -34,6 +35,7 @@ from allowance._errors import (
     Violation,
 )
 from allowance._events import call_safely, webhooks
+from allowance._exit import at_exit
 from allowance._ledger import DEFAULT_LEDGER_URL, open_ledger
 from allowance._ledger._write_behind import HOLDING
 from allowance._policy import Fail, OnLimit, Policy, budgets_from_shorthand
@@ -982,6 +984,7 @@ class Guard:
         # bounded because ``begin`` refuses new calls once it is full (calls
         # in flight at that moment may add one charge each).
         self._pending.append((call_id, amounts, record))
+        _buffered.add(self)  # written at exit, if nothing writes them before
         if len(self._pending) == _BUFFER_LIMIT:
             logger.error(
                 "allowance: ledger %s: %d charges held in memory, the most"
@@ -1194,3 +1197,27 @@ def _check_estimate(estimate: object) -> None:
             value=estimate,
             expected="Estimate(provider, model, input_tokens, output_tokens)",
         )
+
+
+# Guards holding charges their ledger failed to take: the next call or
+# ``close()`` writes them; at the latest, the process's exit does.
+_buffered: weakref.WeakSet[Guard] = weakref.WeakSet()
+
+
+def _flush_all() -> None:
+    """Write every guard's held charges before the process ends; say what is lost."""
+    for guard in list(_buffered):
+        try:
+            guard._flush_pending()
+        except Exception:  # at exit: say it, and go on to the next
+            logger.exception("allowance: writing held charges at exit failed")
+        if guard._pending:
+            logger.error(
+                "allowance: ledger %s: %d charges held in memory could not be"
+                " written before exit; they are lost",
+                guard._describe_ledger(),
+                len(guard._pending),
+            )
+
+
+at_exit(_flush_all, priority=1)  # before the write-behind ledgers close

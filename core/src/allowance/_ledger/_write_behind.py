@@ -62,7 +62,6 @@ What changes, and is the price of the speed:
 
 from __future__ import annotations
 
-import atexit
 import functools
 import logging
 import math
@@ -75,6 +74,7 @@ import weakref
 from typing import TYPE_CHECKING, Final, Protocol
 
 from allowance._errors import ConfigurationError, LedgerError
+from allowance._exit import at_exit
 from allowance._ledger import _sqlite_schema as sql
 from allowance._ledger._admission import (
     check_amounts,
@@ -1023,7 +1023,6 @@ lane tests ``type(ledger) in HOLDING``."""
 _live: weakref.WeakSet[WriteBehindLedger] = weakref.WeakSet()
 
 
-@atexit.register
 def _close_all() -> None:
     """Write what every live ledger holds in memory before the process ends."""
     for ledger in list(_live):
@@ -1039,4 +1038,5 @@ def _forget_in_child() -> None:
         ledger._start_fresh()  # noqa: SLF001 - the class's own fork hook
 
 
+at_exit(_close_all, priority=0)
 os.register_at_fork(after_in_child=_forget_in_child)
