@@ -164,6 +164,55 @@ def test_a_child_python_process_is_guarded_too(
         ledger.close()
 
 
+def test_a_child_in_another_directory_counts_on_the_same_file(
+    tmp_path: Path, fake_provider: FakeProvider, agent: Path
+) -> None:
+    """A relative ledger path is made absolute for the whole run: a child
+    Python process working in another directory counts on the same file, so
+    on the same budget.
+
+    If this fails with a second ``team.db`` under ``sub/``: each process
+    opened the path relative to its own working directory, a budget of its
+    own for each.
+    """
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    parent = tmp_path / "parent.py"
+    parent.write_text(
+        "import subprocess, sys\n"
+        f"subprocess.check_call([sys.executable, {str(agent)!r}, '1', '0'])\n"
+        f"code = subprocess.call([sys.executable, {str(agent)!r}, '1', '5'],"
+        f" cwd={str(sub)!r})\n"
+        "sys.exit(code)\n"
+    )
+    result = allowance_run(
+        "--budget", "$1", "--ledger", "sqlite:///team.db", "--run-id", "r",
+        "--", sys.executable, str(parent),
+        cwd=tmp_path, fake=fake_provider,
+    )  # fmt: skip
+    assert result.returncode == 5, result.stdout + result.stderr
+    assert not (sub / "team.db").exists()
+    ledger = open_ledger(f"sqlite:///{tmp_path / 'team.db'}")
+    try:
+        assert [c.scope["run"] for c in ledger.calls()] == ["r", "r"]
+    finally:
+        ledger.close()
+
+
+def test_child_env_makes_a_relative_ledger_path_absolute(tmp_path: Path) -> None:
+    cwd = Path.cwd()
+    os.chdir(tmp_path)
+    try:
+        env = child_env({"ledger": "sqlite:///team.db?write_behind=0.05"}, base={})
+        default = child_env({}, base={})
+    finally:
+        os.chdir(cwd)
+    assert env["ALLOWANCE_LEDGER"] == f"sqlite:///{tmp_path}/team.db?write_behind=0.05"
+    assert default["ALLOWANCE_LEDGER"] == f"sqlite:///{tmp_path}/allowance.db"
+    redis = child_env({"ledger": "redis://127.0.0.1:6379/0"}, base={})
+    assert redis["ALLOWANCE_LEDGER"] == "redis://127.0.0.1:6379/0"
+
+
 def test_a_bad_option_is_refused_before_the_program_starts(
     agent: Path, tmp_path: Path, fake_provider: FakeProvider
 ) -> None:
@@ -172,7 +221,7 @@ def test_a_bad_option_is_refused_before_the_program_starts(
         cwd=tmp_path, fake=fake_provider,
     )  # fmt: skip
     assert result.returncode == 2
-    assert "five dollars" in result.stdout
+    assert "five dollars" in result.stderr
     assert fake_provider.count() == 0
 
 
@@ -200,7 +249,7 @@ def test_no_command_is_a_usage_error(
 ) -> None:
     result = allowance_run("--budget", "$1", cwd=tmp_path, fake=fake_provider)
     assert result.returncode == 2
-    assert "needs a command" in result.stdout
+    assert "needs a command" in result.stderr
 
 
 def test_an_unknown_command_is_a_usage_error(
@@ -210,7 +259,7 @@ def test_an_unknown_command_is_a_usage_error(
         "--", "no-such-program-xyz", cwd=tmp_path, fake=fake_provider
     )
     assert result.returncode == 2
-    assert "no-such-program-xyz" in result.stdout
+    assert "no-such-program-xyz" in result.stderr
 
 
 def test_child_env_puts_the_bootstrap_first_once() -> None:

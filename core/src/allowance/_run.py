@@ -102,6 +102,11 @@ def child_env(
             )
         if value is not None:
             env[_env_name(option)] = value
+    # One file for the whole run, whatever directory a process works in.
+    from allowance._ledger import DEFAULT_LEDGER_URL, absolute_url  # noqa: PLC0415
+
+    ledger = _env_name("ledger")
+    env[ledger] = absolute_url(env.get(ledger) or DEFAULT_LEDGER_URL)
     if not env.get(_env_name("run_id")):
         from allowance._scope import new_id  # noqa: PLC0415
 

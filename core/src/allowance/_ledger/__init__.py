@@ -34,8 +34,9 @@ import importlib
 import math
 import threading
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 from allowance._errors import ConfigurationError
 from allowance._ledger._memory import MemoryLedger
@@ -136,6 +137,24 @@ def sqlite_file(url: str) -> str | None:
     if not separator or scheme.lower() != "sqlite":
         return None
     return _parse_sqlite(url)[0]
+
+
+def absolute_url(url: str) -> str:
+    """``url`` with a relative ``sqlite://`` path made absolute (here and now).
+
+    A relative path is opened relative to the working directory when a guard
+    first uses it: a process that starts in, or moves to, another directory
+    would count on another file. Other URLs are returned unchanged.
+
+    Raises:
+        ConfigurationError: A malformed ``sqlite://`` URL, as ``open_ledger``.
+    """
+    path = sqlite_file(url)
+    if path is None or Path(path).is_absolute():
+        return url
+    query = url.strip().partition("://")[2].partition("?")[2]
+    absolute = quote(str(Path(path).absolute()), safe="/")
+    return f"sqlite:///{absolute}" + (f"?{query}" if query else "")
 
 
 def _open_sqlite(url: str, options: dict[str, Any]) -> Ledger:
