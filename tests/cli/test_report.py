@@ -187,7 +187,7 @@ def test_since_and_until(ledger_url: str, tmp_path: Path) -> None:
     assert json.loads(result.stdout)["totals"]["calls"] == 3
     bad = run_cli("report", "--ledger", ledger_url, "--since", "soon", cwd=tmp_path)
     assert bad.returncode == 2
-    assert "ISO date" in bad.stdout
+    assert "ISO date" in bad.stderr
 
 
 def test_progress_is_shown_on_a_terminal_only(ledger_url: str) -> None:

@@ -105,10 +105,13 @@ def test_split_key() -> None:
 def test_reset_refuses_without_a_terminal(url: str, tmp_path: Path) -> None:
     result = run_cli("reset", "--ledger", url, cwd=tmp_path)
     assert result.returncode == 2
-    assert "--yes" in result.stdout
+    assert "--yes" in result.stderr
     ledger = open_ledger(url)
     try:
-        assert ledger.keys()
+        counters = ledger.keys()
+        assert counters
+        for key in counters:  # the counters it would delete, named
+            assert key in result.stderr
     finally:
         ledger.close()
 

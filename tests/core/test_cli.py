@@ -77,8 +77,9 @@ def test_a_ledger_file_that_does_not_exist_is_an_error_not_created(
 ) -> None:
     result = run_cli(command, "--ledger", "sqlite:///typo/ledger.db", cwd=tmp_path)
     assert result.returncode == 2
-    assert "there is no file" in result.stdout
-    assert "typo" in result.stdout
+    assert "there is no file" in result.stderr
+    assert "typo" in result.stderr
+    assert result.stdout == ""
     assert list(tmp_path.iterdir()) == []  # neither the file nor its directory
 
 
@@ -105,12 +106,37 @@ def test_bad_report_and_status_options_are_clear_errors(
 def test_a_bad_ledger_url_is_a_clear_error(tmp_path: Path) -> None:
     result = run_cli("report", "--ledger", "postgres://x", cwd=tmp_path)
     assert result.returncode == 2
-    assert "ledger" in result.stdout
-    assert "expected" in result.stdout
+    assert "ledger" in result.stderr
+    assert "expected" in result.stderr
 
 
 def test_a_corrupt_database_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "bad.db").write_bytes(b"this is not a database" * 100)
     result = run_cli("report", "--ledger", "sqlite:///bad.db", cwd=tmp_path)
     assert result.returncode == 2
-    assert "bad.db" in result.stdout
+    assert "bad.db" in result.stderr
+
+
+def test_an_html_path_that_cannot_be_written_is_a_clear_error(tmp_path: Path) -> None:
+    """No traceback: exit 2, naming the path, on stderr."""
+    empty_ledger(tmp_path / "live.db")
+    result = run_cli(
+        "report", "--ledger", "sqlite:///live.db",
+        "--html", str(tmp_path / "nodir" / "r.html"),
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "--html" in result.stderr
+    assert "nodir" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_errors_go_to_stderr_so_a_redirected_report_stays_clean(
+    tmp_path: Path,
+) -> None:
+    result = run_cli(
+        "report", "--ledger", "sqlite:///none.db", "--format", "csv", cwd=tmp_path
+    )
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert "none.db" in result.stderr

@@ -193,6 +193,9 @@ def parse_time(text: str | None, *, now: float | None = None) -> float | None:
     return moment.timestamp()
 
 
+_LISTED = 10  # counters named in reset's confirmation
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit code."""
     from rich.console import Console  # noqa: PLC0415 - keep `import allowance` light
@@ -236,8 +239,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             top=args.top,
             status=errors,
         )
-    except AllowanceError as err:
-        console.print(f"[red]error:[/] {err}", highlight=False)
+    except AllowanceError as err:  # on stderr: stdout may be a report in a file
+        errors.print(f"[red]error:[/] {err}", highlight=False, soft_wrap=True)
         return 2
     return 0
 
@@ -367,6 +370,12 @@ def _reset(console: Console, errors: Console, args: argparse.Namespace) -> int:
         if not keys:
             console.print(f"Nothing to reset in {ledger.url}.")
             return 0
+        # The prefix matches text ('tenant=acme' matches 'tenant=acme-corp'
+        # too): name what goes before anything goes.
+        shown = list(keys)[:_LISTED]
+        what += ": " + ", ".join(shown)
+        if len(keys) > len(shown):
+            what += f" and {len(keys) - len(shown)} more"
         if not args.yes:
             if not sys.stdin.isatty():
                 raise UsageError(

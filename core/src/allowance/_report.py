@@ -363,7 +363,12 @@ def print_report(
     if html_path is not None:
         from pathlib import Path  # noqa: PLC0415 - loaded only when used
 
-        Path(html_path).write_text(render_html(report, top=top), encoding="utf-8")
+        try:
+            Path(html_path).write_text(render_html(report, top=top), encoding="utf-8")
+        except OSError as err:
+            raise ConfigurationError(
+                "--html", html_path, f"a file that can be written ({err.strerror})"
+            ) from err
         if status is not None:
             status.print(f"wrote {html_path}")
     if fmt == "json":
