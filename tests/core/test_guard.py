@@ -391,3 +391,27 @@ def test_the_guard_never_shows_a_ledger_password():
     assert "s3cret" not in text
     assert "x2" not in text
     assert "user:***@" in text
+
+
+def test_budgets_sharing_a_counter_report_and_refuse_by_the_least_limit() -> None:
+    """Two unnamed budgets on one dimension share a counter: the lesser limit
+    binds. ``status``/``remaining`` say so, and a refusal names that budget.
+
+    If this fails with ``remaining() == 800``: status showed the first
+    budget's own limit, though only 300 more could be admitted.
+    """
+    guard = allowance.Guard(
+        allowance.Policy(
+            [allowance.Budget(1000, per="tenant"), allowance.Budget(500, per="tenant")]
+        ),
+        ledger="memory://",
+    )
+    with allowance.scope(tenant="acme"):
+        guard.begin(allowance.Estimate("openai", "gpt-4o-mini", 100, 100)).commit(
+            allowance.Usage(100, 100)
+        )
+        assert guard.remaining() == 300
+        assert {s.limit for s in guard.status()} == {500}
+        with pytest.raises(allowance.BudgetExceeded) as caught:
+            guard.begin(allowance.Estimate("openai", "gpt-4o-mini", 200, 200))
+    assert caught.value.violations[0].budget == "500 tokens per tenant"

@@ -1123,7 +1123,9 @@ class Guard:
                     budget=b.label,
                     key=key,
                     unit=b.unit,
-                    limit=by_key[key].limit if b.thresholds else b.limit,
+                    # The counter's limit: the least of the budgets sharing
+                    # it (and a block threshold's), what admission checks.
+                    limit=by_key[key].limit,
                     spent=st.spent,
                     reserved=st.reserved,
                     window_ends=b.window_end(now),
@@ -1176,7 +1178,7 @@ def _violations(
 
 
 def _violation(line: Line, item: ReserveItem, state: KeyState) -> Violation:
-    b = line.budgets[0]
+    b = min(line.budgets, key=lambda budget: budget.limit)  # the one that binds
     return Violation(
         budget=b.label,
         dimension=b.per,
