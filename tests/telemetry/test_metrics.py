@@ -9,6 +9,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -95,9 +96,15 @@ def test_blocked_calls_and_held_reservations(
     assert "gen_ai.client.token.usage" not in metrics
 
 
+@pytest.mark.parametrize("ledger", ["memory", "sqlite"])
 def test_threshold_actions_are_counted_by_action(
-    reader: InMemoryMetricReader, openai_client: openai.OpenAI
+    reader: InMemoryMetricReader,
+    openai_client: openai.OpenAI,
+    ledger: str,
+    tmp_path: Path,
 ) -> None:
+    """Warn once, then degrade each call after (the express lane on memory,
+    the full plan on SQLite): each action named with its budget."""
     policy = Policy(
         [
             Budget(
@@ -111,19 +118,20 @@ def test_threshold_actions_are_counted_by_action(
             )
         ]
     )
-    allowance.wrap(openai_client, policy=policy, ledger="memory://")
+    url = "memory://" if ledger == "memory" else f"sqlite:///{tmp_path / 'm.db'}"
+    allowance.wrap(openai_client, policy=policy, ledger=url)
     with allowance.scope(tenant="acme"):
         openai_client.chat.completions.create(model="gpt-4o", messages=USER)
         with pytest.warns(allowance.BudgetThresholdWarning):
             answer = openai_client.chat.completions.create(
                 model="gpt-4o", messages=USER
             )
-    assert answer.model == "gpt-4o-mini"
-    actions = {
-        p.attributes["allowance.threshold.action"]: p.value
-        for p in points(reader)["allowance.threshold.actions"]
-    }
-    assert actions == {"warn": 1, "degrade": 1}
+        again = openai_client.chat.completions.create(model="gpt-4o", messages=USER)
+    assert answer.model == again.model == "gpt-4o-mini"
+    found = points(reader)["allowance.threshold.actions"]
+    actions = {p.attributes["allowance.threshold.action"]: p.value for p in found}
+    assert actions == {"warn": 1, "degrade": 2}
+    assert {p.attributes.get("allowance.budget.name") for p in found} == {"team"}
     tokens = points(reader)["gen_ai.client.token.usage"]
     degraded = [p for p in tokens if p.attributes["gen_ai.response.model"] != "gpt-4o"]
     assert degraded

@@ -41,7 +41,16 @@ from allowance._ledger._write_behind import HOLDING
 from allowance._policy import Fail, OnLimit, Policy, budgets_from_shorthand
 from allowance._pricing import prices
 from allowance._scope import current_budgets, current_scope, new_id, validate_scope
-from allowance._ticket import FAILED, NO_LAYOUT, Alert, Layout, Line, Op, Ticket
+from allowance._ticket import (
+    FAILED,
+    NO_LAYOUT,
+    Alert,
+    Layout,
+    Line,
+    Op,
+    Ticket,
+    degrading_budget,
+)
 from allowance.typing import CallRecord, Estimate, Event, KeyState, ReserveItem, Usage
 
 if TYPE_CHECKING:
@@ -686,6 +695,7 @@ class Guard:
                 "degraded",
                 scope,
                 {"requested_model": estimate.model, "model": model, "call_id": call_id},
+                budget=degrading_budget(lines),
             )
             if len(self._degraded) >= _LINES_CACHE_SIZE:
                 self._degraded.clear()

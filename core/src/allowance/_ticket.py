@@ -26,7 +26,16 @@ if TYPE_CHECKING:
     from allowance._guard import Guard
     from allowance.typing import Outcome, Unit
 
-__all__ = ["FAILED", "NO_LAYOUT", "Alert", "Layout", "Line", "Op", "Ticket"]
+__all__ = [
+    "FAILED",
+    "NO_LAYOUT",
+    "Alert",
+    "Layout",
+    "Line",
+    "Op",
+    "Ticket",
+    "degrading_budget",
+]
 
 logger = logging.getLogger("allowance")
 
@@ -65,6 +74,16 @@ class Line:
     limit: int
     gate: int | None = None
     alerts: tuple[Alert, ...] = ()  # the warn/webhook thresholds, in order
+
+
+def degrading_budget(lines: tuple[Line, ...]) -> str | None:
+    """The label of the budget whose degrade threshold sends calls elsewhere."""
+    for line in lines:
+        if line.gate is not None:
+            for budget in line.budgets:
+                if any(t.action == "degrade" for t in budget.thresholds):
+                    return budget.label
+    return None
 
 
 NO_LAYOUT = Layout((), (), -math.inf, needs_usd=False, alerts=False, degrade_to=None)

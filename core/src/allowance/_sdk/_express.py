@@ -57,7 +57,7 @@ from allowance._estimate import make_estimate, make_record
 from allowance._ledger._memory import MemoryLedger
 from allowance._pricing import prices
 from allowance._scope import current_adapters, new_id
-from allowance._ticket import Ticket
+from allowance._ticket import Ticket, degrading_budget
 from allowance.typing import KeyState
 
 if TYPE_CHECKING:
@@ -262,6 +262,7 @@ def _report_admitted(  # noqa: PLR0917 - ``admit``'s state, passed on
             "degraded",
             scope,
             {"requested_model": requested, "model": model, "call_id": call_id},
+            budget=degrading_budget(lines),
         )
 
 
