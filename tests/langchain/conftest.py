@@ -22,6 +22,9 @@ from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_openai import ChatOpenAI
 
+import allowance
+from allowance_langchain import AllowanceCallbackHandler
+
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterator
 
@@ -239,3 +242,14 @@ def acme_stream(
     return AcmeStreamingChatModel(
         base_url=fake.openai_base_url, max_tokens=max_tokens, **options
     )
+
+
+def handler(**options: Any) -> AllowanceCallbackHandler:
+    """A handler on a fresh memory ledger."""
+    options.setdefault("ledger", "memory://")
+    return AllowanceCallbackHandler(**options)
+
+
+def guard_of(h: AllowanceCallbackHandler) -> allowance.Guard:
+    assert h.guard is not None
+    return h.guard

@@ -22,6 +22,8 @@ from tests.langchain.conftest import (
     acme_stream,
     chat_anthropic,
     chat_openai,
+    guard_of,
+    handler,
 )
 
 import allowance
@@ -42,17 +44,6 @@ WORST = integration.estimate_chat(
     "acme", ACME, [{"role": "user", "content": PROMPT}], max_output_tokens=64
 )
 """What the handler reserves for one ``acme`` call of PROMPT."""
-
-
-def handler(**options: Any) -> AllowanceCallbackHandler:
-    """A handler on a fresh memory ledger."""
-    options.setdefault("ledger", "memory://")
-    return AllowanceCallbackHandler(**options)
-
-
-def guard_of(h: AllowanceCallbackHandler) -> allowance.Guard:
-    assert h.guard is not None
-    return h.guard
 
 
 def spent_reserved(guard: allowance.Guard) -> tuple[int, int]:

@@ -28,6 +28,8 @@ from tests.langchain.conftest import (
     acme,
     chat_anthropic,
     chat_openai,
+    guard_of,
+    handler,
 )
 
 import allowance
@@ -49,17 +51,6 @@ MODELS: dict[str, Callable[..., BaseChatModel]] = {
 }
 PROMPT = "Say hello."
 USAGE = FakeUsage(input_tokens=42, output_tokens=7)
-
-
-def handler(**options: Any) -> AllowanceCallbackHandler:
-    """A handler on a fresh memory ledger."""
-    options.setdefault("ledger", "memory://")
-    return AllowanceCallbackHandler(**options)
-
-
-def guard_of(h: AllowanceCallbackHandler) -> allowance.Guard:
-    assert h.guard is not None
-    return h.guard
 
 
 def records(h: AllowanceCallbackHandler) -> list[allowance.CallRecord]:

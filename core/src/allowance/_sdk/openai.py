@@ -452,31 +452,40 @@ def _chat_bytes(event: Any) -> int:
     return produced
 
 
-class _ChunksAccumulator(CappedAccumulator):
-    """Usage of a chat or completions stream: the last chunk carries it.
+class _TextAccumulator(CappedAccumulator):
+    """What every OpenAI stream's accumulator keeps: text bytes, model, usage."""
 
-    When include_usage is on; the usage-only chunk the layer asked for is
-    hidden (``hide_usage_only``). Subclasses count the text of the chunks.
-    """
+    __slots__ = ("_bytes", "_model", "_usage")
 
-    __slots__ = ("_bytes", "_hide", "_model", "_usage")
-
-    def __init__(self, *, hide_usage_only: bool) -> None:
+    def __init__(self) -> None:
         self.enough = NO_CAP
-        self._hide = hide_usage_only
         self._usage: Any = None  # the provider's usage object, read at the end
         self._model: str | None = None
         self._bytes = 0
-
-    def usage(self) -> Usage | None:
-        usage = self._usage
-        return None if usage is None else _chat_usage(usage)
 
     def produced_text_bytes(self) -> int:
         return self._bytes
 
     def response_model(self) -> str | None:
         return self._model
+
+
+class _ChunksAccumulator(_TextAccumulator):
+    """Usage of a chat or completions stream: the last chunk carries it.
+
+    When include_usage is on; the usage-only chunk the layer asked for is
+    hidden (``hide_usage_only``). Subclasses count the text of the chunks.
+    """
+
+    __slots__ = ("_hide",)
+
+    def __init__(self, *, hide_usage_only: bool) -> None:
+        super().__init__()
+        self._hide = hide_usage_only
+
+    def usage(self) -> Usage | None:
+        usage = self._usage
+        return None if usage is None else _chat_usage(usage)
 
 
 class _ChatAccumulator(_ChunksAccumulator):
@@ -596,16 +605,10 @@ class _ChatAccumulator(_ChunksAccumulator):
         await tracker.afinish()
 
 
-class _ResponsesAccumulator(CappedAccumulator):
+class _ResponsesAccumulator(_TextAccumulator):
     """Usage of a Responses stream: ``response.completed`` carries it."""
 
-    __slots__ = ("_bytes", "_model", "_usage")
-
-    def __init__(self) -> None:
-        self.enough = NO_CAP
-        self._usage: Any = None  # the provider's usage object, read at the end
-        self._model: str | None = None
-        self._bytes = 0
+    __slots__ = ()
 
     def observe(self, event: Any) -> bool:
         kind = getattr(event, "type", "")
@@ -626,12 +629,6 @@ class _ResponsesAccumulator(CappedAccumulator):
     def usage(self) -> Usage | None:
         usage = self._usage
         return None if usage is None else _responses_usage(usage)
-
-    def produced_text_bytes(self) -> int:
-        return self._bytes
-
-    def response_model(self) -> str | None:
-        return self._model
 
 
 def _completion_bytes(event: Any) -> int:

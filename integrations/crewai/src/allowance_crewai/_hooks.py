@@ -34,7 +34,7 @@ import functools
 import inspect
 import logging
 import threading
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
@@ -559,13 +559,9 @@ def _wrap_call(original: Callable[..., Any]) -> Callable[..., Any]:
             try:
                 result = await original(self, *args, **kwargs)
             except BaseException as err:
-                _depth.reset(token)
-                if _depth.get() == 0:
-                    _ended(err)
+                _left(token, err)
                 raise
-            _depth.reset(token)
-            if _depth.get() == 0:
-                _ended(None)
+            _left(token, None)
             return result
 
         return acall
@@ -576,16 +572,19 @@ def _wrap_call(original: Callable[..., Any]) -> Callable[..., Any]:
         try:
             result = original(self, *args, **kwargs)
         except BaseException as err:
-            _depth.reset(token)
-            if _depth.get() == 0:
-                _ended(err)
+            _left(token, err)
             raise
-        _depth.reset(token)
-        if _depth.get() == 0:
-            _ended(None)
+        _left(token, None)
         return result
 
     return call
+
+
+def _left(token: Token[int], error: BaseException | None) -> None:
+    """A model call returned (or raised ``error``): settle it if outermost."""
+    _depth.reset(token)
+    if _depth.get() == 0:
+        _ended(error)
 
 
 def _wrap_tracker(original: Callable[..., Any]) -> Callable[..., Any]:
