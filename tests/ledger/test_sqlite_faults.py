@@ -11,6 +11,7 @@ import sys
 import textwrap
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -342,5 +343,50 @@ def test_a_charge_held_in_memory_is_written_at_exit(path) -> None:
     try:
         assert ledger.state(["tokens:tenant=t"])["tokens:tenant=t"] == KeyState(50, 0)
         assert len(ledger.calls()) == 1
+    finally:
+        ledger.close()
+
+
+class _LostReply(SQLiteLedger):
+    """A reserve that runs, then fails as if its reply were lost (once)."""
+
+    lose = True
+
+    def reserve(self, *args: Any, **kwargs: Any) -> Any:
+        result = super().reserve(*args, **kwargs)
+        if self.lose:
+            self.lose = False
+            raise LedgerUnavailableError("the reply was lost on its way back")
+        return result
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_reserve_whose_reply_was_lost_gives_its_hold_back(path, kind: str) -> None:
+    """fail="closed": the call raises and is not sent, but the reserve ran.
+
+    Its hold is released once the ledger answers again (the next call), not
+    kept until its lease ends (10 minutes), refusing calls that would fit.
+    If this fails with 150 still reserved: nothing released the lost hold.
+    """
+    import asyncio
+
+    from allowance import Estimate, Guard, Usage, scope
+
+    ledger = _LostReply(path)
+    guard = Guard(budget=200, per="tenant", ledger=ledger)
+    estimate = Estimate("openai", "gpt-4o-mini", 100, 50)
+
+    def begin() -> Any:
+        if kind == "sync":
+            return guard.begin(estimate)
+        return asyncio.run(guard.abegin(estimate))
+
+    try:
+        with scope(tenant="t"):
+            with pytest.raises(LedgerUnavailableError):
+                begin()
+            assert ledger.state(["tokens:tenant=t"])["tokens:tenant=t"].reserved == 150
+            begin().commit(Usage(100, 50))  # 150 + 150 > 200 if the hold stayed
+        assert ledger.state(["tokens:tenant=t"])["tokens:tenant=t"] == KeyState(150, 0)
     finally:
         ledger.close()

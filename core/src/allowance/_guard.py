@@ -204,7 +204,11 @@ class Guard:
         ] = {}
         # The dimensions the budgets count, with each set of extra budgets.
         self._dims: dict[tuple[Budget, ...], tuple[str, ...]] = {}
-        self._pending: deque[tuple[str, Mapping[str, int], CallRecord]] = deque()
+        # Charges the ledger refused (call id, amounts, record), and holds a
+        # failed reserve may have left (call id, None, None): written later.
+        self._pending: deque[
+            tuple[str, Mapping[str, int] | None, CallRecord | None]
+        ] = deque()
         self.estimate_misses = 0
         self.ledger_failures = 0
 
@@ -458,7 +462,11 @@ class Guard:
                 ([plan],),
                 {"reservation_id": call_id, "lease_seconds": lease},
             )
-            self._on_ledger_error(op, err)  # raises unless fail="open"
+            try:
+                self._on_ledger_error(op, err)  # raises unless fail="open"
+            except LedgerUnavailableError:
+                self._orphaned(call_id)
+                raise
             reserved: dict[str, int] | None = None  # let through, charged at commit
         else:
             if result.plan is None:  # decided here, not reserved a second time
@@ -662,11 +670,15 @@ class Guard:
             ]
             for index, (_, est, micros) in enumerate(candidates)
         ]
-        result = yield Op(
-            "reserve",
-            (plans,),
-            {"reservation_id": call_id, "lease_seconds": self.policy.lease_seconds},
-        )
+        try:
+            result = yield Op(
+                "reserve",
+                (plans,),
+                {"reservation_id": call_id, "lease_seconds": self.policy.lease_seconds},
+            )
+        except LedgerUnavailableError:
+            self._orphaned(call_id)
+            raise
         if result is FAILED:  # fail-open: let through, charge at commit
             return ticket()
         result = cast("ReserveResult", result)
@@ -1003,6 +1015,16 @@ class Guard:
                 _BUFFER_LIMIT,
             )
 
+    def _orphaned(self, call_id: str) -> None:
+        """A reserve failed (fail="closed"): it may have run, its reply lost.
+
+        The call is not sent, so nothing will settle ``call_id``: its hold, if
+        any, is released once the ledger answers (an unknown id: a no-op),
+        rather than held until its lease ends.
+        """
+        self._pending.append((call_id, None, None))
+        _buffered.add(self)
+
     def _flush_plan(self) -> Generator[Op, Any, None]:
         # Take before writing, put back on failure: concurrent flushers (threads,
         # tasks) each write distinct charges. A charge written twice would be
@@ -1013,11 +1035,15 @@ class Guard:
             except IndexError:
                 return
             call_id, amounts, record = item
-            result = yield Op("commit", (call_id, amounts), {"record": record})
+            if amounts is None:  # a hold a failed reserve may have left
+                result = yield Op("release", (call_id,))
+            else:
+                result = yield Op("commit", (call_id, amounts), {"record": record})
             if result is FAILED:
                 self._pending.appendleft(item)
                 return
-            logger.warning("allowance: wrote a charge held in memory (%s)", call_id)
+            if amounts is not None:
+                logger.warning("allowance: wrote a charge held in memory (%s)", call_id)
 
     def _flush_pending(self) -> None:
         if self._pending:
