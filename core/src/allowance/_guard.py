@@ -462,11 +462,7 @@ class Guard:
                 ([plan],),
                 {"reservation_id": call_id, "lease_seconds": lease},
             )
-            try:
-                self._on_ledger_error(op, err)  # raises unless fail="open"
-            except LedgerUnavailableError:
-                self._orphaned(call_id)
-                raise
+            self._on_ledger_error(op, err)  # raises unless fail="open"
             reserved: dict[str, int] | None = None  # let through, charged at commit
         else:
             if result.plan is None:  # decided here, not reserved a second time
@@ -670,15 +666,11 @@ class Guard:
             ]
             for index, (_, est, micros) in enumerate(candidates)
         ]
-        try:
-            result = yield Op(
-                "reserve",
-                (plans,),
-                {"reservation_id": call_id, "lease_seconds": self.policy.lease_seconds},
-            )
-        except LedgerUnavailableError:
-            self._orphaned(call_id)
-            raise
+        result = yield Op(
+            "reserve",
+            (plans,),
+            {"reservation_id": call_id, "lease_seconds": self.policy.lease_seconds},
+        )
         if result is FAILED:  # fail-open: let through, charge at commit
             return ticket()
         result = cast("ReserveResult", result)
@@ -1016,7 +1008,7 @@ class Guard:
             )
 
     def _orphaned(self, call_id: str) -> None:
-        """A reserve failed (fail="closed"): it may have run, its reply lost.
+        """A reserve failed under fail="closed": it may have run, its reply lost.
 
         The call is not sent, so nothing will settle ``call_id``: its hold, if
         any, is released once the ledger answers (an unknown id: a no-op),
@@ -1081,6 +1073,8 @@ class Guard:
             )
             self._emit("ledger_failure", {}, {"op": op.name, "error": str(err)})
             return FAILED
+        if op.name == "reserve":  # fail="closed": the call raises, unsent
+            self._orphaned(op.kwargs["reservation_id"])
         if isinstance(err, LedgerUnavailableError):
             raise err
         msg = f"ledger {self._describe_ledger()} failed on {op.name}: {err}"

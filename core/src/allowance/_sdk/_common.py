@@ -59,8 +59,7 @@ __all__ = [
 logger = logging.getLogger("allowance")
 
 # Inside a call being sent: what holds its reservation (the express lane's
-# ``Lane``, or a ``Ticket``), for the retry hook; ``True`` from a layer that
-# charges the call itself; None outside.
+# ``Lane``, or a ``Ticket``), read by the retry hook; None outside.
 _claimed: contextvars.ContextVar[object] = contextvars.ContextVar(
     "allowance_claimed", default=None
 )
