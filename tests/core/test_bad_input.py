@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pathlib
 from collections.abc import Callable
 
 import pytest
@@ -91,6 +92,12 @@ CASES: dict[str, Callable[[], object]] = {
     "scope 10 kB value": lambda: allowance.scope(tenant="x" * 10_240),
     "scope float value": lambda: allowance.scope(tenant=1.5),  # type: ignore[arg-type]
     "scope bool value": lambda: allowance.scope(tenant=True),
+    "scope lone surrogate": lambda: allowance.scope(tenant="acme\ud800"),
+    "seen_by lone surrogate": lambda: allowance.seen_by("mine", agent="\udfff"),
+    "guard scope lone surrogate": lambda: Guard(budget="$1", scope={"user": "\ud83d"}),
+    "status lone surrogate": lambda: Guard(budget="$1", ledger="memory://").status(
+        {"tenant": "\ud800"}
+    ),
     "seen_by name not a str": lambda: allowance.seen_by(3),  # type: ignore[arg-type]
     "seen_by name empty": lambda: allowance.seen_by(""),
     "seen_by name with a comma": lambda: allowance.seen_by("a,b"),
@@ -178,3 +185,24 @@ def test_scope_values_with_separators_stay_distinct_keys(value: str) -> None:
     assert key.count(":") == 1  # the value cannot add a separator
     other = guard.status({"tenant": value + "!"})[0].key
     assert key != other
+
+
+@pytest.mark.parametrize("value", ["Zürich ☃", "東京", "emoji 🚀"])
+def test_non_ascii_scope_values_reach_a_sqlite_ledger(
+    value: str, tmp_path: pathlib.Path
+) -> None:
+    guard = Guard(budget=100, per="tenant", ledger=f"sqlite:///{tmp_path / 'a.db'}")
+    with allowance.scope(tenant=value):
+        ticket = guard.begin(allowance.Estimate("openai", "m", 10, 10))
+        ticket.commit(allowance.Usage(input_tokens=5, output_tokens=5))
+        assert guard.status()[0].spent == 10
+    guard.close()
+
+
+def test_a_lone_surrogate_is_refused_before_any_ledger_sees_it() -> None:
+    # SQLite and Redis cannot encode it as a key; it used to escape as a raw
+    # UnicodeEncodeError from inside the ledger, after the guard had begun.
+    with pytest.raises(ConfigurationError) as info:
+        allowance.scope(tenant="acme\ud800")
+    assert info.value.value == "acme\ud800"
+    assert "UTF-8" in str(info.value)

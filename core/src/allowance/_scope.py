@@ -211,7 +211,11 @@ def check_name(what: str, name: object) -> None:
 def _check_value(dimension: str, value: object) -> str:
     if dimension not in _NAMES:
         check_name("scope dimension", dimension)
-    if type(value) is str and 0 < len(value) <= MAX_SCOPE_VALUE_LENGTH:
+    if (
+        type(value) is str
+        and 0 < len(value) <= MAX_SCOPE_VALUE_LENGTH
+        and value.isascii()  # O(1) in CPython: a flag of the string
+    ):
         return value  # the commonest value: what the checks below return for it
     if isinstance(value, bool) or not isinstance(value, str | int):
         raise ConfigurationError(f"scope {dimension}", value, "a str or int identifier")
@@ -225,6 +229,14 @@ def _check_value(dimension: str, value: object) -> str:
             f"at most {MAX_SCOPE_VALUE_LENGTH} characters (got {len(text)}); "
             "pass an id, not a document",
         )
+    try:
+        text.encode()
+    except UnicodeEncodeError:  # a lone surrogate: no ledger can store it as a key
+        raise ConfigurationError(
+            f"scope {dimension}",
+            value,
+            "text that encodes as UTF-8 (no lone surrogate)",
+        ) from None
     return text
 
 
