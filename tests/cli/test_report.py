@@ -188,6 +188,19 @@ def test_since_and_until(ledger_url: str, tmp_path: Path) -> None:
     bad = run_cli("report", "--ledger", ledger_url, "--since", "soon", cwd=tmp_path)
     assert bad.returncode == 2
     assert "ISO date" in bad.stderr
+    backwards = run_cli(
+        "report",
+        "--ledger",
+        ledger_url,
+        "--since",
+        "2026-11-21",
+        "--until",
+        "2026-11-20",
+        cwd=tmp_path,
+    )
+    assert backwards.returncode == 2  # was an empty report and exit 0
+    assert "--until='2026-11-20'" in backwards.stderr
+    assert "later than --since=2026-11-21" in backwards.stderr
 
 
 def test_progress_is_shown_on_a_terminal_only(ledger_url: str) -> None:
@@ -305,4 +318,27 @@ def test_a_long_table_lists_the_top_spenders_and_says_how_many_more(
     assert calls[0].scope == {"session": "s000"}
     with pytest.raises(TypeError):
         calls[0].scope["session"] = "x"  # type: ignore[index]
+    ledger.close()
+
+
+@pytest.mark.parametrize("width", [60, 80])
+def test_a_narrow_terminal_folds_ids_and_keeps_amounts_whole(
+    tmp_path: Path, width: int
+) -> None:
+    # Ids that differ only at the end were cut to the same "tenant-…" text,
+    # and at 60 columns an amount to "$0.01…".
+    ledger = open_ledger(f"sqlite:///{tmp_path / 'ids.db'}")
+    long = "tenant-0123456789abcdef0123456789abcdef-"
+    for n in range(2):
+        ledger.record(record(n, DAY1 + n, f"{long}{n:04}", cost=10_000 + n))
+    out = io.StringIO()
+    print_report(Console(file=out, width=width), ledger, by=("tenant",))
+    lines = out.getvalue().splitlines()
+    assert max(len(line) for line in lines) <= width
+    tenants = lines[: lines.index("Spend by model".ljust(width))]
+    rows = [line for line in tenants if line.startswith("│")]
+    assert not [row for row in rows if "…" in row]  # headers may shorten, not cells
+    first_cells = "".join(row.split("│")[1].strip() for row in rows)
+    assert f"{long}0001{long}0000" in first_cells  # the larger spender first
+    assert "$0.010001" in out.getvalue()
     ledger.close()

@@ -227,13 +227,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             for d in item.split(",")
             if d.strip()
         )
+        since, until = parse_time(args.since), parse_time(args.until)
+        if since is not None and until is not None and until <= since:
+            raise ConfigurationError(
+                "--until", args.until, f"a time later than --since={args.since}"
+            )
         print_report(
             console,
             args.ledger,
             by=by,
             window=args.window,
-            since=parse_time(args.since),
-            until=parse_time(args.until),
+            since=since,
+            until=until,
             fmt=args.format,
             html_path=args.html,
             top=args.top,

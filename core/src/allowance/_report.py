@@ -449,9 +449,9 @@ def _print_tables(  # noqa: C901, PLR0912 - tables of each kind
             title += f" per {report.window}"
         table = Table(title=title, title_justify="left")
         for key in keys:
-            table.add_column(key)
+            table.add_column(key, overflow="fold")  # ids differ at the end
         for column in columns:
-            table.add_column(column, justify="right")
+            table.add_column(column, justify="right", no_wrap=column == "USD")
         groups = report.sorted_groups()
         for key_values, row in groups[:_MAX_TABLE_ROWS]:
             table.add_row(*key_values, *numbers(row))
@@ -460,19 +460,19 @@ def _print_tables(  # noqa: C901, PLR0912 - tables of each kind
     else:
         for dimension, rows in report.per_dimension.items():
             table = Table(title=f"Spend by {dimension}", title_justify="left")
-            table.add_column(dimension)
+            table.add_column(dimension, overflow="fold")
             for column in columns:
-                table.add_column(column, justify="right")
+                table.add_column(column, justify="right", no_wrap=column == "USD")
             ranked = sorted(rows.values(), key=lambda r: (-r.cost_micros, r.name))
             for row in ranked[:_MAX_TABLE_ROWS]:
                 table.add_row(row.name, *numbers(row))
             console.print(table)
             _print_more(console, len(ranked))
     table = Table(title="Spend by model", title_justify="left")
-    table.add_column("model")
+    table.add_column("model", overflow="fold")
     table.add_column("provider")
     for column in columns:
-        table.add_column(column, justify="right")
+        table.add_column(column, justify="right", no_wrap=column == "USD")
     for (provider, model), row in report.top_models(top):
         table.add_row(model, provider, *numbers(row))
     console.print(table)
@@ -509,7 +509,7 @@ def _print_calls(console: Console, report: Report) -> None:
             title=f"{title} (latest {len(shown)} of {count})", title_justify="left"
         )
         for column in ("time (UTC)", "scope", "model", "outcome"):
-            table.add_column(column)
+            table.add_column(column, overflow="fold")
         for record in reversed(shown):
             model = (
                 f"{record.requested_model} -> {record.model}"
