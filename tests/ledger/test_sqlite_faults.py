@@ -390,3 +390,42 @@ def test_a_reserve_whose_reply_was_lost_gives_its_hold_back(path, kind: str) -> 
         assert ledger.state(["tokens:tenant=t"])["tokens:tenant=t"] == KeyState(150, 0)
     finally:
         ledger.close()
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_fail_open_a_lost_reserve_then_a_failed_call_gives_its_hold_back(
+    path, kind: str
+) -> None:
+    """fail="open": the call goes on unreserved, then the provider fails.
+
+    Nothing charges it, and its lost reserve's hold is released once the
+    ledger answers (the next call), not kept until its lease ends; the failed
+    call is still logged. If this fails with 150 still reserved, or with the
+    second call refused: only the call was logged, the hold left in place.
+    """
+    import asyncio
+
+    from allowance import Estimate, Guard, Usage, scope
+
+    ledger = _LostReply(path)
+    guard = Guard(budget=200, per="tenant", ledger=ledger, fail="open")
+    estimate = Estimate("openai", "gpt-4o-mini", 100, 50)
+
+    async def lost_then_failed() -> None:
+        ticket = await guard.abegin(estimate)
+        await ticket.arelease()
+
+    try:
+        with scope(tenant="t"):
+            if kind == "sync":
+                guard.begin(estimate).release()
+            else:
+                asyncio.run(lost_then_failed())
+            assert ledger.state(["tokens:tenant=t"])["tokens:tenant=t"].reserved == 150
+            begin = guard.begin(estimate)
+            assert not begin.violations
+            begin.commit(Usage(100, 50))  # 150 + 150 > 200 if the hold stayed
+        assert ledger.state(["tokens:tenant=t"])["tokens:tenant=t"] == KeyState(150, 0)
+        assert [c.outcome for c in ledger.calls()] == ["error", "ok"]
+    finally:
+        ledger.close()

@@ -44,6 +44,7 @@ from allowance._scope import current_budgets, current_scope, new_id, validate_sc
 from allowance._ticket import (
     FAILED,
     NO_LAYOUT,
+    UNKNOWN_HOLD,
     Alert,
     Layout,
     Line,
@@ -463,7 +464,7 @@ class Guard:
                 {"reservation_id": call_id, "lease_seconds": lease},
             )
             self._on_ledger_error(op, err)  # raises unless fail="open"
-            reserved: dict[str, int] | None = None  # let through, charged at commit
+            reserved: Mapping[str, int] | None = UNKNOWN_HOLD  # charged at commit
         else:
             if result.plan is None:  # decided here, not reserved a second time
                 exact = self._exact(estimate, refine)
@@ -557,7 +558,7 @@ class Guard:
         scope: Mapping[str, str],
         estimate: Estimate,
         lines: tuple[Line, ...],
-        reserved: dict[str, int] | None,
+        reserved: Mapping[str, int] | None,
         worst_micros: int | None,
         adapters: tuple[str, ...],
     ) -> Ticket:
@@ -628,7 +629,7 @@ class Guard:
 
         def ticket(
             chosen: Estimate = estimate,
-            reserved: dict[str, int] | None = None,
+            reserved: Mapping[str, int] | None = None,
             micros: int | None = worst_micros,
             *,
             held: tuple[Line, ...] = lines,
@@ -672,7 +673,7 @@ class Guard:
             {"reservation_id": call_id, "lease_seconds": self.policy.lease_seconds},
         )
         if result is FAILED:  # fail-open: let through, charge at commit
-            return ticket()
+            return ticket(reserved=UNKNOWN_HOLD)
         result = cast("ReserveResult", result)
         exact = None if result.plan is not None else self._exact(estimate, refine)
         if exact is not None:
@@ -1008,11 +1009,12 @@ class Guard:
             )
 
     def _orphaned(self, call_id: str) -> None:
-        """A reserve failed under fail="closed": it may have run, its reply lost.
+        """A reserve failed and may have run, its reply lost; nothing will settle it.
 
-        The call is not sent, so nothing will settle ``call_id``: its hold, if
-        any, is released once the ledger answers (an unknown id: a no-op),
-        rather than held until its lease ends.
+        Under fail="closed" the call is not sent; under fail="open" it was sent
+        and failed with nothing to charge. ``call_id``'s hold, if any, is
+        released once the ledger answers (an unknown id: a no-op), rather than
+        held until its lease ends.
         """
         self._pending.append((call_id, None, None))
         _buffered.add(self)

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 __all__ = [
     "FAILED",
     "NO_LAYOUT",
+    "UNKNOWN_HOLD",
     "Alert",
     "Layout",
     "Line",
@@ -98,6 +99,10 @@ class Op(NamedTuple):
 
 
 FAILED = object()
+
+UNKNOWN_HOLD: Mapping[str, int] = MappingProxyType({})
+"""A ticket's ``reserved`` when its reserve failed under fail="open": the reserve
+may have run, its reply lost, so the ledger may hold ``call_id``."""
 
 
 @final
@@ -383,7 +388,10 @@ class Ticket:
         record: CallRecord,
     ) -> Op:
         """Return the ledger operation that settles this call and logs ``record``."""
-        if not self._lines or (name == "release" and self._reserved is None):
+        if not self._lines or (
+            name == "release"
+            and (self._reserved is None or self._reserved is UNKNOWN_HOLD)
+        ):
             return Op("record", (record,))  # nothing was held: only log the call
         if name == "release":
             return Op("release", (self.call_id,), {"record": record})
@@ -397,6 +405,11 @@ class Ticket:
             return
         self.settled = True
         record = self._record(Usage(), 0, outcome)
+        if self._reserved is UNKNOWN_HOLD:
+            # Nothing will settle ``call_id`` now: give back what the lost
+            # reserve may hold once the ledger answers (an unknown id: a no-op),
+            # rather than at its lease's end, and log the call on its own.
+            self._guard._orphaned(self.call_id)
         yield from self._guard._settle(self._settle_op("release", {}, record))
         self._guard._emit(
             "released", self.scope, {"record": record, "held": bool(self._reserved)}
