@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import io
 import logging
 import runpy
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
+import wrapt
 from crewai.hooks.dispatch import HookAborted
 from crewai.hooks.llm_hooks import (
     get_after_llm_call_hooks,
@@ -691,17 +693,102 @@ def test_a_count_that_cannot_be_read_keeps_the_worst_case(
     assert (status.spent, status.reserved) == (record.estimate_tokens, 0)
 
 
+def _own(*attrs: tuple[type, str]) -> list[Any]:
+    """The attributes as the classes hold them (a wrapt wrapper compares equal
+    to what it wraps: identity, not ``==``, tells them apart)."""
+    return [vars(cls).get(name) for cls, name in attrs]
+
+
+def _same(xs: list[Any], ys: list[Any]) -> bool:
+    return all(x is y for x, y in zip(xs, ys, strict=True))
+
+
+_METHODS = (
+    (CountingLLM, "call"),
+    (BaseLLM, "acall"),
+    (BaseLLM, "_track_token_usage_internal"),
+)
+
+
 def test_uninstall_restores_the_custom_llm_class(make_crew: Any) -> None:
-    original = (CountingLLM.call, BaseLLM.acall, BaseLLM._track_token_usage_internal)
+    original = _own(*_METHODS)
     allowance.patch(budget=100_000, ledger="memory://")
     make_crew(CountingLLM(model="house-model")).kickoff()
-    assert CountingLLM.call is not original[0]  # wrapped while installed
+    wrapped = _own(*_METHODS)
+    assert not any(w is o for w, o in zip(wrapped, original, strict=True))
     allowance.unpatch()
-    assert (
-        CountingLLM.call,
-        BaseLLM.acall,
-        BaseLLM._track_token_usage_internal,
-    ) == original
+    assert _same(_own(*_METHODS), original)
+
+
+def test_custom_llm_methods_are_wrapt_wrappers_keeping_what_inspect_sees(
+    make_crew: Any,
+) -> None:
+    """Installed on the class as ``wrapt.FunctionWrapper``: signatures,
+    coroutine-ness, bound methods and ``__wrapped__`` stay the original's."""
+    original = _own(*_METHODS)
+    llm = CountingLLM(model="house-model")
+    before = [
+        inspect.signature(f)
+        for f in (
+            CountingLLM.call,
+            llm.call,
+            llm.acall,
+            llm._track_token_usage_internal,
+        )
+    ]
+    allowance.patch(budget=100_000, ledger="memory://")
+    make_crew(llm).kickoff()
+    for attr, orig in zip(_own(*_METHODS), original, strict=True):
+        assert isinstance(attr, wrapt.FunctionWrapper)
+        assert attr.__wrapped__ is orig
+    after = [
+        inspect.signature(f)
+        for f in (
+            CountingLLM.call,
+            llm.call,
+            llm.acall,
+            llm._track_token_usage_internal,
+        )
+    ]
+    assert after == before
+    assert inspect.iscoroutinefunction(llm.acall)
+    assert not inspect.iscoroutinefunction(llm.call)
+    assert inspect.ismethod(llm.call)
+    assert llm.call.__self__ is llm
+
+
+class InheritingLLM(CountingLLM):
+    """Every method inherited: ``call`` from ``CountingLLM``, the rest from CrewAI."""
+
+
+@pytest.mark.parametrize("first", [CountingLLM, InheritingLLM])
+def test_an_inherited_method_is_wrapped_once_where_defined_and_restored(
+    make_crew: Any, first: type[CountingLLM]
+) -> None:
+    """A subclass's inherited method is wrapped on the class defining it, once,
+    whichever class is used first; the subclass never gets an attribute of its
+    own, before or after ``uninstall``, and each call is charged once."""
+    original = _own(*_METHODS)
+    guard = allowance.patch(budget=100_000, ledger="memory://")
+    second = InheritingLLM if first is CountingLLM else CountingLLM
+    make_crew(first(model="house-model")).kickoff()
+    wrapped = _own(*_METHODS)
+    make_crew(second(model="house-model")).kickoff()
+    assert _same(_own(*_METHODS), wrapped)  # not wrapped again
+    assert all(w.__wrapped__ is o for w, o in zip(wrapped, original, strict=True))
+    assert not {"call", "acall", "_track_token_usage_internal"} & set(
+        vars(InheritingLLM)
+    )
+    records = guard.ledger.calls()
+    assert [(r.usage.input_tokens, r.usage.output_tokens) for r in records] == [
+        (30, 5),
+        (30, 5),
+    ]
+    allowance.unpatch()
+    assert _same(_own(*_METHODS), original)
+    assert not {"call", "acall", "_track_token_usage_internal"} & set(
+        vars(InheritingLLM)
+    )
 
 
 # -- install / uninstall ---------------------------------------------------------

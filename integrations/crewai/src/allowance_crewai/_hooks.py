@@ -30,7 +30,6 @@ there (an error: released only when ``provider_did_no_work``, else kept whole).
 
 from __future__ import annotations
 
-import functools
 import inspect
 import logging
 import threading
@@ -38,6 +37,7 @@ from contextvars import ContextVar, Token
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
+import wrapt
 from crewai.hooks.dispatch import HookAborted, InterceptionPoint, register, unregister
 from crewai.hooks.llm_hooks import (
     register_after_llm_call_hook,
@@ -223,9 +223,8 @@ _depth: ContextVar[int] = ContextVar("allowance_crewai_call_depth", default=0)
 _refused: dict[_Key, _Refusal] = {}
 _observer = _RefusalObserver()
 _OBSERVER_NAME: Final = "allowance_crewai.refusals"
-_WRAPPED: Final = "__allowance_crewai_original__"
-_wrapped: list[tuple[type, str, Any]] = []
-"""(class, attribute, original) of every LLM method wrapped; ``uninstall`` restores."""
+_wrapped: dict[tuple[type, str], wrapt.FunctionWrapper[..., Any]] = {}
+"""Every LLM method wrapped, by (class, attribute); ``uninstall`` restores."""
 _instrumented: set[type] = set()
 
 
@@ -507,28 +506,26 @@ def _instrument(cls: type) -> None:
     """Wrap ``cls``'s call methods and usage tracker (once; ``uninstall`` undoes)."""
     if cls in _instrumented:
         return
-    for name, wrap in (
-        ("call", _wrap_call),
-        ("acall", _wrap_call),
-        ("_track_token_usage_internal", _wrap_tracker),
-    ):
+    for name in ("call", "acall", "_track_token_usage_internal"):
         owner = next((k for k in cls.__mro__ if name in vars(k)), None)
         if owner is None or owner is object:
             continue
         found = vars(owner)[name]
-        if not inspect.isfunction(found) or hasattr(found, _WRAPPED):
-            continue
+        if found is _wrapped.get((owner, name)) or not inspect.isfunction(found):
+            continue  # wrapped already, or not a plain function
+        wrapper = _acall if inspect.iscoroutinefunction(found) else _call
+        if name == "_track_token_usage_internal":
+            wrapper = _track
+        wrapped = wrapt.FunctionWrapper(found, wrapper)
         with _lock:
-            if _guard is None or hasattr(vars(owner)[name], _WRAPPED):
+            if _guard is None or vars(owner).get(name) is not found:
                 continue  # uninstalled meanwhile, or wrapped by another thread
-            wrapper = wrap(found)
-            setattr(wrapper, _WRAPPED, found)
             try:
-                setattr(owner, name, wrapper)
+                setattr(owner, name, wrapped)
             except (AttributeError, TypeError):  # a class that refuses: fallback
                 logger.debug("allowance: cannot wrap %s.%s", owner.__name__, name)
                 continue
-            _wrapped.append((owner, name, found))
+            _wrapped[owner, name] = wrapped
     _instrumented.add(cls)
 
 
@@ -536,9 +533,9 @@ def _unwrap_all() -> None:
     """Put every wrapped LLM method back (called under ``_lock``)."""
     _instrumented.clear()
     while _wrapped:
-        owner, name, original = _wrapped.pop()
-        if hasattr(vars(owner).get(name), _WRAPPED):
-            setattr(owner, name, original)
+        (owner, name), wrapped = _wrapped.popitem()
+        if vars(owner).get(name) is wrapped:  # else replaced since: left alone
+            setattr(owner, name, wrapped.__wrapped__)
 
 
 def _ended(error: BaseException | None) -> None:
@@ -549,35 +546,38 @@ def _ended(error: BaseException | None) -> None:
     _close(entry, outcome="error" if error else "unmetered", error=error)
 
 
-def _wrap_call(original: Callable[..., Any]) -> Callable[..., Any]:
-    """``call`` (or ``acall``) that settles its call when the outermost one ends."""
-    if inspect.iscoroutinefunction(original):
+def _call(
+    wrapped: Callable[..., Any],
+    instance: Any,  # noqa: ARG001 - wrapt's signature
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
+    """``call`` that settles its call when the outermost one ends."""
+    token = _depth.set(_depth.get() + 1)
+    try:
+        result = wrapped(*args, **kwargs)
+    except BaseException as err:
+        _left(token, err)
+        raise
+    _left(token, None)
+    return result
 
-        @functools.wraps(original)
-        async def acall(self: Any, *args: Any, **kwargs: Any) -> Any:
-            token = _depth.set(_depth.get() + 1)
-            try:
-                result = await original(self, *args, **kwargs)
-            except BaseException as err:
-                _left(token, err)
-                raise
-            _left(token, None)
-            return result
 
-        return acall
-
-    @functools.wraps(original)
-    def call(self: Any, *args: Any, **kwargs: Any) -> Any:
-        token = _depth.set(_depth.get() + 1)
-        try:
-            result = original(self, *args, **kwargs)
-        except BaseException as err:
-            _left(token, err)
-            raise
-        _left(token, None)
-        return result
-
-    return call
+async def _acall(
+    wrapped: Callable[..., Any],
+    instance: Any,  # noqa: ARG001 - wrapt's signature
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
+    """``acall`` (or an async ``call``) that settles like ``_call``."""
+    token = _depth.set(_depth.get() + 1)
+    try:
+        result = await wrapped(*args, **kwargs)
+    except BaseException as err:
+        _left(token, err)
+        raise
+    _left(token, None)
+    return result
 
 
 def _left(token: Token[int], error: BaseException | None) -> None:
@@ -587,34 +587,34 @@ def _left(token: Token[int], error: BaseException | None) -> None:
         _ended(error)
 
 
-def _wrap_tracker(original: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(original)
-    def track(self: Any, *args: Any, **kwargs: Any) -> Any:
-        entry = _open.get()
-        with _usage_lock:
-            if (
-                entry is None
-                or entry.ticket is None
-                or entry.settled
-                or _counters_of(self) is not entry.counters
-            ):  # not this call's LLM (an LLM the custom one calls reports its own)
-                return original(self, *args, **kwargs)
-            before = _usage_of(self)
-            try:
-                return original(self, *args, **kwargs)
-            finally:
-                after = _usage_of(self)
-                grown = (
-                    None if before is None or after is None else _delta(before, after)
-                )
-                if grown is None:
-                    entry.unreadable = True
-                elif entry.usage is None:
-                    entry.usage = grown
-                else:
-                    entry.usage = _sum(entry.usage, grown)
-
-    return track
+def _track(
+    wrapped: Callable[..., Any],
+    instance: Any,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
+    """``_track_token_usage_internal`` that adds its growth to this call's usage."""
+    entry = _open.get()
+    with _usage_lock:
+        if (
+            entry is None
+            or entry.ticket is None
+            or entry.settled
+            or _counters_of(instance) is not entry.counters
+        ):  # not this call's LLM (an LLM the custom one calls reports its own)
+            return wrapped(*args, **kwargs)
+        before = _usage_of(instance)
+        try:
+            return wrapped(*args, **kwargs)
+        finally:
+            after = _usage_of(instance)
+            grown = None if before is None or after is None else _delta(before, after)
+            if grown is None:
+                entry.unreadable = True
+            elif entry.usage is None:
+                entry.usage = grown
+            else:
+                entry.usage = _sum(entry.usage, grown)
 
 
 def _sum(a: _Counts, b: _Counts) -> _Counts:
