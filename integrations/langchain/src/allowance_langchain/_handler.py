@@ -22,9 +22,11 @@ the context variables it sets reach the HTTP request).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import json
 import threading
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, cast
@@ -74,6 +76,14 @@ _here: contextvars.ContextVar[object] = contextvars.ContextVar(
 )
 """Set with each start: resetting its token tells whether we are in that context."""
 
+_handlers: weakref.WeakSet[AllowanceCallbackHandler] = weakref.WeakSet()
+"""Every handler built: a start one refuses gives back the runs of its batch in all."""
+_handlers_lock = threading.Lock()
+
+_refused_batch: object = object()
+"""The ``metadata`` of the last batch of runs a start refused (see ``_abandon``)."""
+_refused_error: allowance.BudgetExceeded | None = None
+
 
 @dataclass(eq=False, slots=True)
 class _Call:
@@ -84,6 +94,10 @@ class _Call:
     key: tuple[int, int]
     here: contextvars.Token[object]
     context: contextvars.Context | None = None
+    batch: object = None
+    """The ``metadata`` object the start got: the same for every run of one
+    LangChain model call (one per message list or prompt), another for any
+    other call, as each call configures a callback manager of its own."""
     ticket: allowance.Ticket | None = None
     closed: bool = False
     routed: bool = True
@@ -256,6 +270,8 @@ class AllowanceCallbackHandler(BaseCallbackHandler):
         )
         self._runs = _Runs()
         self._global = False
+        with _handlers_lock:
+            _handlers.add(self)
 
     @classmethod
     def _unbound(cls) -> AllowanceCallbackHandler:
@@ -267,6 +283,8 @@ class AllowanceCallbackHandler(BaseCallbackHandler):
         handler.guard = None
         handler._runs = _Runs()  # noqa: SLF001 - our own class
         handler._global = True  # noqa: SLF001
+        with _handlers_lock:
+            _handlers.add(handler)
         return handler
 
     def __repr__(self) -> str:
@@ -449,10 +467,10 @@ class AllowanceCallbackHandler(BaseCallbackHandler):
         else:
             _claimed.add(run_id)
         self._drop_leaked()
-        metadata = metadata or {}
+        meta = metadata or {}
         params: Mapping[str, Any] = extra.get("invocation_params") or {}
-        provider = _provider(serialized, metadata, params)
-        dims = self._dimensions(run_id, parent_run_id, tags, metadata)
+        provider = _provider(serialized, meta, params)
+        dims = self._dimensions(run_id, parent_run_id, tags, meta)
         through_sdk = integration.sdk_layer(provider)
         seen = allowance.seen_by(
             ADAPTER_NAME, guard=guard, charged=not through_sdk, **dims
@@ -464,15 +482,19 @@ class AllowanceCallbackHandler(BaseCallbackHandler):
             _context_key(),
             _here.set(object()),
             _compat.current_task_context(),
+            metadata,
         )
         try:
             if not through_sdk:
+                if metadata is _refused_batch:
+                    _refuse_again()
                 # The rows only when this handler estimates the call: one
                 # the SDK layer charges is estimated from its request body.
-                call.ticket = self._admit(guard, provider, rows(), params, metadata)
-        except BaseException:
+                call.ticket = self._admit(guard, provider, rows(), params, meta)
+        except BaseException as error:
             _undo(call)
             _claimed.discard(run_id)
+            _abandon(metadata, error, extra)
             raise
         runs = self._runs
         with runs.lock:
@@ -546,6 +568,23 @@ class AllowanceCallbackHandler(BaseCallbackHandler):
                 dims[dim] = value
         return dims
 
+    def _take_batch(self, batch: object) -> list[_Call]:
+        """Take the runs of ``batch`` still waiting to be sent out of the table."""
+        runs = self._runs
+        with runs.lock:
+            taken = [
+                c
+                for c in runs.calls.values()
+                if c.batch is batch and c.routed and not c.closed
+            ]
+            for call in taken:
+                del runs.calls[call.run_id]
+                call.closed = True
+        if not self._global:
+            for call in taken:
+                _claimed.discard(call.run_id)
+        return taken
+
     def _pop(self, run_id: UUID) -> _Call | None:
         if not self._global:
             _claimed.discard(run_id)
@@ -590,6 +629,49 @@ class AllowanceCallbackHandler(BaseCallbackHandler):
                 entry = leaked.pop(run, None)
             if entry is None or not _undo(entry):
                 return
+
+
+def _abandon(batch: object, error: BaseException, extra: Mapping[str, Any]) -> None:
+    """Give back the runs LangChain started with a run whose start raised.
+
+    LangChain starts one run per message list (or prompt) of a model call,
+    all with the same ``metadata`` object, and sends them only once all have
+    started. When a start raises, it raises at once: the runs already started
+    are never sent, ended nor errored. Each handler's runs of that call (and
+    only of that call: another call has a ``metadata`` of its own) are
+    released here, as if they had failed with nothing sent.
+
+    ``agenerate`` of a completion model starts its prompts' runs in tasks of
+    their own and lets them go on once one raised: a later run of a refused
+    batch is refused too (``_refuse_again``).
+    """
+    global _refused_batch, _refused_error  # noqa: PLW0603 - one slot, set here
+    if batch is None:
+        return
+    if isinstance(error, allowance.BudgetExceeded):
+        size = extra.get("batch_size")
+        if isinstance(size, int) and size > 1:
+            _refused_error = error
+            _refused_batch = batch
+    with _handlers_lock:
+        handlers = list(_handlers)
+    taken = [call for h in handlers for call in h._take_batch(batch)]  # noqa: SLF001
+    for call in taken:
+        call.seen.end()
+        if call.ticket is not None:
+            # Should the ledger fail here, the reservation's lease gives it back.
+            with contextlib.suppress(Exception):
+                call.ticket.release(outcome="blocked")
+    for key in dict.fromkeys(call.key for call in taken):
+        _unwind(key)
+
+
+def _refuse_again() -> None:
+    """Refuse a run of a batch refused already (see ``_abandon``)."""
+    error = _refused_error
+    if error is None:  # pragma: no cover - set before the batch
+        return
+    raise allowance.BudgetExceeded(error.violations, model=error.model)
 
 
 def _unwind(key: tuple[int, int]) -> None:
