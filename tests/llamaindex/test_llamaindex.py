@@ -641,3 +641,122 @@ def test_a_failed_non_patched_llm_call_is_released_only_if_no_work_was_done(
     (status,) = guard.status()
     assert status.reserved == 0
     assert status.spent == (call.estimate_tokens if charged else 0)
+
+
+# -- before a model stream is first read, the caller's context is its own -------
+
+# Known gap, not fixable in the adapter alone: ``llm.stream_chat()`` returns a
+# generator that sends its request at its first ``next()``, in the caller's
+# context, and nothing the adapter controls runs in between (the dispatcher
+# returns the generator itself; no event comes before the request). So the
+# route the request needs is in force in the caller's context from the call to
+# the first chunk.
+_DIRECT_STREAM_GAP = pytest.mark.xfail(
+    strict=True,
+    reason="the route of a model stream is in force in the caller's context "
+    "until its first chunk (needs a route bound to the stream in allowance)",
+)
+
+
+@_DIRECT_STREAM_GAP
+def test_a_client_called_before_a_stream_is_read_is_charged_to_its_own_budget(
+    fake_provider: FakeProvider,
+) -> None:
+    """The stream's request is sent at its first ``next()``: until then, calls
+    the caller makes are not the stream's."""
+    guard = instrument(budget=10**6, per="session", ledger="memory://")
+    own = _own_client(fake_provider)
+    llm = openai_llm(fake_provider)
+    stream = llm.stream_chat([ChatMessage(role="user", content="Count.")])
+    unsent = fake_provider.generation_count == 0
+    route = current_route()
+    mine = _own_call(own)  # its own 20-token budget: blocked, never sent
+    assert list(stream)  # read first: nothing left behind, pass or fail
+    assert (route, mine) == (None, "blocked")
+    assert unsent
+    assert fake_provider.generation_count == 1  # the stream's own request only
+    (call,) = guard.ledger.calls()
+    assert call.outcome == "ok"
+    assert "llamaindex" in call.adapters
+    assert current_route() is None
+
+
+@_DIRECT_STREAM_GAP
+@pytest.mark.usefixtures("async_http")
+async def test_a_client_called_before_an_async_stream_is_read_is_its_own(
+    fake_provider: FakeProvider,
+) -> None:
+    from llama_index.core import Settings
+
+    guard = instrument(budget=10**6, per="session", ledger="memory://")
+    own = _own_client(fake_provider)
+    stream = await Settings.llm.astream_chat(
+        [ChatMessage(role="user", content="Count.")]
+    )
+    route = current_route()
+    mine = _own_call(own)
+    assert [chunk async for chunk in stream]
+    assert (route, mine) == (None, "blocked")
+    assert fake_provider.generation_count == 1
+    (call,) = guard.ledger.calls()
+    assert call.outcome == "ok"
+
+
+@_DIRECT_STREAM_GAP
+def test_a_non_patched_llm_stream_route_is_not_in_force_before_it_is_read(
+    fake_provider: FakeProvider,
+) -> None:
+    """A charged route in force in the caller's context passes the caller's own
+    client through uncharged."""
+    guard = instrument(budget=10_000, per="session", ledger="memory://")
+    own = _own_client(fake_provider)
+    stream = HttpLLM(base_url=fake_provider.openai_base_url).stream_complete("Hi.")
+    route = current_route()
+    mine = _own_call(own)
+    assert len(list(stream)) == 2
+    assert (route, mine) == (None, "blocked")
+    assert len(guard.ledger.calls()) == 1
+
+
+# -- a chat engine's writer reads its stream: the caller's context is its own -----
+
+
+def test_a_client_called_while_a_chat_engine_stream_starts_is_its_own(
+    fake_provider: FakeProvider,
+) -> None:
+    """The writer thread reads the stream in its own copy of the context, and its
+    request takes a while: the caller's context is its own meanwhile."""
+    guard = instrument(budget=10**6, per="session", ledger="memory://")
+    own = _own_client(fake_provider)
+    llm = openai_llm(fake_provider)
+    fake_provider.enqueue(FakeReply(text="one two three", latency=0.5))
+    response = SimpleChatEngine.from_defaults(llm=llm).stream_chat("Count.")
+    assert current_route() is None
+    assert "query" not in allowance.current_scope()
+    assert _own_call(own) == "blocked"
+    llm.chat([ChatMessage(role="user", content="Another question.")])
+    assert "".join(response.response_gen)
+    calls = guard.ledger.calls()
+    assert len(calls) == 2
+    assert len({r.scope["query"] for r in calls}) == 2  # not one query
+    assert fake_provider.generation_count == 2
+
+
+@pytest.mark.usefixtures("async_http")
+async def test_a_client_called_before_an_async_chat_engine_stream_is_its_own(
+    fake_provider: FakeProvider,
+) -> None:
+    from llama_index.core import Settings
+
+    guard = instrument(budget=10**6, per="session", ledger="memory://")
+    own = _own_client(fake_provider)
+    response = await SimpleChatEngine.from_defaults(llm=Settings.llm).astream_chat(
+        "Count."
+    )
+    assert current_route() is None
+    assert _own_call(own) == "blocked"
+    assert [t async for t in response.async_response_gen()]
+    assert fake_provider.generation_count == 1
+    (call,) = guard.ledger.calls()
+    assert call.outcome == "ok"
+    assert "llamaindex" in call.adapters

@@ -33,7 +33,17 @@ engine's writer thread runs a copy of the caller's context), where the
 variables cannot be reset. So what a span sets carries the span itself
 (``_Span.live``): once the span is over, in whatever context, every context
 still holding its values reads them as unset, and its route is ended
-(``seen_by.end``).
+(``seen_by.end``). A chat engine starts that writer (thread or task) inside its
+span: when the span returns, the caller's context is reset at once, and calls
+the caller makes while the writer waits for the first chunk are its own.
+
+Known gap: a stream the caller reads itself (``llm.stream_chat()``,
+``astream_chat``) sends its request at its first ``next()``, in the caller's
+context, and no code of the adapter runs between the span's end and that
+request (the dispatcher returns the generator itself, which cannot be wrapped;
+no event comes before the request). So its route stays in force in the
+caller's context from the call to the first chunk: a client the caller uses in
+between is charged to this guard (or, for a non-patched LLM, passed through).
 """
 
 from __future__ import annotations
@@ -56,7 +66,10 @@ from llama_index.core.base.response.schema import (
     AsyncStreamingResponse,
     StreamingResponse,
 )
-from llama_index.core.chat_engine.types import BaseChatEngine
+from llama_index.core.chat_engine.types import (
+    BaseChatEngine,
+    StreamingAgentChatResponse,
+)
 from llama_index.core.instrumentation.event_handlers import BaseEventHandler
 from llama_index.core.instrumentation.events.exception import ExceptionEvent
 from llama_index.core.instrumentation.events.llm import (
@@ -144,6 +157,11 @@ def _current_stage() -> str | None:
 
 
 _GENERATORS: tuple[type, ...] = (types.GeneratorType, types.AsyncGeneratorType)
+_RESPONSES: tuple[type, ...] = (
+    StreamingResponse,
+    AsyncStreamingResponse,
+    StreamingAgentChatResponse,
+)
 # After these, a model stream's request has been sent (its first chunk came
 # back) or the stream is over: its span's context is not needed any more.
 _STREAM_ENDS: tuple[type, ...] = (
@@ -348,8 +366,13 @@ class _Runtime:
                 self.alias.pop(id_, None)
         if span is None:
             return
-        if isinstance(result, StreamingResponse | AsyncStreamingResponse):
-            self._wrap_stream(result)
+        if isinstance(result, _RESPONSES):
+            if isinstance(result, StreamingAgentChatResponse):
+                self._hand_over(result)
+            else:
+                self._wrap_stream(
+                    cast("StreamingResponse | AsyncStreamingResponse", result)
+                )
         elif span.model_call and generator:
             # A model stream: its request is sent when it is iterated. Keep the
             # context until the event handler sees its first chunk or its end,
@@ -379,6 +402,29 @@ class _Runtime:
                     del self.alias[nested]
         if span is not None:
             span.close()
+
+    def _hand_over(self, response: StreamingAgentChatResponse) -> None:
+        """Undo, in the caller's context, what a chat engine's model stream set.
+
+        A chat engine starts the writer that reads its stream (a thread or a
+        task) inside its span: the writer runs a copy of the context holding
+        the stream's route until its request is sent. The caller's context
+        needs none of it: calls made there meanwhile are the caller's own.
+        """
+        if (
+            response.write_response_to_history_thread is None
+            and response.awrite_response_to_history_task is None
+        ):
+            return  # read later in the caller's context: keep it there
+        current = _model_call.get()
+        if current is None or not current[2].live:
+            return
+        with self.lock:
+            span = self.streams.get(current[1])
+            if span is not current[2]:
+                return
+            exits, span.exits = span.exits, []  # ``close`` then ends it only
+        _run(exits)
 
     def _wrap_stream(
         self, response: StreamingResponse | AsyncStreamingResponse
