@@ -20,6 +20,7 @@ calendar-aligned in the budget's time zone (UTC unless told): ``hour``
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass, field
@@ -143,6 +144,12 @@ def escape_value(value: str) -> str:
     return _ESCAPE.sub(lambda m: "".join(f"%{b:02X}" for b in m[0].encode()), value)
 
 
+@functools.lru_cache(maxsize=256)
+def _ratio(at: float) -> tuple[int, int]:
+    """``at`` as the fraction its shortest repr writes (0.29 -> 29/100)."""
+    return Decimal(repr(at)).as_integer_ratio()
+
+
 @dataclass(frozen=True, slots=True)
 class Threshold:
     """An action taken when a budget's committed + reserved spend crosses a ratio.
@@ -216,6 +223,19 @@ class Threshold:
         if self.callback is not None and not callable(self.callback):
             raise ConfigurationError("threshold callback", self.callback, "a callable")
         self._check_only_for_its_action()
+
+    def floor_of(self, limit: int) -> int:
+        """``floor(at * limit)``, exact for the ratio as written (0.29 * 100 = 29).
+
+        Float arithmetic would give 28: 0.29 * 100 is 28.999999999999996.
+        """
+        num, den = _ratio(self.at)
+        return limit * num // den
+
+    def ceil_of(self, limit: int) -> int:
+        """``ceil(at * limit)``, exact for the ratio as written."""
+        num, den = _ratio(self.at)
+        return -(-limit * num // den)
 
     def _check_only_for_its_action(self) -> None:
         """Refuse an argument the action never reads (it would be ignored)."""

@@ -301,9 +301,9 @@ class Guard:
             gate: int | None = None
             for t in b.thresholds:
                 if t.action == "block":
-                    limit = min(limit, math.floor(t.at * b.limit))
+                    limit = min(limit, t.floor_of(b.limit))
                 elif t.action == "degrade" and gate is None:
-                    gate = math.ceil(t.at * b.limit) - 1
+                    gate = t.ceil_of(b.limit) - 1
             line = lines.get(key)
             if line is None:
                 lines[key] = Line(key, b.unit, [b], limit, gate)
@@ -315,9 +315,7 @@ class Guard:
         for line in lines.values():
             # A threshold fires on a call made when ``used >= at * limit``.
             line.alerts = tuple(
-                Alert(
-                    f"{line.key}#{t.action}@{t.at}", math.ceil(t.at * b.limit) - 1, b, t
-                )
+                Alert(f"{line.key}#{t.action}@{t.at}", t.ceil_of(b.limit) - 1, b, t)
                 for b in line.budgets
                 for t in b.thresholds
                 if t.action in {"warn", "webhook"}
@@ -689,6 +687,7 @@ class Guard:
                     worst_micros,
                     adapters,
                     call_id,
+                    fallback=(candidates[-1], plans[-1]) if len(plans) > 1 else None,
                 )
             )
         model, chosen, micros = candidates[result.plan]
@@ -735,9 +734,22 @@ class Guard:
         worst_micros: int | None,
         adapters: tuple[str, ...],
         call_id: str,
+        *,
+        fallback: tuple[tuple[str, Estimate, int | None], list[ReserveItem]]
+        | None = None,
     ) -> Generator[Op, Any, Ticket]:
-        """Log the refused call, then raise, or stop, or let it through (warn)."""
-        violations = _violations(lines, plan, result.before)
+        """Log the refused call, then raise, or stop, or let it through (warn).
+
+        ``fallback``: the model the call would degrade to, and its plan, tried
+        and refused too. When a degrade gate alone refused the model asked for,
+        the violations are the fallback's (the model asked for fits), and a call
+        let through (``on_limit="warn"``) goes to the fallback.
+        """
+        before = result.before
+        degrade = fallback is not None and _gated(lines, plan, before)
+        violations = _violations(
+            lines, fallback[1] if fallback is not None and degrade else plan, before
+        )
         yield from self._refuse_plan(
             estimate=estimate,
             scope=scope,
@@ -746,17 +758,38 @@ class Guard:
             adapters=adapters,
             call_id=call_id,
         )
+        # A warn or webhook threshold fires on the calls made past it, refused
+        # or not: the call that finds a budget past 80% is often one that does
+        # not fit any more.
+        crossed = (
+            (yield from self._threshold_plan(lines, before, scope, estimate.model))
+            if any(line.alerts for line in lines)
+            else ()
+        )
+        for message in crossed:
+            warnings.warn(message, BudgetThresholdWarning, stacklevel=2)
         on_limit = self.policy.on_limit
         if on_limit == "raise":
             raise BudgetExceeded(violations, model=estimate.model)
+        chosen, micros = estimate, worst_micros
+        if on_limit == "warn" and fallback is not None and degrade:
+            # Over the limit and past the degrade threshold: let through to
+            # the fallback, as a call that fits would go.
+            (model, chosen, micros), _ = fallback
+            self._emit(
+                "degraded",
+                scope,
+                {"requested_model": estimate.model, "model": model, "call_id": call_id},
+                budget=degrading_budget(lines),
+            )
         return Ticket(
             self,
             call_id,
             scope,
-            estimate,
+            chosen,
             lines if on_limit == "warn" else (),
             None,
-            worst_micros,
+            micros,
             adapters,
             violations,
             on_limit == "stop",
@@ -1190,6 +1223,16 @@ class Guard:
 
 def _amount(amount: int, unit: Unit) -> Decimal | int:
     return Decimal(amount) / MICROS_PER_USD if unit == "usd" else amount
+
+
+def _gated(
+    lines: tuple[Line, ...], plan: list[ReserveItem], before: Mapping[str, KeyState]
+) -> bool:
+    """True when a degrade gate refused ``plan``: a gated key holds past its gate."""
+    return any(
+        item.gate is not None and before.get(line.key, _ZERO).used > item.gate
+        for line, item in zip(lines, plan, strict=True)
+    )
 
 
 def _violations(
