@@ -301,6 +301,13 @@ async def test_stop_through_parse_raw_and_helpers(kind, fake_provider, guarded):
     assert isinstance(message, Message)
     assert "allowance-stop" in message.id
 
+    # Code that reads the first block or the final text gets "", as from
+    # OpenAI's stopped completion; it raised on an empty content list.
+    assert (await aw(claude.messages.create(**MSG))).content[0].text == ""
+    async with contextlib.AsyncExitStack() as stack:
+        stream = await enter(stack, claude.messages.stream(**MSG))
+        assert await aw(stream.get_final_text()) == ""
+
     assert len(fake_provider.requests) == 0
 
 

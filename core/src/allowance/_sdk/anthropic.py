@@ -134,7 +134,9 @@ class AnthropicCodec:
             "type": "message",
             "role": "assistant",
             "model": str(body.get("model") or ""),
-            "content": [],
+            # One empty text block: ``message.content[0].text`` and the stream
+            # helper's ``get_final_text()`` read "" (as OpenAI's stop reads "").
+            "content": [{"type": "text", "text": ""}],
             "stop_reason": "end_turn",
             "stop_sequence": None,
             "usage": {"input_tokens": 0, "output_tokens": 0},
@@ -149,8 +151,20 @@ class AnthropicCodec:
         events = [
             (
                 "message_start",
-                {"type": "message_start", "message": {**message, "stop_reason": None}},
+                {
+                    "type": "message_start",
+                    "message": {**message, "content": [], "stop_reason": None},
+                },
             ),
+            (
+                "content_block_start",
+                {
+                    "type": "content_block_start",
+                    "index": 0,
+                    "content_block": {"type": "text", "text": ""},
+                },
+            ),
+            ("content_block_stop", {"type": "content_block_stop", "index": 0}),
             (
                 "message_delta",
                 {
