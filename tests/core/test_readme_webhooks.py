@@ -13,51 +13,13 @@ import hmac
 import json
 import socket
 import threading
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from tests.core.conftest import Receiver
 
 import allowance
 from allowance import Budget, Estimate, Guard, Policy, Threshold, Usage
 from allowance.webhooks import verify_signature
-
-
-@dataclass
-class Receiver:
-    url: str = ""
-    bodies: list[bytes] = field(default_factory=list)
-    headers: list[dict[str, str]] = field(default_factory=list)
-    statuses: list[int] = field(default_factory=list)  # in order, then 204
-
-
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    state = Receiver()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            length = int(self.headers["content-length"])
-            state.bodies.append(self.rfile.read(length))
-            state.headers.append({k.lower(): v for k, v in self.headers.items()})
-            status = state.statuses.pop(0) if state.statuses else 204
-            self.send_response(status)
-            self.send_header("content-length", "0")
-            self.end_headers()
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    state.url = f"http://127.0.0.1:{server.server_port}/hook"
-    try:
-        yield state
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 @pytest.fixture

@@ -727,30 +727,23 @@ def test_custom_llm_methods_are_wrapt_wrappers_keeping_what_inspect_sees(
     coroutine-ness, bound methods and ``__wrapped__`` stay the original's."""
     original = _own(*_METHODS)
     llm = CountingLLM(model="house-model")
-    before = [
-        inspect.signature(f)
-        for f in (
+
+    def signatures() -> list[inspect.Signature]:
+        methods = (
             CountingLLM.call,
             llm.call,
             llm.acall,
             llm._track_token_usage_internal,
         )
-    ]
+        return [inspect.signature(f) for f in methods]
+
+    before = signatures()
     allowance.patch(budget=100_000, ledger="memory://")
     make_crew(llm).kickoff()
     for attr, orig in zip(_own(*_METHODS), original, strict=True):
         assert isinstance(attr, wrapt.FunctionWrapper)
         assert attr.__wrapped__ is orig
-    after = [
-        inspect.signature(f)
-        for f in (
-            CountingLLM.call,
-            llm.call,
-            llm.acall,
-            llm._track_token_usage_internal,
-        )
-    ]
-    assert after == before
+    assert signatures() == before
     assert inspect.iscoroutinefunction(llm.acall)
     assert not inspect.iscoroutinefunction(llm.call)
     assert inspect.ismethod(llm.call)

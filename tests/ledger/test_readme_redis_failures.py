@@ -11,15 +11,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import socket
-import threading
 import uuid
 from typing import Any
 
 import openai
 import pytest
+from tests.ledger.conftest import ReplyDropper
 
 import allowance
 from allowance import LedgerUnavailableError, open_ledger
@@ -29,79 +28,9 @@ MESSAGES: Any = [{"role": "user", "content": "Say hello."}]
 KEY = "tokens:session=s"
 
 
-class LosingProxy:
-    """TCP proxy to Redis. Armed, it lets the next command carrying ``marker``
-    reach Redis, swallows its reply, hangs up, and refuses every connection
-    until ``answer()``."""
-
-    def __init__(self, port: int) -> None:
-        self.target = ("127.0.0.1", port)
-        self.marker: bytes | None = None
-        self.down = threading.Event()
-        self.dropped = 0
-        self._server = socket.create_server(("127.0.0.1", 0))
-        self._server.settimeout(0.05)
-        self._stopped = threading.Event()
-        self._sockets: list[socket.socket] = []
-        self.port = self._server.getsockname()[1]
-        self._thread = threading.Thread(target=self._accept, daemon=True)
-        self._thread.start()
-
-    def arm(self, marker: bytes) -> None:
-        self.marker = marker
-
-    def answer(self) -> None:
-        self.down.clear()
-
-    def _accept(self) -> None:
-        while not self._stopped.is_set():
-            try:
-                client, _ = self._server.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            if self.down.is_set():
-                client.close()  # Redis "unreachable"
-                continue
-            client.settimeout(None)
-            upstream = socket.create_connection(self.target)
-            self._sockets += [client, upstream]
-            state = {"drop": False}
-            for args in ((client, upstream, True), (upstream, client, False)):
-                threading.Thread(
-                    target=self._pump, args=(*args, state), daemon=True
-                ).start()
-
-    def _pump(self, source, sink, from_client: bool, state) -> None:
-        try:
-            while data := source.recv(65536):
-                if from_client and self.marker is not None and self.marker in data:
-                    self.marker = None
-                    state["drop"] = True
-                elif not from_client and state["drop"]:
-                    self.dropped += 1
-                    self.down.set()
-                    break  # the reply is lost, and Redis is gone for now
-                sink.sendall(data)
-        except OSError:
-            pass
-        for sock in (source, sink):
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-
-    def close(self) -> None:
-        self._stopped.set()
-        self._thread.join(timeout=5)
-        self._server.close()
-        for sock in self._sockets:
-            with contextlib.suppress(OSError):
-                sock.close()
-
-
 @pytest.fixture
 def proxy(redis_server):
-    losing = LosingProxy(redis_server.port)
+    losing = ReplyDropper(redis_server.port, stay_down=True)
     yield losing
     losing.close()
 
@@ -117,7 +46,7 @@ def _ask(client: openai.OpenAI) -> None:
 
 
 def test_a_lost_reserve_reply_gives_its_hold_back_on_the_next_call(
-    proxy: LosingProxy, fake: FakeProvider
+    proxy: ReplyDropper, fake: FakeProvider
 ) -> None:
     """A budget of 300 tokens; a call holds 117 and is charged 110.
 

@@ -10,12 +10,12 @@ import asyncio
 import contextlib
 import logging
 import socket
-import threading
 import time
 import uuid
 
 import openai
 import pytest
+from tests.ledger.conftest import ReplyDropper
 
 import allowance
 from allowance import LedgerUnavailableError
@@ -230,72 +230,6 @@ def test_fail_open_buffer_is_bounded_and_loses_nothing(
 
 
 # -- a reply lost on the wire: redis-py sends the script again ----------------------
-
-
-class ReplyDropper:
-    """A TCP proxy to Redis that, when armed, swallows one reply and hangs up.
-
-    The command reached Redis and ran; the client sees a broken connection
-    and retries it: the second run must change nothing.
-    """
-
-    def __init__(self, port: int) -> None:
-        self.target = ("127.0.0.1", port)
-        self.armed: bytes | None = None
-        self.dropped = 0
-        self._server = socket.create_server(("127.0.0.1", 0))
-        self._server.settimeout(0.05)
-        self._stopped = threading.Event()
-        self.port = self._server.getsockname()[1]
-        self._sockets: list[socket.socket] = []
-        self._thread = threading.Thread(target=self._accept, daemon=True)
-        self._thread.start()
-
-    def arm(self, marker: bytes) -> None:
-        self.armed = marker
-
-    def _accept(self) -> None:
-        while not self._stopped.is_set():
-            try:
-                client, _ = self._server.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            client.settimeout(None)
-            upstream = socket.create_connection(self.target)
-            self._sockets += [client, upstream]
-            state = {"drop": False}
-            threading.Thread(
-                target=self._pump, args=(client, upstream, state, True), daemon=True
-            ).start()
-            threading.Thread(
-                target=self._pump, args=(upstream, client, state, False), daemon=True
-            ).start()
-
-    def _pump(self, source, sink, state, from_client: bool) -> None:
-        try:
-            while data := source.recv(65536):
-                if from_client and self.armed is not None and self.armed in data:
-                    self.armed = None
-                    state["drop"] = True
-                elif not from_client and state["drop"]:
-                    self.dropped += 1
-                    break  # the reply is lost: hang up on the client
-                sink.sendall(data)
-        except OSError:
-            pass
-        for sock in (source, sink):
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-
-    def close(self) -> None:
-        self._stopped.set()
-        self._thread.join(timeout=5)
-        self._server.close()
-        for sock in self._sockets:
-            with contextlib.suppress(OSError):
-                sock.close()
 
 
 @pytest.fixture
