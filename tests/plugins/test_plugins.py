@@ -34,6 +34,11 @@ def test_adapters_can_be_blocked_by_environment(
     monkeypatch.setenv("ALLOWANCE_DISABLED_ADAPTERS", "anthropic")
     assert "anthropic" not in plugins.adapters()
     assert "openai" in plugins.adapters()
+    import anthropic
+
+    # wrap() says why (it said "takes an OpenAI or Anthropic SDK client").
+    with pytest.raises(allowance.UsageError, match="'anthropic' adapter is disabled"):
+        allowance.wrap(anthropic.Anthropic(api_key="x"), 100, ledger="memory://")
 
 
 def test_duplicate_adapter_names_are_refused(fresh_plugins: None) -> None:
@@ -223,3 +228,53 @@ def test_autoload_can_be_turned_off(
     monkeypatch.setenv("ALLOWANCE_DISABLE_PLUGIN_AUTOLOAD", "1")
     assert entry_point_plugin not in plugins.adapters()
     assert "openai" in plugins.adapters()  # default plugins are not entry points
+
+
+@pytest.fixture
+def broken_entry_point(tmp_path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A real distribution whose ``allowance`` plugin raises on import."""
+    dist = tmp_path / "allowance_brokenplug-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: allowance-brokenplug\nVersion: 0.1\n"
+    )
+    (dist / "entry_points.txt").write_text("[allowance]\nbroken = brokenplug_mod\n")
+    (tmp_path / "brokenplug_mod.py").write_text(
+        "raise RuntimeError('brokenplug fails on import')\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "broken"
+
+
+def test_a_plugin_that_fails_to_load_is_named_every_time(
+    fresh_plugins: None, broken_entry_point: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same typed error on each lookup, naming the plugin and the way out.
+
+    If this fails with "Plugin name already registered: openai": the first
+    failure left the default plugins registered and the loader ran again.
+    """
+    import openai
+
+    for attempt in (
+        lambda: allowance.patch(budget=100, ledger="memory://"),
+        lambda: allowance.patch(budget=100, ledger="memory://"),
+        lambda: allowance.wrap(openai.OpenAI(api_key="x"), 100, ledger="memory://"),
+    ):
+        with pytest.raises(allowance.PluginError) as caught:
+            attempt()
+        message = str(caught.value)
+        assert "'broken'" in message
+        assert "allowance-brokenplug" in message
+        assert "brokenplug fails on import" in message
+        assert f"ALLOWANCE_DISABLED_ADAPTERS={broken_entry_point}" in message
+        assert isinstance(caught.value.__cause__, RuntimeError)
+    assert allowance.active_guard() is None
+    monkeypatch.setenv("ALLOWANCE_DISABLED_ADAPTERS", broken_entry_point)
+    plugins.reset_plugins()
+    guard = allowance.patch(budget=100, ledger="memory://")
+    try:
+        assert allowance.active_guard() is guard
+        assert "openai" in plugins.adapters()
+    finally:
+        allowance.unpatch()

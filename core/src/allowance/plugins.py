@@ -103,7 +103,7 @@ def load_plugins(pm: pluggy.PluginManager) -> None:
         pm.set_blocked(name)
     for module_name in DEFAULT_PLUGINS:
         short = module_name.rsplit(".", 1)[-1]
-        if short in disabled or pm.is_registered(module_name) or pm.is_blocked(short):
+        if pm.has_plugin(short) or pm.is_blocked(short):
             continue
         pm.register(importlib.import_module(module_name), name=short)
     if os.environ.get("ALLOWANCE_DISABLE_PLUGIN_AUTOLOAD", "") not in {
@@ -111,12 +111,41 @@ def load_plugins(pm: pluggy.PluginManager) -> None:
         "true",
         "yes",
     }:
-        pm.load_setuptools_entrypoints("allowance")
+        _load_entry_points(pm)
     pm.check_pending()
     for plugin in pm.get_plugins():
         _kinds(plugin)  # a bad ``allowance_event_kinds`` fails here, not in a call
     if pm is _pm:
         _loaded = True
+
+
+def _load_entry_points(pm: pluggy.PluginManager) -> None:
+    """Register each ``allowance`` entry point not registered or blocked yet.
+
+    As pluggy's ``load_setuptools_entrypoints``, with one difference: a plugin
+    that fails to load raises ``PluginError`` naming it (and how to run without
+    it), and the ones loaded before it stay registered, so the next lookup
+    raises the same error, not a clash with what this one registered.
+    """
+    import importlib.metadata  # noqa: PLC0415 - keep `import allowance` light
+
+    for dist in list(importlib.metadata.distributions()):
+        for ep in dist.entry_points:
+            if ep.group != "allowance" or pm.has_plugin(ep.name):
+                continue
+            if pm.is_blocked(ep.name):
+                continue
+            try:
+                plugin = ep.load()
+            except Exception as err:
+                project = dist.metadata["Name"] or "an unnamed distribution"
+                msg = (
+                    f"plugin {ep.name!r} ({ep.value}, from {project}) failed to"
+                    f" load: {type(err).__name__}: {err}; set"
+                    f" ALLOWANCE_DISABLED_ADAPTERS={ep.name} to run without it"
+                )
+                raise PluginError(msg) from err
+            pm.register(plugin, name=ep.name)
 
 
 def reset_plugins() -> None:
