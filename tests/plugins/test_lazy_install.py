@@ -115,3 +115,77 @@ def test_import_allowance_leaves_the_heavy_modules_for_first_use():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
     assert out.stdout.split() == ["[]", "True", "True"]
+
+
+def test_patch_while_another_thread_imports_the_module_does_not_deadlock(tmp_path):
+    """A second ``patch()`` lands while another thread is inside the import.
+
+    The adapter waits for a module (an earlier ``patch()``); thread A imports
+    it, and while its body runs, ``patch()`` is called again. Installing at
+    once would import from the module under ``patch()``'s lock and wait for
+    A's import, whose post-import hook waits for that lock: both hung. If this
+    fails with a timeout, that is the deadlock.
+    """
+    (tmp_path / "slow_framework.py").write_text(
+        "import slow_gate\nslow_gate.entered.set()\nslow_gate.release.wait(10)\n"
+    )
+    (tmp_path / "slow_gate.py").write_text(
+        "import threading\nentered, release = threading.Event(), threading.Event()\n"
+    )
+    code = textwrap.dedent(
+        """
+        import importlib, sys, threading
+        sys.path.insert(0, sys.argv[1])
+        import allowance, slow_gate
+
+        class Adapter:
+            name, requires, module = "slow", (), "slow_framework"
+            guards = []
+            def available(self): return True
+            def install(self, guard):
+                importlib.import_module(self.module)  # as the SDK adapters do
+                self.guards.append(guard)
+            def uninstall(self): pass
+
+        adapter = Adapter()
+        class Plugin:
+            @allowance.hookimpl
+            def allowance_adapters(self): return [adapter]
+        allowance.plugins.register(Plugin())
+        allowance.patch(budget=10, ledger="memory://", adapters=["slow"])
+        importer = threading.Thread(target=importlib.import_module,
+                                    args=("slow_framework",))
+        importer.start()
+        slow_gate.entered.wait(10)  # A is inside the module's body
+        threading.Timer(0.2, slow_gate.release.set).start()
+        second = allowance.patch(budget=20, ledger="memory://", adapters=["slow"])
+        importer.join(10)
+        print(adapter.guards == [second], allowance.active_guard() is second)
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert out.stdout.split() == ["True", "True"], out.stderr
+
+
+def test_patching_again_with_fewer_adapters_uninstalls_the_others(framework):
+    """``patch(adapters=[...])`` again: an adapter left out no longer charges
+    the first guard (the SDKs left out were still on it)."""
+    import openai._base_client as o_base
+
+    name, adapter = framework
+    __import__(name)
+    original = o_base.SyncAPIClient.__dict__["request"]
+    first = allowance.patch(
+        budget=10, ledger="memory://", adapters=["waiting", "openai"]
+    )
+    assert o_base.SyncAPIClient.__dict__["request"] is not original
+    second = allowance.patch(budget=20, ledger="memory://", adapters=["waiting"])
+    assert o_base.SyncAPIClient.__dict__["request"] is original  # uninstalled
+    assert adapter.guards == [first, second]
+    assert allowance.active_guard() is second

@@ -299,7 +299,8 @@ def patch(
     ones named in ``adapters``. Clients built before the call are covered too.
     An adapter whose SDK or framework is not imported yet is installed when
     the program imports it: ``patch()`` imports nothing the program does not
-    use. Calling it again replaces the guard.
+    use. Calling it again replaces the guard and the set of adapters: one
+    left out of ``adapters`` is uninstalled.
 
     Args:
         budget: ``"$5.00"``, an int of tokens, ``"50k tokens"``, or ``Budget``s.
@@ -369,6 +370,13 @@ def patch(
                 )
             chosen.append(adapter)
     with _lock:
+        # Again: the new set replaces the old one (an adapter left out would
+        # still charge the guard it was installed with).
+        keep = {adapter.name for adapter in chosen}
+        for name in [name for name in _installed if name not in keep]:
+            _installed.pop(name).uninstall()
+        for name in [name for name in _waiting if name not in keep]:
+            del _waiting[name]
         for adapter in chosen:
             _install_when_imported(adapter, the_guard)
         _active = the_guard
@@ -382,7 +390,9 @@ def _install_when_imported(adapter: Adapter, guard: Guard) -> None:
     an adapter that names its top-level ``module`` waits for its import.
     """
     module = getattr(adapter, "module", None)
-    if not isinstance(module, str) or module in sys.modules:
+    if not isinstance(module, str) or (
+        module in sys.modules and not _hook_pending(module)
+    ):
         adapter.install(guard)
         _installed[adapter.name] = adapter
         return
@@ -392,6 +402,17 @@ def _install_when_imported(adapter: Adapter, guard: Guard) -> None:
 
         _import_hooks.add(module)
         wrapt.register_post_import_hook(functools.partial(_on_import, module), module)
+
+
+def _hook_pending(module: str) -> bool:
+    """True while another thread imports ``module`` and our hook is yet to run.
+
+    Installing then would import from ``module`` under ``_lock`` and wait for
+    that import, whose post-import hook (``_on_import``) waits for ``_lock``:
+    the hook installs the adapter instead.
+    """
+    spec = getattr(sys.modules[module], "__spec__", None)
+    return module in _import_hooks and getattr(spec, "_initializing", False) is True
 
 
 def _on_import(module: str, _imported: object) -> None:
