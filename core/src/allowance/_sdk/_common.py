@@ -19,6 +19,7 @@ import importlib
 import inspect
 import json
 import logging
+import os
 import sys
 import weakref
 from collections.abc import (
@@ -207,6 +208,24 @@ class SdkBinding:
 
 _PATHS_KEPT: Final = 256
 _E = TypeVar("_E", Iterator[Any], AsyncIterator[Any])
+
+
+class _Process:
+    """This process, renewed in a forked child: what a stream was opened in."""
+
+
+_process = _Process()
+
+
+def _new_process() -> None:
+    # A forked child inherits its parent's streams (and their finalizers, which
+    # its exit runs): they are the parent's to settle, never the child's.
+    global _process  # noqa: PLW0603 - renewed in a forked child
+    _process = _Process()
+
+
+if hasattr(os, "register_at_fork"):  # pragma: no branch - absent on Windows
+    os.register_at_fork(after_in_child=_new_process)
 
 
 @dataclass(slots=True)
@@ -705,13 +724,19 @@ NO_CAP: Final = sys.maxsize
 
 
 class _StreamTracker:
-    """Settles a streamed call: usage when it ends, what was produced if cut short."""
+    """Settles a streamed call: usage when it ends, what was produced if cut short.
 
-    __slots__ = ("__weakref__", "acc", "call", "read", "ticket")
+    Only in the process that opened it: a forked child that inherited the
+    stream (and exits, running its finalizers, or closes it) leaves it to
+    the parent, which reads on and settles it once.
+    """
+
+    __slots__ = ("__weakref__", "acc", "call", "process", "read", "ticket")
 
     def __init__(self, call: _Call, ticket: Ticket) -> None:
         self.call = call
         self.ticket = ticket
+        self.process = _process
         self.read = False  # a raw response's stream was handed out
         self.acc: StreamAccumulator = call.binding.codec.stream_accumulator(
             call.path, hide_usage_only=call.hide_usage_only
@@ -737,8 +762,12 @@ class _StreamTracker:
             return make_usage(est.input_tokens, produced)
         return replace(known, output_tokens=max(known.output_tokens, produced))
 
+    def _done(self) -> bool:
+        """Settled, or not this process's to settle (a forked child's copy)."""
+        return self.ticket.settled or self.process is not _process
+
     def finish(self) -> None:
-        if self.ticket.settled:
+        if self._done():
             return
         usage, model = self._final()
         if usage is None:
@@ -747,7 +776,7 @@ class _StreamTracker:
             self.ticket.commit(usage, response_model=model)
 
     async def afinish(self) -> None:
-        if self.ticket.settled:
+        if self._done():
             return
         usage, model = self._final()
         if usage is None:
@@ -756,13 +785,13 @@ class _StreamTracker:
             await self.ticket.acommit(usage, response_model=model)
 
     def abandon(self) -> None:
-        if not self.ticket.settled:
+        if not self._done():
             self.ticket.commit_partial(
                 self._partial(), response_model=self.acc.response_model()
             )
 
     async def aabandon(self) -> None:
-        if not self.ticket.settled:
+        if not self._done():
             await self.ticket.acommit_partial(
                 self._partial(), response_model=self.acc.response_model()
             )
@@ -771,13 +800,13 @@ class _StreamTracker:
         """Settle when a raw response closes: a stream read is partial, else in full."""
         if self.read:
             self.abandon()
-        elif not self.ticket.settled:
+        elif not self._done():
             self.ticket.keep()
 
     async def aclose_raw(self) -> None:
         if self.read:
             await self.aabandon()
-        elif not self.ticket.settled:
+        elif not self._done():
             await self.ticket.akeep()
 
 
