@@ -236,6 +236,28 @@ def test_exact_count_is_text_tokens_plus_the_same_framing(fake_encoding):
     assert exact_input_tokens("azure", "test-model", responses) == expected
 
 
+def test_the_exact_count_takes_tools_at_their_bytes(fake_encoding):
+    """OpenAI renders tools in a form of its own, which can take more tokens
+    than their JSON (an enum of 3,000 values: 17,035 against 14,102): the
+    exact path counts their bytes, as the bound does, never their JSON's
+    tokens. Framing for a named message counts there too."""
+    enum = [f"v{i}" for i in range(300)]
+    tool = {"type": "function", "function": {"name": "pick", "parameters": {
+        "type": "object", "properties": {"v": {"type": "string", "enum": enum}}}}}  # fmt: skip
+    plain = {"model": "test-model", "messages": [{"role": "user", "content": "hi"}]}
+    with_tool = {**plain, "tools": [tool]}
+    exact_plain = exact_input_tokens("openai", "test-model", plain)
+    exact_tool = exact_input_tokens("openai", "test-model", with_tool)
+    assert exact_plain is not None
+    assert exact_tool is not None
+    assert exact_tool - exact_plain == (
+        OPENAI_TOOLS_TOKENS + TOOL_TOKENS + len(json.dumps(tool))
+    )
+    named = {"model": "test-model",
+             "messages": [{"role": "user", "name": "a", "content": "a"}]}  # fmt: skip
+    assert exact_input_tokens("openai", "test-model", named) == REQUEST_TOKENS + 7
+
+
 def test_exact_count_loads_the_encoding_once(fake_encoding):
     body = {"messages": [{"role": "user", "content": "hello"}]}
     for _ in range(5):
@@ -351,7 +373,10 @@ def test_chat_bound_counts_text_bytes_and_framing():
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": [{"type": "text", "text": "héllo"}], "name": "bob"},
     )
-    expected = REQUEST_TOKENS + 2 * MESSAGE_TOKENS + len("Be brief.") + 6 + len("bob")
+    # A named message counts 1 more (OpenAI's framing: 3 + role + 1 per name).
+    expected = (
+        REQUEST_TOKENS + 2 * MESSAGE_TOKENS + len("Be brief.") + 6 + len("bob") + 1
+    )
     assert chat_input_bound(body) == expected
 
 
@@ -939,3 +964,37 @@ def test_the_hot_path_builds_its_records_without_their_constructors() -> None:
     assert type(built) is Estimate
     assert built == Estimate("openai", "gpt-4o", 12, 34)
     assert make_usage(5, 6) == Usage(5, 6)
+
+
+def test_a_named_one_character_message_is_not_undercounted():
+    """OpenAI bills 3 + role + name + 1 + content: 7 for name "a", content "a".
+
+    The byte bound counted 6 (4 + 1 + 1): a named message's own token was
+    missing, on the exact path too.
+    """
+    body = _chat({"role": "user", "name": "a", "content": "a"})
+    assert chat_input_bound(body) == REQUEST_TOKENS + 7
+
+
+def test_tools_count_their_bytes_and_builtin_tools_their_overhead():
+    """A typed tool of the provider's own adds far more than its definition."""
+    from allowance._estimate import (
+        ANTHROPIC_TOOLS_TOKENS,
+        BUILTIN_TOOL_TOKENS,
+        TOOL_TOKENS,
+        messages_input_bound,
+    )
+
+    tools = [
+        {"type": "bash_20250124", "name": "bash"},
+        {"type": "text_editor_20250728", "name": "str_replace_based_edit_tool"},
+    ]
+    body = {"model": "claude-haiku-4-5", "max_tokens": 10, "tools": tools,
+            "messages": [{"role": "user", "content": "hi"}]}  # fmt: skip
+    without = messages_input_bound({**body, "tools": []})
+    definitions = sum(len(json.dumps(t)) for t in tools)
+    assert messages_input_bound(body) == (
+        without + ANTHROPIC_TOOLS_TOKENS + 2 * (TOOL_TOKENS + BUILTIN_TOOL_TOKENS)
+        + definitions
+    )  # fmt: skip
+    assert messages_input_bound(body) - without >= 346 + 245 + 700  # as billed

@@ -6,14 +6,18 @@ Input bound
     bound of a request is the UTF-8 length of every text it carries plus:
 
     - ``MESSAGE_TOKENS`` (4) per message or input item: OpenAI's documented
-      framing is 3 per message plus 1 when a ``name`` is given;
+      framing is 3 per message plus its role (1), and 1 more for a chat
+      message with a ``name``;
     - ``REQUEST_TOKENS`` (3) per request: the priming of the reply;
-    - tools: the JSON of each tool definition (``json.dumps`` with spaces,
-      longer than the TypeScript-like form OpenAI renders) plus
-      ``TOOL_TOKENS`` (8) per tool and, once per request with tools,
+    - tools: the UTF-8 bytes of each tool definition's JSON (on the exact
+      path too: the TypeScript-like form OpenAI renders can take more tokens
+      than the JSON, never more than its bytes) plus ``TOOL_TOKENS`` (8) per
+      tool, ``BUILTIN_TOOL_TOKENS`` (1,000) per provider-typed tool
+      (Anthropic's bash ~245, text editor ~700, computer use ~500, beyond
+      their definitions) and, once per request with tools,
       ``OPENAI_TOOLS_TOKENS`` (32, the ``namespace functions`` wrapper) or
-      ``ANTHROPIC_TOOLS_TOKENS`` (600: Anthropic adds a tool-use system prompt
-      of up to 530 tokens, by its pricing page, depending on model and
+      ``ANTHROPIC_TOOLS_TOKENS`` (1,000: Anthropic adds a tool-use system
+      prompt of a few hundred tokens, more for newer models, depending on
       ``tool_choice``);
     - structured output schemas (``response_format``, ``text.format``,
       ``output_format``): their JSON plus ``SCHEMA_TOKENS`` (32);
@@ -133,7 +137,8 @@ MESSAGE_TOKENS: Final = 4
 REQUEST_TOKENS: Final = 3
 TOOL_TOKENS: Final = 8
 OPENAI_TOOLS_TOKENS: Final = 32
-ANTHROPIC_TOOLS_TOKENS: Final = 600
+ANTHROPIC_TOOLS_TOKENS: Final = 1_000
+BUILTIN_TOOL_TOKENS: Final = 1_000
 SCHEMA_TOKENS: Final = 32
 OPENAI_IMAGE_TOKENS: Final = 1_600
 OPENAI_IMAGE_LOW_TOKENS: Final = 100
@@ -171,7 +176,9 @@ _OUTPUT_CAPS: Final = (
     ("o1", 100_000),
     ("o3", 100_000),
     ("o4", 100_000),
+    ("gpt-5-pro", 272_000),
     ("gpt-5", 128_000),
+    ("codex-mini", 100_000),
     ("claude", 8_192),
 )
 
@@ -592,11 +599,33 @@ _BLOCKS: Final[dict[str, _Block]] = {
 
 
 def _tools(count: _Count, tools: object, per_request: int) -> int:
+    """Tool definitions, by their JSON's UTF-8 bytes even on the exact path.
+
+    The provider renders them in a form of its own (OpenAI's TypeScript-like
+    ``namespace functions``), which can take more tokens than their JSON: an
+    enum of 3,000 values, 17,035 against the JSON's 14,102. Bytes bound both.
+    """
+    del count  # not tokenized: see above
     if not tools:
         return 0
     if not isinstance(tools, list | tuple):
-        return per_request + TOOL_TOKENS + count.json(tools)
-    return per_request + sum(TOOL_TOKENS + count.json(tool) for tool in tools)
+        return per_request + TOOL_TOKENS + _utf8_len(_dumps(tools)) + _builtin(tools)
+    return per_request + sum(
+        TOOL_TOKENS + _utf8_len(_dumps(tool)) + _builtin(tool) for tool in tools
+    )
+
+
+def _builtin(tool: object) -> int:
+    """What a provider adds for a typed tool of its own, beyond its definition.
+
+    Anthropic's bash, text editor, computer use; OpenAI's built-in tools.
+    """
+    if not isinstance(tool, Mapping):
+        return 0
+    kind = tool.get("type")
+    if not isinstance(kind, str) or kind in {"custom", "function"}:
+        return 0
+    return BUILTIN_TOOL_TOKENS
 
 
 def _messages(count: _Count, messages: object) -> int:
@@ -610,6 +639,8 @@ def _messages(count: _Count, messages: object) -> int:
         if type(message) is not dict or "type" in message:
             total += _walk(count, message)
             continue
+        if "name" in message:
+            total += 1  # OpenAI's framing: 1 more for a named message
         for k, v in message.items():
             if k in _NOT_TEXT:
                 continue
@@ -707,6 +738,8 @@ def plain_bound(  # noqa: C901, PLR0911, PLR0912 - one function, on purpose
             for message in value:
                 if type(message) is not dict or "type" in message:
                     return None
+                if "name" in message:
+                    total += 1  # OpenAI's framing: 1 more for a named message
                 for k, v in message.items():
                     if type(v) is not str:
                         if k in _NOT_TEXT:
