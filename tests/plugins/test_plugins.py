@@ -196,13 +196,9 @@ def test_patch_of_a_named_adapter_only(fresh_plugins: None) -> None:
 @pytest.fixture
 def entry_point_plugin(tmp_path, monkeypatch: pytest.MonkeyPatch) -> str:
     """A real distribution on sys.path declaring a plugin under group ``allowance``."""
-    dist = tmp_path / "allowance_fakeplug-0.1.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text(
-        "Metadata-Version: 2.1\nName: allowance-fakeplug\nVersion: 0.1\n"
-    )
-    (dist / "entry_points.txt").write_text("[allowance]\nfakeplug = fakeplug_mod\n")
-    (tmp_path / "fakeplug_mod.py").write_text(
+    _distribution(
+        tmp_path,
+        "fakeplug",
         "from allowance import hookimpl\n"
         "class Adapter:\n"
         "    name = 'fakeplug'\n"
@@ -212,10 +208,22 @@ def entry_point_plugin(tmp_path, monkeypatch: pytest.MonkeyPatch) -> str:
         "    def uninstall(self): pass\n"
         "@hookimpl\n"
         "def allowance_adapters():\n"
-        "    return [Adapter()]\n"
+        "    return [Adapter()]\n",
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     return "fakeplug"
+
+
+def _distribution(path, name: str, source: str) -> None:
+    """Write an installed distribution ``allowance-<name>`` whose ``allowance``
+    entry point ``name`` is the module ``<name>_mod`` of ``source``."""
+    dist = path / f"allowance_{name}-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text(
+        f"Metadata-Version: 2.1\nName: allowance-{name}\nVersion: 0.1\n"
+    )
+    (dist / "entry_points.txt").write_text(f"[allowance]\n{name} = {name}_mod\n")
+    (path / f"{name}_mod.py").write_text(source)
 
 
 def test_entry_points_are_loaded(fresh_plugins: None, entry_point_plugin: str) -> None:
@@ -233,15 +241,7 @@ def test_autoload_can_be_turned_off(
 @pytest.fixture
 def broken_entry_point(tmp_path, monkeypatch: pytest.MonkeyPatch) -> str:
     """A real distribution whose ``allowance`` plugin raises on import."""
-    dist = tmp_path / "allowance_brokenplug-0.1.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text(
-        "Metadata-Version: 2.1\nName: allowance-brokenplug\nVersion: 0.1\n"
-    )
-    (dist / "entry_points.txt").write_text("[allowance]\nbroken = brokenplug_mod\n")
-    (tmp_path / "brokenplug_mod.py").write_text(
-        "raise RuntimeError('brokenplug fails on import')\n"
-    )
+    _distribution(tmp_path, "broken", "raise RuntimeError('broken fails on import')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     return "broken"
 
@@ -265,8 +265,8 @@ def test_a_plugin_that_fails_to_load_is_named_every_time(
             attempt()
         message = str(caught.value)
         assert "'broken'" in message
-        assert "allowance-brokenplug" in message
-        assert "brokenplug fails on import" in message
+        assert "allowance-broken" in message
+        assert "broken fails on import" in message
         assert f"ALLOWANCE_DISABLED_ADAPTERS={broken_entry_point}" in message
         assert isinstance(caught.value.__cause__, RuntimeError)
     assert allowance.active_guard() is None
