@@ -179,3 +179,48 @@ def test_a_block_threshold_is_exact_for_the_ratio_as_written(at, limit, point):
         ticket.commit(allowance.Usage(point, 0))  # exactly the point fits
         with pytest.raises(allowance.BudgetExceeded):
             guard.begin(allowance.Estimate("openai", GPT, 1, 0))
+
+
+class _Degrades:
+    """An observer of ``degraded`` events: which budget each one names."""
+
+    allowance_event_kinds = frozenset({"degraded"})
+
+    def __init__(self) -> None:
+        self.budgets: list[str | None] = []
+
+    @allowance.hookimpl
+    def allowance_event(self, event: allowance.Event) -> None:
+        self.budgets.append(event.budget)
+
+
+@pytest.mark.parametrize("ledger", LEDGERS)
+async def test_the_degraded_event_names_the_budget_whose_gate_was_crossed(
+    ledger, kind, fake_provider, clients, tmp_path
+):
+    """Two budgets degrade; only the second one's (the tenant's) is crossed.
+
+    If this fails with the session budget: the event named the first budget
+    with a degrade threshold, crossed or not.
+    """
+    fake_provider.usage = FakeUsage(input_tokens=10_000, output_tokens=5_000)
+    policy = Policy(
+        [
+            Budget("$10", per="session", thresholds=[Threshold(0.5, "degrade")]),
+            Budget("$0.10", per="tenant", thresholds=[Threshold(0.5, "degrade")]),
+        ],
+        fallback=MINI,
+    )
+    guard = Guard(policy, ledger=ledger_url(ledger, tmp_path))
+    client = allowance.wrap(clients("openai", kind), guard=guard)
+    observer = _Degrades()
+    allowance.plugins.register(observer)
+    try:
+        with allowance.scope(tenant="acme"):
+            await ask(client, max_tokens=100)  # $0.075 of $0.10: past 50%
+            await ask(client, max_tokens=100)
+    finally:
+        allowance.plugins.unregister(observer)
+    assert fake_provider.requests[-1].json["model"] == MINI
+    assert observer.budgets == ["$0.10 per tenant"]
+    guard.close()

@@ -699,7 +699,7 @@ class Guard:
                 "degraded",
                 scope,
                 {"requested_model": estimate.model, "model": model, "call_id": call_id},
-                budget=degrading_budget(lines),
+                budget=degrading_budget(lines, result.before),
             )
             if len(self._degraded) >= _LINES_CACHE_SIZE:
                 self._degraded.clear()
@@ -780,7 +780,7 @@ class Guard:
                 "degraded",
                 scope,
                 {"requested_model": estimate.model, "model": model, "call_id": call_id},
-                budget=degrading_budget(lines),
+                budget=degrading_budget(lines, before),
             )
         return Ticket(
             self,

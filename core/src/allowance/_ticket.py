@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
     from allowance._budget import Budget, Threshold
     from allowance._guard import Guard
-    from allowance.typing import Outcome, Unit
+    from allowance.typing import KeyState, Outcome, Unit
 
 __all__ = [
     "FAILED",
@@ -77,13 +77,26 @@ class Line:
     alerts: tuple[Alert, ...] = ()  # the warn/webhook thresholds, in order
 
 
-def degrading_budget(lines: tuple[Line, ...]) -> str | None:
-    """The label of the budget whose degrade threshold sends calls elsewhere."""
-    for line in lines:
-        if line.gate is not None:
-            for budget in line.budgets:
-                if any(t.action == "degrade" for t in budget.thresholds):
-                    return budget.label
+def degrading_budget(
+    lines: tuple[Line, ...], before: Mapping[str, KeyState] | None = None
+) -> str | None:
+    """The label of the budget whose degrade threshold sends calls elsewhere.
+
+    With ``before`` (the keys' states before the call), the first whose gate
+    the call found crossed; else, or if none is, the first that degrades.
+    """
+    gated = [line for line in lines if line.gate is not None]
+    if before is not None:
+        crossed = [
+            line
+            for line in gated
+            if line.key in before and before[line.key].used > (line.gate or 0)
+        ]
+        gated = crossed or gated
+    for line in gated:
+        for budget in line.budgets:
+            if any(t.action == "degrade" for t in budget.thresholds):
+                return budget.label
     return None
 
 

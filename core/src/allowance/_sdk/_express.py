@@ -262,7 +262,7 @@ def _report_admitted(  # noqa: PLR0917 - ``admit``'s state, passed on
             "degraded",
             scope,
             {"requested_model": requested, "model": model, "call_id": call_id},
-            budget=degrading_budget(lines),
+            budget=degrading_budget(lines, before),
         )
 
 
