@@ -74,7 +74,9 @@ async def test_a_warn_threshold_fires_on_a_call_that_no_longer_fits(  # noqa: PL
 async def test_the_warning_is_issued_before_the_refusal(kind, fake_provider, clients):
     fake_provider.usage = FakeUsage(input_tokens=900, output_tokens=50)
     budget = Budget(1000, per="session", thresholds=[Threshold(0.8, "warn")])
-    client = allowance.wrap(clients("openai", kind), guard=Guard(Policy([budget])))
+    client = allowance.wrap(
+        clients("openai", kind), guard=Guard(Policy([budget]), ledger="memory://")
+    )
     await ask(client, max_tokens=100)  # 950 of 1000
     with (
         pytest.warns(allowance.BudgetThresholdWarning, match="80%"),
@@ -224,3 +226,25 @@ async def test_the_degraded_event_names_the_budget_whose_gate_was_crossed(
     assert fake_provider.requests[-1].json["model"] == MINI
     assert observer.budgets == ["$0.10 per tenant"]
     guard.close()
+
+
+async def test_budgets_degrading_to_different_models_go_to_the_first_ones(
+    kind, fake_provider, clients
+):
+    """README: "When several budgets of a call degrade with different ``to=``
+    models, calls past any of them go to the first one's" (a known limit: the
+    fallback is chosen before the ledger says which gate is crossed)."""
+    fake_provider.usage = FakeUsage(input_tokens=10_000, output_tokens=5_000)
+    policy = Policy(
+        [
+            Budget("$10", per="session", thresholds=[Threshold(0.5, "degrade", to="gpt-4.1-nano")]),
+            Budget("$0.10", per="tenant", thresholds=[Threshold(0.5, "degrade", to=MINI)]),
+        ]
+    )  # fmt: skip
+    client = allowance.wrap(
+        clients("openai", kind), guard=Guard(policy, ledger="memory://")
+    )
+    with allowance.scope(tenant="acme"):
+        await ask(client, max_tokens=100)  # the tenant's gate: crossed
+        await ask(client, max_tokens=100)
+    assert fake_provider.requests[-1].json["model"] == "gpt-4.1-nano"
