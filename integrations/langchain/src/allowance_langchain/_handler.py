@@ -98,6 +98,8 @@ class _Call:
     """The ``metadata`` object the start got: the same for every run of one
     LangChain model call (one per message list or prompt), another for any
     other call, as each call configures a callback manager of its own."""
+    chat: bool = False
+    """Started by ``on_chat_model_start`` (else ``on_llm_start``)."""
     ticket: allowance.Ticket | None = None
     closed: bool = False
     routed: bool = True
@@ -370,7 +372,9 @@ class AllowanceCallbackHandler(BaseCallbackHandler):
         def rows() -> list[dict[str, Any]]:
             return [_message_row(m) for batch in messages for m in batch]
 
-        self._start(serialized, rows, run_id, parent_run_id, tags, metadata, kwargs)
+        self._start(
+            serialized, rows, run_id, parent_run_id, tags, metadata, kwargs, chat=True
+        )
 
     def on_llm_start(
         self,
@@ -436,7 +440,19 @@ class AllowanceCallbackHandler(BaseCallbackHandler):
     def on_llm_error(
         self, error: BaseException, *, run_id: UUID, **kwargs: Any
     ) -> None:
-        """Settle a failed call: release it only if the provider did no work."""
+        """Settle a failed call: release it only if the provider did no work.
+
+        The sync ``generate`` of a chat model sends its message lists one by
+        one and, when one fails, errors its run alone and raises: the runs of
+        that call started before it (answered) and after it (never sent) get
+        no callback at all. They are settled here (``_take_siblings``).
+        """
+        found = self._runs.calls.get(run_id)
+        before, after = (
+            self._take_siblings(found)
+            if found is not None and found.chat and found.batch is not None
+            else ((), ())
+        )
         call = self._pop(run_id)
         if call is None:
             return
@@ -445,6 +461,8 @@ class AllowanceCallbackHandler(BaseCallbackHandler):
                 _settle_error(call, call.ticket, error)
         finally:
             self._close(call)
+            if before or after:
+                self._settle_siblings(before, after)
 
     # -- the mechanism ----------------------------------------------------------------
 
@@ -457,6 +475,8 @@ class AllowanceCallbackHandler(BaseCallbackHandler):
         tags: Sequence[str] | None,
         metadata: Mapping[str, Any] | None,
         extra: Mapping[str, Any],
+        *,
+        chat: bool = False,
     ) -> None:
         guard = self.guard
         if guard is None:
@@ -483,6 +503,7 @@ class AllowanceCallbackHandler(BaseCallbackHandler):
             _here.set(object()),
             _compat.current_task_context(),
             metadata,
+            chat,
         )
         try:
             if not through_sdk:
@@ -585,6 +606,58 @@ class AllowanceCallbackHandler(BaseCallbackHandler):
                 _claimed.discard(call.run_id)
         return taken
 
+    def _take_siblings(self, failed: _Call) -> tuple[Sequence[_Call], Sequence[_Call]]:
+        """Take the runs of ``failed``'s chat call a sync ``generate`` left open.
+
+        Returns those started before ``failed`` and those started after it.
+        Only under a sync ``generate``: this handler runs inline, so an async
+        ``agenerate`` calls it in its event loop (and then ends or errors
+        every run itself); a sync one called inside a running loop is left
+        alone (its runs go to their lease, as they would without this).
+        """
+        if not self.run_inline or _loop_running():
+            return (), ()
+        thread = threading.get_ident()
+        batch = failed.batch
+        before: list[_Call] = []
+        after: list[_Call] = []
+        runs = self._runs
+        with runs.lock:
+            if runs.calls.get(failed.run_id) is not failed:
+                return (), ()
+            side = before
+            for call in runs.calls.values():
+                if call is failed:
+                    side = after
+                elif call.batch is batch and call.key[0] == thread:
+                    side.append(call)
+            for call in (*before, *after):
+                del runs.calls[call.run_id]
+        if not self._global:
+            for call in (*before, *after):
+                _claimed.discard(call.run_id)
+        return before, after
+
+    def _settle_siblings(self, before: Iterable[_Call], after: Iterable[_Call]) -> None:
+        """Settle the runs ``_take_siblings`` took; undo their routes.
+
+        A run started before the failed one was answered (its usage, lost
+        with the call's result, is unknown): the worst case is kept. One
+        started after it was never sent: released. The SDK layer charges a
+        run the handler holds no ticket for.
+        """
+        for call in before:
+            if call.ticket is not None:
+                # Should the ledger fail, the reservation's lease ends it.
+                with contextlib.suppress(Exception):
+                    call.ticket.keep(outcome="error")
+            self._close(call)
+        for call in after:
+            if call.ticket is not None:
+                with contextlib.suppress(Exception):
+                    call.ticket.release()
+            self._close(call)
+
     def _pop(self, run_id: UUID) -> _Call | None:
         if not self._global:
             _claimed.discard(run_id)
@@ -664,6 +737,15 @@ def _abandon(batch: object, error: BaseException, extra: Mapping[str, Any]) -> N
                 call.ticket.release(outcome="blocked")
     for key in dict.fromkeys(call.key for call in taken):
         _unwind(key)
+
+
+def _loop_running() -> bool:
+    """Tell whether an asyncio event loop runs in this thread."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 def _refuse_again() -> None:
