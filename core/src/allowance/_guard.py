@@ -50,6 +50,7 @@ from allowance._ticket import (
     Line,
     Op,
     Ticket,
+    crossed_gates,
     degrading_budget,
 )
 from allowance.typing import CallRecord, Estimate, Event, KeyState, ReserveItem, Usage
@@ -695,11 +696,8 @@ class Guard:
         if self._observed():
             self._emit_admitted(scope, lines, reserved, result.before, call_id)
         if result.plan > 0:
-            self._emit(
-                "degraded",
-                scope,
-                {"requested_model": estimate.model, "model": model, "call_id": call_id},
-                budget=degrading_budget(lines, result.before),
+            self._emit_degraded(
+                scope, lines, result.before, estimate.model, model, call_id
             )
             if len(self._degraded) >= _LINES_CACHE_SIZE:
                 self._degraded.clear()
@@ -741,14 +739,15 @@ class Guard:
         """Log the refused call, then raise, or stop, or let it through (warn).
 
         ``fallback``: the model the call would degrade to, and its plan, tried
-        and refused too. When a degrade gate alone refused the model asked for,
-        the violations are the fallback's (the model asked for fits), and a call
-        let through (``on_limit="warn"``) goes to the fallback.
+        and refused too. When a degrade gate it found crossed barred the model
+        asked for, the violations are the fallback's (the model asked for may
+        fit), and a call let through (``on_limit="warn"``) goes to the fallback.
         """
         before = result.before
-        degrade = fallback is not None and _gated(lines, plan, before)
+        if fallback is not None and not crossed_gates(lines, before):
+            fallback = None  # the model asked for was refused by a limit
         violations = _violations(
-            lines, fallback[1] if fallback is not None and degrade else plan, before
+            lines, plan if fallback is None else fallback[1], before
         )
         yield from self._refuse_plan(
             estimate=estimate,
@@ -761,27 +760,18 @@ class Guard:
         # A warn or webhook threshold fires on the calls made past it, refused
         # or not: the call that finds a budget past 80% is often one that does
         # not fit any more.
-        crossed = (
-            (yield from self._threshold_plan(lines, before, scope, estimate.model))
-            if any(line.alerts for line in lines)
-            else ()
-        )
+        crossed = yield from self._threshold_plan(lines, before, scope, estimate.model)
         for message in crossed:
             warnings.warn(message, BudgetThresholdWarning, stacklevel=2)
         on_limit = self.policy.on_limit
         if on_limit == "raise":
             raise BudgetExceeded(violations, model=estimate.model)
         chosen, micros = estimate, worst_micros
-        if on_limit == "warn" and fallback is not None and degrade:
+        if on_limit == "warn" and fallback is not None:
             # Over the limit and past the degrade threshold: let through to
             # the fallback, as a call that fits would go.
             (model, chosen, micros), _ = fallback
-            self._emit(
-                "degraded",
-                scope,
-                {"requested_model": estimate.model, "model": model, "call_id": call_id},
-                budget=degrading_budget(lines, before),
-            )
+            self._emit_degraded(scope, lines, before, estimate.model, model, call_id)
         return Ticket(
             self,
             call_id,
@@ -1003,6 +993,23 @@ class Guard:
         """True when events have somewhere to go (telemetry or an observer)."""
         return telemetry.active() or plugins.has_observers()
 
+    def _emit_degraded(  # noqa: PLR0917 - the degraded call's state, passed on
+        self,
+        scope: Mapping[str, str],
+        lines: tuple[Line, ...],
+        before: Mapping[str, KeyState],
+        requested: str,
+        model: str,
+        call_id: str,
+    ) -> None:
+        """Say a call went to ``model`` instead, naming the budget that sent it."""
+        self._emit(
+            "degraded",
+            scope,
+            {"requested_model": requested, "model": model, "call_id": call_id},
+            budget=degrading_budget(lines, before),
+        )
+
     def _emit(
         self,
         kind: str,
@@ -1223,16 +1230,6 @@ class Guard:
 
 def _amount(amount: int, unit: Unit) -> Decimal | int:
     return Decimal(amount) / MICROS_PER_USD if unit == "usd" else amount
-
-
-def _gated(
-    lines: tuple[Line, ...], plan: list[ReserveItem], before: Mapping[str, KeyState]
-) -> bool:
-    """True when a degrade gate refused ``plan``: a gated key holds past its gate."""
-    return any(
-        item.gate is not None and before.get(line.key, _ZERO).used > item.gate
-        for line, item in zip(lines, plan, strict=True)
-    )
 
 
 def _violations(

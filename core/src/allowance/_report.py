@@ -422,7 +422,7 @@ def _build_with_progress(
     return report
 
 
-def _print_tables(  # noqa: C901, PLR0912 - tables of each kind
+def _print_tables(  # noqa: C901 - tables of each kind
     console: Console, report: Report, *, top: int
 ) -> None:
     from rich.table import Table  # noqa: PLC0415 - loaded only when used
@@ -431,6 +431,10 @@ def _print_tables(  # noqa: C901, PLR0912 - tables of each kind
         console.print("No calls recorded.")
         return
     columns = ("calls", "input tok", "output tok", "USD", "blocked", "degraded")
+
+    def add_numbers(table: Table) -> None:
+        for column in columns:  # an amount is never cut: ids fold instead
+            table.add_column(column, justify="right", no_wrap=column == "USD")
 
     def numbers(row: Row) -> list[str]:
         return [
@@ -450,8 +454,7 @@ def _print_tables(  # noqa: C901, PLR0912 - tables of each kind
         table = Table(title=title, title_justify="left")
         for key in keys:
             table.add_column(key, overflow="fold")  # ids differ at the end
-        for column in columns:
-            table.add_column(column, justify="right", no_wrap=column == "USD")
+        add_numbers(table)
         groups = report.sorted_groups()
         for key_values, row in groups[:_MAX_TABLE_ROWS]:
             table.add_row(*key_values, *numbers(row))
@@ -461,8 +464,7 @@ def _print_tables(  # noqa: C901, PLR0912 - tables of each kind
         for dimension, rows in report.per_dimension.items():
             table = Table(title=f"Spend by {dimension}", title_justify="left")
             table.add_column(dimension, overflow="fold")
-            for column in columns:
-                table.add_column(column, justify="right", no_wrap=column == "USD")
+            add_numbers(table)
             ranked = sorted(rows.values(), key=lambda r: (-r.cost_micros, r.name))
             for row in ranked[:_MAX_TABLE_ROWS]:
                 table.add_row(row.name, *numbers(row))
@@ -471,8 +473,7 @@ def _print_tables(  # noqa: C901, PLR0912 - tables of each kind
     table = Table(title="Spend by model", title_justify="left")
     table.add_column("model", overflow="fold")
     table.add_column("provider")
-    for column in columns:
-        table.add_column(column, justify="right", no_wrap=column == "USD")
+    add_numbers(table)
     for (provider, model), row in report.top_models(top):
         table.add_row(model, provider, *numbers(row))
     console.print(table)

@@ -35,6 +35,7 @@ __all__ = [
     "Line",
     "Op",
     "Ticket",
+    "crossed_gates",
     "degrading_budget",
 ]
 
@@ -77,22 +78,33 @@ class Line:
     alerts: tuple[Alert, ...] = ()  # the warn/webhook thresholds, in order
 
 
-def degrading_budget(
-    lines: tuple[Line, ...], before: Mapping[str, KeyState] | None = None
-) -> str | None:
-    """The label of the budget whose degrade threshold sends calls elsewhere.
+def crossed_gates(
+    lines: tuple[Line, ...], before: Mapping[str, KeyState]
+) -> list[Line]:
+    """The lines whose degrade gate a call found crossed, as a reserve judges it.
 
-    With ``before`` (the keys' states before the call), the first whose gate
-    the call found crossed; else, or if none is, the first that degrades.
+    ``before``: the lines' keys' states before the call.
     """
-    gated = [line for line in lines if line.gate is not None]
-    if before is not None:
-        crossed = [
-            line
-            for line in gated
-            if line.key in before and before[line.key].used > (line.gate or 0)
-        ]
-        gated = crossed or gated
+    return [
+        line
+        for line in lines
+        if line.gate is not None
+        and line.key in before
+        and before[line.key].used > line.gate
+    ]
+
+
+def degrading_budget(
+    lines: tuple[Line, ...], before: Mapping[str, KeyState]
+) -> str | None:
+    """The label of the budget whose degrade threshold sends a call elsewhere.
+
+    The first whose gate the call found crossed (``before``: the keys' states
+    before it); if none is, the first that degrades.
+    """
+    gated = crossed_gates(lines, before) or [
+        line for line in lines if line.gate is not None
+    ]
     for line in gated:
         for budget in line.budgets:
             if any(t.action == "degrade" for t in budget.thresholds):

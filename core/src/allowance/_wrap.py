@@ -88,10 +88,8 @@ def _sdk_adapter_for(client: object) -> SdkAdapter:
     for adapter in plugins.adapters().values():
         if isinstance(adapter, SdkAdapter) and adapter.owns(client):
             return adapter
-    module = type(client).__module__.partition(".")[0]
-    if module in {"openai", "anthropic"} and plugins.get_plugin_manager().is_blocked(
-        module
-    ):
+    module = type(client).__module__.partition(".")[0]  # the adapter's name
+    if plugins.get_plugin_manager().is_blocked(module):
         raise UsageError(
             f"wrap() cannot guard this {type(client).__qualname__}: the {module!r}"
             " adapter is disabled (ALLOWANCE_DISABLED_ADAPTERS)",

@@ -57,7 +57,7 @@ from allowance._estimate import make_estimate, make_record
 from allowance._ledger._memory import MemoryLedger
 from allowance._pricing import prices
 from allowance._scope import current_adapters, new_id
-from allowance._ticket import Ticket, degrading_budget
+from allowance._ticket import Ticket
 from allowance.typing import KeyState
 
 if TYPE_CHECKING:
@@ -258,12 +258,7 @@ def _report_admitted(  # noqa: PLR0917 - ``admit``'s state, passed on
     }
     guard._emit_admitted(scope, lines, held, before, call_id)  # noqa: SLF001
     if requested is not None:
-        guard._emit(  # noqa: SLF001
-            "degraded",
-            scope,
-            {"requested_model": requested, "model": model, "call_id": call_id},
-            budget=degrading_budget(lines, before),
-        )
+        guard._emit_degraded(scope, lines, before, requested, model, call_id)  # noqa: SLF001
 
 
 def _fallback(  # noqa: PLR0917 - ``admit``'s state, passed on
