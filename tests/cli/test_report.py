@@ -31,6 +31,7 @@ def record(
     requested: str | None = None,
     cost: int = 10_000,
     outcome: str = "ok",
+    usage: Usage | None = None,
 ) -> CallRecord:
     blocked = outcome == "blocked"
     return CallRecord(
@@ -40,7 +41,7 @@ def record(
         provider="openai",
         model=model,
         requested_model=requested or model,
-        usage=Usage() if blocked else Usage(1000, 100),
+        usage=Usage() if blocked else usage or Usage(1000, 100),
         cost_micros=0 if blocked else cost,
         adapters=("openai",),
         outcome=outcome,  # type: ignore[arg-type]
@@ -341,4 +342,43 @@ def test_a_narrow_terminal_folds_ids_and_keeps_amounts_whole(
     first_cells = "".join(row.split("│")[1].strip() for row in rows)
     assert f"{long}0001{long}0000" in first_cells  # the larger spender first
     assert "$0.010001" in out.getvalue()
+    ledger.close()
+
+
+@pytest.mark.parametrize("width", [44, 60, 80])  # below 44, 8 columns do not fit
+@pytest.mark.parametrize("by", [(), ("tenant",)])
+def test_a_narrow_terminal_cuts_no_cell_of_any_table(
+    tmp_path: Path, width: int, by: tuple[str, ...]
+) -> None:
+    # At 60 columns the model table cut token counts to "12…" and the
+    # provider to "op…": every cell now folds (USD stays on one line).
+    ledger = open_ledger(f"sqlite:///{tmp_path / 'wide.db'}")
+    big = Usage(123_456_789, 12_345_678)
+    model = "gpt-4o-mini-2024-07-18"
+    for n in range(3):
+        tenant = f"tenant-{n}"
+        cost = 1_234_567_890
+        ledger.record(record(n, DAY1 + n, tenant, model=model, cost=cost, usage=big))
+    ledger.record(record(9, DAY1 + 9, "tenant-9", model=model, outcome="blocked"))
+    out = io.StringIO()
+    print_report(Console(file=out, width=width), ledger, by=by)
+    text = out.getvalue()
+    lines = text.splitlines()
+    assert max(len(line) for line in lines) <= width
+    cells = [line for line in lines if line.startswith("│")]
+    assert cells
+    assert not [line for line in cells if "…" in line], text
+    models = lines[lines.index("Spend by model".ljust(width)) :]
+    rows = [
+        line.split("│")[1:-1]
+        for line in models[
+            : models.index(next(line for line in models if line.startswith("└")))
+        ]
+        if line.startswith("│")
+    ]
+    columns = [
+        "".join(cell.strip() for cell in column) for column in zip(*rows, strict=True)
+    ]
+    assert columns[:5] == [model, "openai", "4", "370,370,367", "37,037,034"]
+    assert rows[0][5].strip() == "$3703.70367"  # the amount on one line
     ledger.close()

@@ -433,8 +433,10 @@ def _print_tables(  # noqa: C901 - tables of each kind
     columns = ("calls", "input tok", "output tok", "USD", "blocked", "degraded")
 
     def add_numbers(table: Table) -> None:
-        for column in columns:  # an amount is never cut: ids fold instead
-            table.add_column(column, justify="right", no_wrap=column == "USD")
+        for column in columns:  # a cell is never cut: digits fold, USD stays whole
+            table.add_column(
+                column, justify="right", no_wrap=column == "USD", overflow="fold"
+            )
 
     def numbers(row: Row) -> list[str]:
         return [
@@ -472,7 +474,7 @@ def _print_tables(  # noqa: C901 - tables of each kind
             _print_more(console, len(ranked))
     table = Table(title="Spend by model", title_justify="left")
     table.add_column("model", overflow="fold")
-    table.add_column("provider")
+    table.add_column("provider", overflow="fold")
     add_numbers(table)
     for (provider, model), row in report.top_models(top):
         table.add_row(model, provider, *numbers(row))
