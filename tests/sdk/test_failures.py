@@ -466,18 +466,27 @@ async def test_timeout_is_charged_in_full(api, kind, fake_provider, guarded):
     assert fake_provider.generation_count == 1
 
 
+# An attempt the provider may have billed, which the SDK retries: a read that
+# timed out once sent, and a connection dropped after the request arrived
+# (no answer: the SDK raises httpx's RemoteProtocolError, and retries).
+MAYBE_BILLED = {"timeout": FakeReply(latency=3), "dropped": FakeReply(truncate_after=0)}
+
+
+@pytest.mark.parametrize("failure", MAYBE_BILLED)
 @pytest.mark.parametrize("mode", ["wrap", "patch"])
 @pytest.mark.parametrize("api", [CHAT, MESSAGES], ids=["chat", "messages"])
-async def test_an_attempt_that_timed_out_before_a_retry_is_charged(
-    api, mode, kind, fake_provider, guarded
+async def test_an_attempt_that_may_be_billed_before_a_retry_is_charged(  # noqa: PLR0917 - fixtures
+    api, mode, failure, kind, fake_provider, guarded
 ):
-    """A timeout, then the SDK's retry answers: two charges.
+    """A timeout or a dropped connection, then the SDK's retry answers.
 
-    The attempt that timed out may have been billed: its worst case is kept
-    as a call of its own (``error``); the answer is charged its usage.
+    Two charges: the failed attempt may have been billed, so its worst case
+    is kept as a call of its own (``error``); the answer is charged its
+    usage. (A dropped attempt was charged nothing before: only timeouts
+    were.)
 
     If this fails with only the answer charged: the SDK's retries inside
-    ``request`` hide the attempt that timed out (``_sleep_for_retry`` hook).
+    ``request`` hide the failed attempt (``_sleep_for_retry`` hook).
     """
     client, guard = guarded(
         api.sdk,
@@ -486,7 +495,7 @@ async def test_an_attempt_that_timed_out_before_a_retry_is_charged(
         TOKENS,
         client_options={"timeout": 0.5, "max_retries": 1},
     )
-    fake_provider.enqueue(FakeReply(latency=3), FakeReply(usage=USAGE))
+    fake_provider.enqueue(MAYBE_BILLED[failure], FakeReply(usage=USAGE))
     await api.call(client)
     assert fake_provider.generation_count == 2
     assert held(guard) == (api.worst("tokens") + USAGE.total_tokens, 0)
@@ -496,11 +505,12 @@ async def test_an_attempt_that_timed_out_before_a_retry_is_charged(
     assert timed_out.estimate_tokens == api.worst("tokens")
 
 
+@pytest.mark.parametrize("failure", MAYBE_BILLED)
 @pytest.mark.parametrize("api", [CHAT, MESSAGES], ids=["chat", "messages"])
 async def test_a_retry_the_budget_cannot_hold_is_not_sent(
-    api, kind, fake_provider, guarded
+    api, failure, kind, fake_provider, guarded
 ):
-    """The budget holds one worst case: the attempt that timed out keeps it.
+    """The budget holds one worst case: the attempt that failed keeps it.
 
     The retry would need a second: ``BudgetExceeded``, and it is not sent.
     """
@@ -512,7 +522,7 @@ async def test_a_retry_the_budget_cannot_hold_is_not_sent(
         worst + worst // 2,
         client_options={"timeout": 0.5, "max_retries": 2},
     )
-    fake_provider.enqueue(FakeReply(latency=3), FakeReply(usage=USAGE))
+    fake_provider.enqueue(MAYBE_BILLED[failure], FakeReply(usage=USAGE))
     with pytest.raises(allowance.BudgetExceeded):
         await api.call(client)
     assert fake_provider.generation_count == 1

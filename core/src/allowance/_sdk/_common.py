@@ -71,25 +71,22 @@ def claimed() -> bool:
     return _claimed.get() is not None
 
 
-def _timed_out(kwargs: Mapping[str, Any]) -> bool:
-    """True in ``_sleep_for_retry`` after an attempt that timed out once sent.
+def _maybe_billed(kwargs: Mapping[str, Any]) -> bool:
+    """True in ``_sleep_for_retry`` after an attempt the provider may have billed.
 
-    The SDKs call it inside the ``except`` that caught the attempt's error
-    (openai: httpx's ``TimeoutException``; anthropic: ``APITimeoutError``
-    from it), with no response. A timeout while connecting sent nothing.
+    The SDKs call it inside the ``except`` that caught the attempt's error,
+    with no response: a timeout (openai: httpx's ``TimeoutException``;
+    anthropic: ``APITimeoutError`` from it), or any other error once the
+    request may have been sent (a connection dropped mid-answer: httpx's
+    ``RemoteProtocolError``, ``ReadError``). The rule a call's last attempt
+    follows: only an error that shows the provider did no work (a
+    connection never made) is free. A retry after an HTTP error status
+    passes its ``response``: answered, not billed.
     """
     if kwargs.get("response") is not None:
         return False
     err = sys.exc_info()[1]
-    if err is None or provider_did_no_work(err):
-        return False
-    while err is not None:
-        if isinstance(err, TimeoutError) or any(
-            "Timeout" in kind.__name__ for kind in type(err).__mro__
-        ):
-            return True
-        err = err.__cause__
-    return False
+    return err is not None and not provider_did_no_work(err)
 
 
 def _retried(current: object) -> tuple[Guard, Estimate, tuple[str, ...]] | None:
@@ -113,18 +110,19 @@ def _refused(ticket: Ticket) -> BudgetExceeded:
 def retry_sync(
     wrapped: Callable[..., Any], _: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Any:
-    """Wrap ``SyncAPIClient._sleep_for_retry``: charge an attempt that timed out.
+    """Wrap ``SyncAPIClient._sleep_for_retry``: charge an attempt that may be billed.
 
     The SDK retries inside ``request``, the call the guard holds one worst
-    case for. An attempt that timed out may have been billed: it is charged
+    case for. An attempt that timed out, or whose connection dropped once
+    sent, may have been billed (``_maybe_billed``): it is charged
     its worst case as a call of its own (``error``), held and kept before the
     retry is sent, so the call's reservation covers the retry. A budget that
     cannot hold it raises ``BudgetExceeded`` instead of retrying (whatever
     ``on_limit`` says: the SDK has no response to stop with); the call's
-    reservation is then kept for the attempt that timed out.
+    reservation is then kept for the attempt that failed.
     """
     retried = _retried(_claimed.get())
-    if retried is not None and _timed_out(kwargs):
+    if retried is not None and _maybe_billed(kwargs):
         guard, estimate, adapters = retried
         ticket = guard.begin(estimate, adapters=adapters)
         if ticket.stopped:
@@ -141,7 +139,7 @@ async def retry_async(
 ) -> Any:
     """Async twin of ``retry_sync`` (``AsyncAPIClient._sleep_for_retry``)."""
     retried = _retried(_claimed.get())
-    if retried is not None and _timed_out(kwargs):
+    if retried is not None and _maybe_billed(kwargs):
         guard, estimate, adapters = retried
         ticket = await guard.abegin(estimate, adapters=adapters)
         if ticket.stopped:
