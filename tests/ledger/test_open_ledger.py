@@ -175,6 +175,7 @@ def test_sqlite_takes_a_clock(tmp_path) -> None:
         ("sqlite:///x.db?timeout=3", "no other query"),
         ("sqlite:///x.db?busy_timeout=1&mode=ro", "no other query"),
         ("sqlite:///x.db?garbage", "no other query"),
+        ("sqlite:///x%00.db", "without a NUL byte"),  # was a bare ValueError
     ],
 )
 def test_sqlite_rejects_malformed_urls(tmp_path, monkeypatch, url, expected) -> None:
@@ -213,7 +214,7 @@ def test_sqlite_rejects_a_bad_busy_timeout_option(tmp_path) -> None:
         ("redis://bob:s3cret@cache/2?socket_timeout=0.5", "redis://bob:***@cache/2"),
         (
             "redis+sentinel://:pw@s1:26379,s2/mymaster/2?sentinel_password=x",
-            "redis+sentinel://:***@s1:26379,s2/mymaster/2?sentinel_password=%2A%2A%2A",
+            "redis+sentinel://:***@s1:26379,s2/mymaster/2?sentinel_password=***",
         ),
     ],
 )
@@ -252,8 +253,12 @@ def test_redis_prefix_and_options() -> None:
         ("redis://host/0?max_calls=many", "max_calls=<an int > 0>"),
         ("redis://host/0?socket_timeout=-1", "socket_timeout=<seconds >= 0>"),
         ("redis://host/0?socket_timeout=inf", "socket_timeout=<seconds >= 0>"),
-        ("redis://host/0?max_connections=0", "max_connections=<an int > 0>"),
-        ("redis://host/0?sentinel_password=x", "query options"),
+        ("redis://host/0?max_connections=0", "an int from 1 to 10,000"),
+        # A pool fills a slot per connection when built: 10**20 took minutes
+        # and gigabytes inside open_ledger() before it raised nothing.
+        ("redis://host/0?max_connections=10001", "an int from 1 to 10,000"),
+        ("redis://host/0?max_connections=" + "9" * 20, "an int from 1 to 10,000"),
+        ("redis://[::1/0", "redis://[[user]:password@]host"),  # was a ValueError
         ("redis+sentinel://s1:26379", "redis+sentinel://"),
         ("redis+sentinel://s1:26379/", "redis+sentinel://"),
         ("redis+sentinel://s1:26379/svc/x", "redis+sentinel://"),
@@ -266,6 +271,37 @@ def test_redis_rejects_malformed_urls(url: str, expected: str) -> None:
         open_ledger(url)
     assert expected in caught.value.expected
     assert caught.value.value == url
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://:hunter2@127.0.0.1:99999/0", "redis://:***@127.0.0.1:99999/0"),
+        ("redis://user:hunter2@h/0?bogus=1", "redis://user:***@h/0?bogus=1"),
+        ("redis://:hunter2@h/0?max_calls=0", "redis://:***@h/0?max_calls=0"),
+        ("redis://:hunter2@h/0?socket_timeout=-1", "redis://:***@h/0?socket_timeout"),
+        ("redis+sentinel://:hunter2@h1/svc/0/9", "redis+sentinel://:***@h1/svc/0/9"),
+        (
+            "redis+sentinel://h1/svc?sentinel_password=hunter2&nope=1",
+            "redis+sentinel://h1/svc?sentinel_password=***&nope=1",
+        ),
+        ("redis://h/0?sentinel_password=hunter2", "redis://h/0?sentinel_password=***"),
+        ("redis://u:hunter2@[::1/0", "redis://***@[::1/0"),  # urlsplit fails
+        (
+            "redis+sentinel://[::1/svc?sentinel_password=hunter2",
+            "redis+sentinel://[::1/svc?sentinel_password=***",
+        ),
+    ],
+)
+def test_a_malformed_redis_url_is_named_without_its_password(
+    url: str, shown: str
+) -> None:
+    # The README: passwords are shown as ***. A malformed URL was named whole.
+    with pytest.raises(ConfigurationError) as caught:
+        open_ledger(url)
+    assert "hunter2" not in str(caught.value)
+    assert "hunter2" not in repr(caught.value.value)
+    assert str(caught.value.value).startswith(shown)
 
 
 @pytest.mark.parametrize("prefix", ["", "a{b", "c}"])

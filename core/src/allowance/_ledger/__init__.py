@@ -184,6 +184,8 @@ def _parse_sqlite(url: str) -> tuple[str, dict[str, float]]:
     rest, _, fragment = rest[1:].partition("#")
     raw_path, _, query = rest.partition("?")
     path = unquote(raw_path)
+    if "\x00" in path:  # "%00": no file name holds one
+        raise _bad_url(url, f"{expected}, without a NUL byte")
     if fragment or not path or path.endswith("/") or path == ":memory:":
         if path == ":memory:":
             expected = "a file path (use memory:// for an in-process ledger)"

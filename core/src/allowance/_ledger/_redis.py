@@ -27,6 +27,7 @@ import itertools
 import json
 import math
 import os
+import re
 import threading
 import weakref
 from importlib import resources
@@ -94,6 +95,10 @@ MAX_CALLS: Final = 1_000_000
 MAX_CONNECTIONS: Final = 64
 """Connections per client (one sync client, one per event loop); more
 concurrent calls wait for one (``?max_connections=``)."""
+
+MOST_CONNECTIONS: Final = 10_000
+"""The most ``?max_connections=`` takes (Redis's own default ``maxclients``):
+redis-py's blocking pool fills a queue slot per connection when built."""
 
 SOCKET_TIMEOUT: Final = 5.0
 CONNECT_TIMEOUT: Final = 2.0
@@ -657,13 +662,17 @@ def open_redis_ledger(url: str, **options: Any) -> RedisLedger:
     """
     scheme, _, _ = url.partition("://")
     scheme = scheme.lower()
-    parts = urlsplit(url)
+    safe = _masked(url)  # errors name the URL with its passwords hidden
+    try:
+        parts = urlsplit(url)
+    except ValueError as err:  # "redis://[::1/0": an unclosed IPv6 address
+        raise ConfigurationError("ledger", safe, _EXPECTED) from err
     if parts.fragment:
-        raise ConfigurationError("ledger", url, _EXPECTED)
+        raise ConfigurationError("ledger", safe, _EXPECTED)
     try:
         pairs = parse_qsl(parts.query, keep_blank_values=True, strict_parsing=False)
     except ValueError as err:
-        raise ConfigurationError("ledger", url, _EXPECTED) from err
+        raise ConfigurationError("ledger", safe, _EXPECTED) from err
     query = dict(pairs)
     allowed = (
         _OURS | _THEIRS | (_SENTINEL_ONLY if scheme == "redis+sentinel" else set())
@@ -673,13 +682,13 @@ def open_redis_ledger(url: str, **options: Any) -> RedisLedger:
         expected = (
             f"{_EXPECTED}; query options: {', '.join(sorted(allowed))} (each once)"
         )
-        raise ConfigurationError("ledger", url, expected)
+        raise ConfigurationError("ledger", safe, expected)
     prefix = str(options.pop("prefix", query.pop("prefix", DEFAULT_PREFIX)))
     if not prefix or any(c in prefix for c in "{}"):
         what, expected = "ledger prefix", "a non-empty name without { or }"
         raise ConfigurationError(what, prefix, expected)
     max_calls = _positive_int(
-        url, "max_calls", options.pop("max_calls", query.pop("max_calls", MAX_CALLS))
+        safe, "max_calls", options.pop("max_calls", query.pop("max_calls", MAX_CALLS))
     )
     clock = options.pop("clock", None)
     if clock is not None and not callable(clock):
@@ -689,24 +698,49 @@ def open_redis_ledger(url: str, **options: Any) -> RedisLedger:
         what = "ledger option"
         expected = f"one of the options {scheme} takes: clock, max_calls, prefix"
         raise ConfigurationError(what, min(options), expected)
-    safe = _mask(parts)
     if scheme == "redis+sentinel":
-        make, make_async = _sentinel_factories(url, parts, query)
+        make, make_async = _sentinel_factories(safe, parts, query)
     else:
-        make, make_async = _direct_factories(url, parts, query)
+        make, make_async = _direct_factories(safe, parts, query)
     return RedisLedger(
-        make, make_async, url=safe, prefix=prefix, clock=clock, max_calls=max_calls
+        make,
+        make_async,
+        url=_mask(parts),
+        prefix=prefix,
+        clock=clock,
+        max_calls=max_calls,
     )
 
 
-def _positive_int(url: str, name: str, value: object) -> int:
+def _positive_int(url: str, name: str, value: object, most: int | None = None) -> int:
+    """``value`` as an int > 0 (and <= ``most``); ``url`` is the masked URL."""
     try:
         number = int(str(value))
     except ValueError:
         number = 0
-    if number <= 0:
-        raise ConfigurationError("ledger", url, f"{name}=<an int > 0>")
+    if number <= 0 or (most is not None and number > most):
+        expected = (
+            f"{name}=<an int > 0>"
+            if most is None
+            else (f"{name}=<an int from 1 to {most:,}>")
+        )
+        raise ConfigurationError("ledger", url, expected)
     return number
+
+
+def _masked(url: str) -> str:
+    """``url`` with its passwords hidden, even when it does not parse."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        scheme, sep, rest = url.partition("://")
+        if "@" in rest:  # a user and password may be anywhere before the last @
+            rest = "***@" + rest.rpartition("@")[2]
+        rest = re.sub(r"(sentinel_password=)[^&#]*", r"\1***", rest)
+        return f"{scheme}{sep}{rest}"
+    if parts.password is None and "sentinel_password" not in parts.query:
+        return url  # nothing to hide: shown as written
+    return _mask(parts)
 
 
 def _mask(parts: SplitResult) -> str:
@@ -720,7 +754,9 @@ def _mask(parts: SplitResult) -> str:
         (k, "***" if k == "sentinel_password" else v)
         for k, v in parse_qsl(parts.query, keep_blank_values=True)
     ]
-    return urlunsplit((parts.scheme, netloc, parts.path, urlencode(query), ""))
+    return urlunsplit(
+        (parts.scheme, netloc, parts.path, urlencode(query, safe="*"), "")
+    )
 
 
 def _options(url: str, query: dict[str, str]) -> dict[str, Any]:
@@ -741,7 +777,7 @@ def _options(url: str, query: dict[str, str]) -> dict[str, Any]:
             options[name] = value
     if "max_connections" in query:
         options["max_connections"] = _positive_int(
-            url, "max_connections", query["max_connections"]
+            url, "max_connections", query["max_connections"], MOST_CONNECTIONS
         )
     if "client_name" in query:
         options["client_name"] = query["client_name"]
