@@ -576,6 +576,41 @@ def test_a_failed_write_loses_nothing(tmp_path: Path) -> None:
         ledger.close()
 
 
+def test_close_does_not_wait_out_the_writer_s_back_off(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """After failed writes the thread backs off (2 s, 4 s, ... up to 30 s);
+    close() woke it, but it slept through: close(), and the exit's flush,
+    waited out the back-off though the file was writable again."""
+    path = tmp_path / "wb.db"
+    ledger = WriteBehindLedger(path, write_behind=0.01, busy_timeout=0.05)
+    key = "tokens:session=a"
+    ledger.hold([(key, 10, 1000)], "r0", LEASE)
+    ledger.flush()
+    assert ledger.hold([(key, 10, 1000)], "r1", LEASE)
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    with caplog.at_level("WARNING", logger="allowance"):
+        assert ledger.settle("r1", {key: 4}, call_record("r1"))
+        deadline = time.monotonic() + 30
+        while caplog.text.count("failed (kept in memory") < 2:
+            assert time.monotonic() < deadline, caplog.text
+            time.sleep(0.01)
+    ledger._kick()  # as a call does: the thread wakes into its 4 s back-off
+    time.sleep(0.2)
+    blocker.execute("ROLLBACK")
+    blocker.close()
+    started = time.monotonic()
+    ledger.close()
+    took = time.monotonic() - started
+    assert took < 2, took  # not the 4 s back-off (a wide margin)
+    plain = SQLiteLedger(path)
+    try:
+        assert plain.state([key])[key].spent == 4
+    finally:
+        plain.close()
+
+
 def test_a_slice_that_cannot_be_renewed_stops_admitting(tmp_path: Path) -> None:
     now = [1000.0]
     ledger = WriteBehindLedger(

@@ -766,7 +766,8 @@ class WriteBehindLedger(SQLiteLedger):
                 return
             self._wake.clear()
             if failures:
-                time.sleep(min(2**failures, 30))
+                if not self._back_off(min(2**failures, 30)):
+                    return
             else:
                 # A charge waits ``write_behind`` from the first unwritten one,
                 # to be written with the next; a top-up (or a read of what keys
@@ -805,6 +806,18 @@ class WriteBehindLedger(SQLiteLedger):
                 if self._idle():
                     self._thread = None  # started again by the next call
                     return
+
+    def _back_off(self, seconds: float) -> bool:
+        """Wait ``seconds`` after a failed write; False: close() stops the thread.
+
+        Calls meanwhile wake the thread (``_kick``): it waits on. ``close()``
+        wakes it to stop at once, and writes everything itself.
+        """
+        until = time.monotonic() + seconds
+        while not self._stopping and (left := until - time.monotonic()) > 0:
+            self._wake.wait(left)
+            self._wake.clear()
+        return not self._stopping
 
     def _idle(self) -> bool:
         """Nothing to write or renew (``_lock`` held)."""
