@@ -645,20 +645,14 @@ def test_a_failed_non_patched_llm_call_is_released_only_if_no_work_was_done(
 
 # -- before a model stream is first read, the caller's context is its own -------
 
-# Known gap, not fixable in the adapter alone: ``llm.stream_chat()`` returns a
-# generator that sends its request at its first ``next()``, in the caller's
-# context, and nothing the adapter controls runs in between (the dispatcher
-# returns the generator itself; no event comes before the request). So the
-# route the request needs is in force in the caller's context from the call to
-# the first chunk.
-_DIRECT_STREAM_GAP = pytest.mark.xfail(
-    strict=True,
-    reason="the route of a model stream is in force in the caller's context "
-    "until its first chunk (needs a route bound to the stream in allowance)",
-)
+# ``llm.stream_chat()`` returns a generator that sends its request at its
+# first ``next()``, in the caller's context, and nothing the adapter controls
+# runs in between (the dispatcher returns the generator itself; no event
+# comes before the request). The route its span set is bound to the stream
+# (``seen_by.bind``): in force only while the stream runs. These three were
+# strict xfails before.
 
 
-@_DIRECT_STREAM_GAP
 def test_a_client_called_before_a_stream_is_read_is_charged_to_its_own_budget(
     fake_provider: FakeProvider,
 ) -> None:
@@ -681,7 +675,6 @@ def test_a_client_called_before_a_stream_is_read_is_charged_to_its_own_budget(
     assert current_route() is None
 
 
-@_DIRECT_STREAM_GAP
 @pytest.mark.usefixtures("async_http")
 async def test_a_client_called_before_an_async_stream_is_read_is_its_own(
     fake_provider: FakeProvider,
@@ -702,7 +695,6 @@ async def test_a_client_called_before_an_async_stream_is_read_is_its_own(
     assert call.outcome == "ok"
 
 
-@_DIRECT_STREAM_GAP
 def test_a_non_patched_llm_stream_route_is_not_in_force_before_it_is_read(
     fake_provider: FakeProvider,
 ) -> None:

@@ -200,3 +200,75 @@ def test_provider_did_no_work_reads_real_sdk_errors(fake_provider):
     assert not integration.provider_did_no_work(ValueError("unknown"))
     client.close()
     refused.close()
+
+
+def test_a_route_bound_to_a_stream_is_in_force_only_while_it_runs(
+    fake_provider, openai_client
+):
+    """A framework stream that sends its request at its first ``next()``.
+
+    The adapter's code has returned by then: the route stays set in the
+    caller's context, bound to the stream. The caller's own calls before
+    and between its steps are charged to their own guard.
+    """
+    patched = allowance.patch(budget=100_000, ledger="memory://", adapters=["openai"])
+    mine = guard()
+
+    def stream() -> Any:
+        openai_client.chat.completions.create(model=GPT, messages=USER)
+        yield "chunk"
+        yield "more"
+
+    seen = allowance.seen_by("myframework", guard=mine)
+    with seen:
+        gen = stream()
+        seen.bind(gen)
+    with seen:  # as an adapter leaves it: set in the caller's context
+        assert integration.current_route() is None
+        openai_client.chat.completions.create(model=GPT, messages=USER)  # its own
+        assert next(gen) == "chunk"  # the stream's request, routed
+        openai_client.chat.completions.create(model=GPT, messages=USER)  # its own
+        seen.end()
+        assert list(gen) == ["more"]
+    assert len(mine.ledger.calls()) == 1
+    assert len(patched.ledger.calls()) == 2
+
+
+async def test_a_route_bound_to_an_async_stream_is_in_force_only_while_it_runs(
+    fake_provider,
+):
+    client = openai.AsyncOpenAI(base_url=fake_provider.openai_base_url, api_key="x")
+    patched = allowance.patch(budget=100_000, ledger="memory://", adapters=["openai"])
+    mine = guard()
+
+    async def stream() -> Any:
+        await client.chat.completions.create(model=GPT, messages=USER)
+        yield "chunk"
+
+    seen = allowance.seen_by("myframework", guard=mine)
+    with seen:
+        gen = stream()
+        seen.bind(gen)
+        assert integration.current_route() is None
+        await client.chat.completions.create(model=GPT, messages=USER)  # its own
+        assert [chunk async for chunk in gen] == ["chunk"]  # routed
+    assert len(mine.ledger.calls()) == 1
+    assert len(patched.ledger.calls()) == 1
+    await client.close()
+
+
+def test_a_route_bound_to_what_is_not_a_generator_routes_nothing(
+    fake_provider, openai_client
+):
+    patched = allowance.patch(budget=100_000, ledger="memory://", adapters=["openai"])
+    mine = guard()
+    seen = allowance.seen_by("myframework", guard=mine)
+    with seen:
+        seen.bind(iter(["a list's iterator never runs code"]))
+        openai_client.chat.completions.create(model=GPT, messages=USER)
+    seen.end()
+    seen.bind(x for x in ())  # an ended route stays ended
+    with seen:  # entered again after end: routed again
+        openai_client.chat.completions.create(model=GPT, messages=USER)
+    assert len(mine.ledger.calls()) == 1
+    assert len(patched.ledger.calls()) == 1

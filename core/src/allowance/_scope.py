@@ -13,6 +13,7 @@ import functools
 import inspect
 import itertools
 import os
+import weakref
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast
 
@@ -20,7 +21,7 @@ from allowance._budget import NAME_RULE, Budget, Threshold, is_name
 from allowance._errors import ConfigurationError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping
+    from collections.abc import AsyncIterator, Callable, Iterator, Mapping
     from types import TracebackType
 
     from allowance._guard import Guard
@@ -55,8 +56,10 @@ _adapters: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar(
     "allowance_adapters", default=()
 )
 # (guard, charged, live): ``live[0]`` turns False when the adapter ends the route
-# from a context other than the one it was entered in (``seen_by.end``).
-_Route = tuple["Guard", bool, list[bool]]
+# from a context other than the one it was entered in (``seen_by.end``), or
+# holds a stream the route is bound to, in force only while it runs
+# (``seen_by.bind``).
+_Route = tuple["Guard", bool, list[Any]]
 _route: contextvars.ContextVar[_Route | None] = contextvars.ContextVar(
     "allowance_route", default=None
 )
@@ -96,9 +99,24 @@ def current_adapters() -> tuple[str, ...]:
 def current_route() -> tuple[Guard, bool] | None:
     """Return ``(guard, charged)`` set by ``seen_by(guard=...)`` here, or None."""
     route = _route.get()
-    if route is None or not route[2][0]:
+    if route is None:
+        return None
+    live = route[2][0]
+    if live is not True and (live is False or not _running(live)):
         return None
     return route[0], route[1]
+
+
+def _running(ref: Any) -> bool:
+    """True while the stream ``ref`` holds runs a step.
+
+    A generator or an async generator, held weakly: its end must not wait
+    for the route's.
+    """
+    stream = ref()
+    return bool(getattr(stream, "gi_running", False)) or bool(
+        getattr(stream, "ag_running", False)
+    )
 
 
 class seen_by:  # noqa: N801 - used like a function
@@ -147,7 +165,7 @@ class seen_by:  # noqa: N801 - used like a function
                 "charged", charged, "charged=True together with guard=<the Guard>"
             )
         self._name = name
-        self._live = [True]
+        self._live: list[Any] = [True]
         self._route: _Route | None = (
             None if guard is None else (guard, charged, self._live)
         )
@@ -177,6 +195,24 @@ class seen_by:  # noqa: N801 - used like a function
         afterwards in that context go to the SDK layer's own guard again.
         """
         self._live[0] = False
+
+    def bind(self, stream: Iterator[Any] | AsyncIterator[Any]) -> None:
+        """Route calls to ``guard`` only while ``stream`` runs, from any context.
+
+        For a framework call that returns a stream (a generator or an async
+        generator) which sends its request when first iterated, after the
+        adapter's code has returned: the route stays set in the caller's
+        context, and is in force only inside a step of ``stream``. A client
+        the caller uses before (or between) those steps is charged to its
+        own guard. ``end()`` still ends the route. An object that is not a
+        generator never runs: nothing is routed through it. The stream is
+        held weakly: once it is gone, nothing is routed.
+        """
+        if self._live[0] is not False:
+            try:
+                self._live[0] = weakref.ref(stream)
+            except TypeError:  # not a generator: it never runs
+                self._live[0] = False
 
     def __exit__(self, *exc: object) -> None:
         """Pop what ``__enter__`` pushed."""

@@ -19,6 +19,10 @@ The contract, one call charged once:
   else ``ticket.keep(outcome="error")`` (a timeout, a dropped connection, an
   unknown error: the provider may have billed). A stream broken off:
   ``commit_partial`` with what it produced, or ``keep`` when that is unknown.
+- A framework call that returns a stream which sends its request when first
+  iterated, after the adapter's code has returned: ``seen.bind(stream)``.
+  The route stays set in the caller's context but is in force only while
+  the stream runs; ``seen.end()`` once its request is sent.
 
 An adapter that takes ``wrap``-style budget arguments builds its guard with
 ``make_guard`` (the same checks and messages as ``wrap`` and ``patch``).

@@ -28,6 +28,12 @@ collected unread. So the consumer's code between chunks runs in its own
 context, not the model call's. A ``StreamingResponse`` of a query is iterated
 inside its query's context.
 
+Until then, the route a model stream's span set is bound to the stream
+(``seen_by.bind``): the caller's context keeps it, but it is in force only
+while the stream runs, so a client the caller uses between ``stream_chat()``
+and the first chunk is charged to its own guard (the query and stage
+dimensions still read as the stream's there until its first chunk).
+
 A stream may be read in another context than the one its span set (a chat
 engine's writer thread runs a copy of the caller's context), where the
 variables cannot be reset. So what a span sets carries the span itself
@@ -36,14 +42,6 @@ still holding its values reads them as unset, and its route is ended
 (``seen_by.end``). A chat engine starts that writer (thread or task) inside its
 span: when the span returns, the caller's context is reset at once, and calls
 the caller makes while the writer waits for the first chunk are its own.
-
-Known gap: a stream the caller reads itself (``llm.stream_chat()``,
-``astream_chat``) sends its request at its first ``next()``, in the caller's
-context, and no code of the adapter runs between the span's end and that
-request (the dispatcher returns the generator itself, which cannot be wrapped;
-no event comes before the request). So its route stays in force in the
-caller's context from the call to the first chunk: a client the caller uses in
-between is charged to this guard (or, for a non-patched LLM, passed through).
 """
 
 from __future__ import annotations
@@ -117,13 +115,14 @@ Exit = Callable[[], None]
 class _Span:
     """What one span set, and whether it is still in force (in any context)."""
 
-    __slots__ = ("ends", "exits", "live", "model_call")
+    __slots__ = ("binds", "ends", "exits", "live", "model_call")
 
     def __init__(self) -> None:
         self.live = True
         self.model_call = False
         self.exits: list[Exit] = []  # context resets, run in reverse
         self.ends: list[Exit] = []  # what ends it in every context (routes)
+        self.binds: list[Callable[[Any], None]] = []  # its routes to a stream
 
     def close(self) -> None:
         """Undo what the span set: reset here if possible, end it everywhere."""
@@ -327,6 +326,7 @@ class _Runtime:
             exits.append(_entered(context))
             if isinstance(context, allowance.seen_by | _Charged):
                 span.ends.append(context.end)
+                span.binds.append(context.bind)
         if exits:
             with self.lock:
                 self.open[id_] = span
@@ -376,7 +376,11 @@ class _Runtime:
         elif span.model_call and generator:
             # A model stream: its request is sent when it is iterated. Keep the
             # context until the event handler sees its first chunk or its end,
-            # or the stream is dropped unread.
+            # or the stream is dropped unread; its route is in force only
+            # while the stream runs, so the caller's own calls meanwhile are
+            # its own.
+            for bind in span.binds:
+                bind(result)
             with self.lock:
                 self.streams[id_] = span
             with contextlib.suppress(TypeError):
@@ -502,6 +506,10 @@ class _Charged(contextlib.AbstractContextManager[Any]):
         """End the marker and the route in every context still holding them."""
         self._call.live = False
         self._seen.end()
+
+    def bind(self, stream: object) -> None:
+        """Route only while ``stream`` runs (``seen_by.bind``)."""
+        self._seen.bind(cast("Iterator[Any]", stream))
 
 
 def _in_context(
