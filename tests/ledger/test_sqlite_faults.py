@@ -429,3 +429,42 @@ def test_fail_open_a_lost_reserve_then_a_failed_call_gives_its_hold_back(
         assert [c.outcome for c in ledger.calls()] == ["error", "ok"]
     finally:
         ledger.close()
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_release_the_ledger_failed_gives_its_hold_back_later(path, kind: str) -> None:
+    """Another connection holds the write lock longer than busy_timeout.
+
+    The release fails: its hold is given back once the ledger answers (the
+    next call), not kept until its lease ends (10 minutes), refusing calls
+    that fit. If this fails with 150 still reserved, or with the second call
+    refused: the failed release was logged as "ignored" and dropped.
+    """
+    from allowance import Estimate, Guard, Usage, scope
+
+    guard = Guard(
+        budget=200, per="tenant", ledger=f"sqlite:///{path}?busy_timeout=0.05"
+    )
+    estimate = Estimate("openai", "gpt-4o-mini", 100, 50)
+    key = "tokens:tenant=t"
+    try:
+        with scope(tenant="t"):
+            ticket = guard.begin(estimate)
+            other = sqlite3.connect(path, isolation_level=None)
+            other.execute("BEGIN IMMEDIATE")  # someone else holds the write lock
+            try:
+                if kind == "sync":
+                    ticket.release()
+                else:
+                    asyncio.run(ticket.arelease())
+            finally:
+                other.execute("ROLLBACK")
+                other.close()
+            assert guard.ledger.state([key])[key].reserved == 150
+            second = guard.begin(estimate)  # 150 + 150 > 200 if the hold stayed
+            assert not second.violations
+            second.commit(Usage(100, 50))
+        assert guard.ledger.state([key])[key] == KeyState(150, 0)
+        assert len(guard.ledger.calls()) == 2  # the released call's row too
+    finally:
+        guard.close()

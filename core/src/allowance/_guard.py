@@ -206,11 +206,10 @@ class Guard:
         ] = {}
         # The dimensions the budgets count, with each set of extra budgets.
         self._dims: dict[tuple[Budget, ...], tuple[str, ...]] = {}
-        # Charges the ledger refused (call id, amounts, record), and holds a
-        # failed reserve may have left (call id, None, None): written later.
-        self._pending: deque[
-            tuple[str, Mapping[str, int] | None, CallRecord | None]
-        ] = deque()
+        # What the ledger failed to settle, written later: charges (commit),
+        # holds to give back (release: a failed release, or a hold a failed
+        # reserve may have left).
+        self._pending: deque[Op] = deque()
         self.estimate_misses = 0
         self.ledger_failures = 0
 
@@ -1026,19 +1025,26 @@ class Guard:
     # -- settling and failure handling ------------------------------------------------
 
     def _settle(self, op: Op) -> Generator[Op, Any, None]:
-        """Yield a commit/release/record; on ledger failure keep it for later."""
+        """Yield a commit/release/record; on ledger failure keep it for later.
+
+        A commit is kept because the provider did the work; a release because
+        its hold would otherwise refuse calls that fit until its lease ends.
+        A record alone (a call nothing was held for) is logged and dropped.
+        """
         result = yield op
-        if result is FAILED and op.name == "commit":
-            call_id, amounts = op.args
-            self._buffer(call_id, amounts, op.kwargs["record"])
+        if result is FAILED and op.name != "record":
+            self._keep_for_later(op)
 
     def _buffer(
         self, call_id: str, amounts: Mapping[str, int], record: CallRecord
     ) -> None:
+        self._keep_for_later(Op("commit", (call_id, amounts), {"record": record}))
+
+    def _keep_for_later(self, op: Op) -> None:
         # Always kept: the provider already did the work. The buffer stays
         # bounded because ``begin`` refuses new calls once it is full (calls
-        # in flight at that moment may add one charge each).
-        self._pending.append((call_id, amounts, record))
+        # in flight at that moment may add one each).
+        self._pending.append(op)
         _buffered.add(self)  # written at exit, if nothing writes them before
         if len(self._pending) == _BUFFER_LIMIT:
             logger.error(
@@ -1056,7 +1062,7 @@ class Guard:
         released once the ledger answers (an unknown id: a no-op), rather than
         held until its lease ends.
         """
-        self._pending.append((call_id, None, None))
+        self._pending.append(Op("release", (call_id,)))
         _buffered.add(self)
 
     def _flush_plan(self) -> Generator[Op, Any, None]:
@@ -1065,19 +1071,17 @@ class Guard:
         # harmless anyway: commits are idempotent per call id.
         while True:
             try:
-                item = self._pending.popleft()
+                op = self._pending.popleft()
             except IndexError:
                 return
-            call_id, amounts, record = item
-            if amounts is None:  # a hold a failed reserve may have left
-                result = yield Op("release", (call_id,))
-            else:
-                result = yield Op("commit", (call_id, amounts), {"record": record})
+            result = yield op
             if result is FAILED:
-                self._pending.appendleft(item)
+                self._pending.appendleft(op)
                 return
-            if amounts is not None:
-                logger.warning("allowance: wrote a charge held in memory (%s)", call_id)
+            if op.name == "commit":
+                logger.warning(
+                    "allowance: wrote a charge held in memory (%s)", op.args[0]
+                )
 
     def _flush_pending(self) -> None:
         if self._pending:
@@ -1109,6 +1113,8 @@ class Guard:
                 err,
                 "the charge is held in memory and retried"
                 if op.name == "commit"
+                else "retried: its hold is given back once the ledger answers"
+                if op.name == "release"
                 else "call let through (fail='open')"
                 if op.name == "reserve"
                 else "ignored",
@@ -1285,12 +1291,13 @@ def _flush_all() -> None:
             guard._flush_pending()
         except Exception:  # at exit: say it, and go on to the next
             logger.exception("allowance: writing held charges at exit failed")
-        if guard._pending:
+        lost = sum(op.name == "commit" for op in guard._pending)
+        if lost:  # a hold not given back ends with its lease
             logger.error(
                 "allowance: ledger %s: %d charges held in memory could not be"
                 " written before exit; they are lost",
                 guard._describe_ledger(),
-                len(guard._pending),
+                lost,
             )
 
 
