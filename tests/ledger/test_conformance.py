@@ -199,6 +199,38 @@ def test_sqlite_purge_sweeps_the_whole_table(tmp_path, monkeypatch) -> None:
         ledger.close()
 
 
+@pytest.mark.parametrize("write_behind", [0, 0.05])
+def test_an_async_call_racing_close_is_never_left_waiting(
+    tmp_path, write_behind: float
+) -> None:
+    """``close()`` stops the worker while a call is about to queue on it.
+
+    The call had read the worker before close() swapped it out: its job went
+    behind the worker's end marker, never ran, and the task awaited forever
+    (a commit caught so was never written, its hold kept for its lease). The
+    state close() leaves mid-way is made here at once: the ledger still
+    names a worker that has stopped.
+    """
+    import asyncio
+
+    from allowance._ledger import open_ledger
+
+    ledger = open_ledger(f"sqlite:///{tmp_path / 'w.db'}?write_behind={write_behind}")
+    item = [[ReserveItem("k", 10, 100)]]
+
+    async def race() -> None:
+        await ledger.areserve(item, reservation_id="r1", lease_seconds=60)
+        ledger._worker.stop()  # close() between _submit's read and its put
+        await asyncio.wait_for(ledger.acommit("r1", {"k": 7}), 10)
+        await asyncio.wait_for(ledger.astate(["k"]), 10)
+
+    try:
+        asyncio.run(race())
+        assert ledger.state(["k"])["k"] == KeyState(spent=7, reserved=0)
+    finally:
+        ledger.close()
+
+
 def test_sqlite_async_worker_ends_with_the_ledger(tmp_path) -> None:
     import asyncio
     import gc

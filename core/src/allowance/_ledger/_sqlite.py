@@ -682,13 +682,16 @@ class SQLiteLedger:
         worker = self._worker
         if worker is None or self._pid != _pid:
             worker = self._start_worker()
-        return worker.submit(call, orphan)
+        future = worker.submit(call, orphan)
+        while future is None:  # closed meanwhile: a later call opens afresh
+            future = self._start_worker().submit(call, orphan)
+        return future
 
     def _start_worker(self) -> Worker:
         with self._guard:
             if self._pid != _pid:
                 self._after_fork()
-            if self._worker is None:
+            if self._worker is None or self._worker.stopped:
                 worker = Worker(f"allowance-sqlite:{self.path.name}")
                 # A ledger dropped without close() must not leave its thread.
                 weakref.finalize(self, worker.stop, wait=False)
@@ -697,9 +700,10 @@ class SQLiteLedger:
 
     def _release_orphan(self, reservation_id: str, result: ReserveResult) -> None:
         """Release what a reserve admitted for a task that was cancelled."""
-        worker = self._worker
-        if result.admitted and worker is not None:
-            worker.run_soon(functools.partial(self.release, reservation_id))
+        if result.admitted:
+            release = functools.partial(self.release, reservation_id)
+            while not self._start_worker().run_soon(release):
+                pass  # closed meanwhile: a fresh worker
 
     def _after_fork(self) -> None:
         """Drop what the parent process owned: connections, lock, worker."""

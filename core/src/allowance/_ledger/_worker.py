@@ -39,6 +39,10 @@ class Worker:
 
         self._running_loop = asyncio.get_running_loop
         self._queue: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        # A job queued after stop()'s end marker would never run, its future
+        # never resolved: queueing and stopping take turns.
+        self._lock = threading.Lock()
+        self.stopped = False
         # A daemon: a ledger nobody closed must not keep the interpreter up;
         # a transaction cut short at exit is rolled back by SQLite.
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -46,24 +50,38 @@ class Worker:
 
     def submit(
         self, call: Callable[[], _T], orphan: Callable[[_T], None] | None
-    ) -> asyncio.Future[_T]:
+    ) -> asyncio.Future[_T] | None:
         """Run ``call`` on the thread; its result or error resolves the future.
 
         If the awaiting task is cancelled first, ``orphan`` (when given) gets
-        the result instead, on the event loop's thread.
+        the result instead, on the event loop's thread. None: the worker was
+        stopped (the ledger closed meanwhile); nothing was queued.
         """
         loop = self._running_loop()
         future: asyncio.Future[_T] = loop.create_future()
-        self._queue.put(Job(call, loop, future, orphan))
+        with self._lock:
+            if self.stopped:
+                return None
+            self._queue.put(Job(call, loop, future, orphan))
         return future
 
-    def run_soon(self, call: Callable[[], object]) -> None:
-        """Run ``call`` on the thread, logging (not raising) its failure."""
-        self._queue.put(Job(call, None, None, None))
+    def run_soon(self, call: Callable[[], object]) -> bool:
+        """Run ``call`` on the thread, logging (not raising) its failure.
+
+        False: the worker was stopped; nothing was queued.
+        """
+        with self._lock:
+            if self.stopped:
+                return False
+            self._queue.put(Job(call, None, None, None))
+        return True
 
     def stop(self, *, wait: bool = True) -> None:
         """Finish the queued calls, then end the thread."""
-        self._queue.put(None)
+        with self._lock:
+            if not self.stopped:
+                self.stopped = True
+                self._queue.put(None)
         if wait and threading.current_thread() is not self._thread:
             self._thread.join()
 
