@@ -8,8 +8,11 @@ no longer fits is tried on the fallback before it is blocked.
 
 from __future__ import annotations
 
+import json
+import urllib.request
+
 import pytest
-from tests.sdk.conftest import CLAUDE, GPT, MINI, USER, aw, drain
+from tests.sdk.conftest import CLAUDE, GPT, MINI, USER, Loopback, aw, drain
 
 import allowance
 from allowance import prices
@@ -177,4 +180,121 @@ async def test_anthropic_degrades_to_a_claude_fallback(kind, fake_provider, guar
         sonnet,
         CLAUDE,
         "degraded",
+    )
+
+
+@pytest.fixture
+def azure(fake_provider):
+    """Azure's routing in front of the fake provider: the URL's deployment answers.
+
+    ``/openai/deployments/{name}/chat/completions`` is answered by the model
+    ``name``, whatever the body's ``model`` says (as Azure does). Each request's
+    path and body model is kept in ``azure.seen``.
+    """
+    seen: list[tuple[str, str]] = []
+
+    def answer(path: str, raw: bytes) -> tuple[int, bytes]:
+        body = json.loads(raw)
+        seen.append((path.partition("?")[0], body["model"]))
+        body["model"] = path.split("/deployments/", 1)[1].partition("/")[0]
+        request = urllib.request.Request(  # noqa: S310 - the fake, on loopback
+            fake_provider.openai_base_url + "/chat/completions",
+            data=json.dumps(body).encode(),
+            headers={"content-type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
+            return 200, response.read()
+
+    server = Loopback(answer)
+    server.seen = seen
+    yield server
+    server.stop()
+
+
+def _azure_options(proxy, **options):
+    return {"base_url": None, "azure_endpoint": proxy.url, **options}
+
+
+async def test_a_fixed_azure_deployment_cannot_degrade(
+    kind, mode, fake_provider, azure, guarded, *, caplog
+):
+    """``azure_deployment=`` fixes the model in the URL: past the gate, refused.
+
+    Azure answers with the URL's deployment whatever the body says, so the
+    fallback cannot be sent: below the degrade threshold the call goes as
+    asked; past it, it is refused unsent, the violation naming the threshold's
+    amount as its limit (a fallback that does not fit is refused the same way).
+    If this fails with a second request whose body asks for gpt-4o-mini: the
+    call was admitted at the fallback's worst case and gpt-4o answered it.
+    """
+    fake_provider.usage = HEAVY
+    client, guard = guarded(
+        "azure",
+        kind,
+        mode,
+        "$0.10",
+        client_options=_azure_options(azure, azure_deployment=GPT),
+        fallback=MINI,
+        threshold=0.5,
+    )
+    first = await aw(
+        client.chat.completions.create(
+            model=GPT, messages=USER, max_completion_tokens=MAX
+        )
+    )
+    assert first.model == GPT
+    with (
+        caplog.at_level("WARNING", logger="allowance"),
+        pytest.raises(allowance.BudgetExceeded) as caught,
+    ):
+        await aw(
+            client.chat.completions.create(
+                model=GPT, messages=USER, max_completion_tokens=MAX
+            )
+        )
+    assert azure.seen == [(f"/openai/deployments/{GPT}/chat/completions", GPT)]
+    (violation,) = caught.value.violations
+    assert (violation.used, violation.limit) == (HEAVY_GPT, BUDGET_MICROS // 2)
+    assert "cannot degrade" in caplog.text
+    assert [(r.outcome, r.model) for r in guard.ledger.calls()] == [
+        ("ok", GPT),
+        ("blocked", GPT),
+    ]
+    (status,) = guard.status()
+    assert (status.spent, status.reserved) == (HEAVY_GPT, 0)
+
+
+async def test_an_azure_client_without_a_deployment_degrades_by_its_url(
+    kind, mode, fake_provider, azure, guarded
+):
+    """Without ``azure_deployment=`` the SDK puts the body's model in the URL.
+
+    Past the threshold both name the fallback's deployment, which answers.
+    """
+    fake_provider.usage = HEAVY
+    client, guard = guarded(
+        "azure",
+        kind,
+        mode,
+        "$0.10",
+        client_options=_azure_options(azure),
+        fallback=MINI,
+        threshold=0.5,
+    )
+    for _ in range(2):
+        await aw(
+            client.chat.completions.create(
+                model=GPT, messages=USER, max_completion_tokens=MAX
+            )
+        )
+    assert azure.seen == [
+        (f"/openai/deployments/{GPT}/chat/completions", GPT),
+        (f"/openai/deployments/{MINI}/chat/completions", MINI),
+    ]
+    first, second = guard.ledger.calls()
+    assert (first.outcome, first.model) == ("ok", GPT)
+    assert (second.outcome, second.requested_model, second.model) == (
+        "degraded",
+        GPT,
+        MINI,
     )

@@ -350,7 +350,7 @@ class Guard:
         estimate: Estimate,
         *,
         adapters: tuple[str, ...] = (),
-        reestimate: Callable[[str], Estimate] | None = None,
+        reestimate: Callable[[str], Estimate | None] | None = None,
         refine: Callable[[], Estimate | None] | None = None,
     ) -> Ticket:
         """Admit a call before it is sent: reserve its worst case on every budget.
@@ -360,6 +360,9 @@ class Guard:
             adapters: Names of the adapters that saw the call, outermost first.
             reestimate: Returns the worst case of the same request on another
                 model; needed to degrade. Without it the guard never degrades.
+                It returns None when the request cannot be sent to that model
+                (its URL names the model): past a degrade threshold the call
+                is then refused, as a call whose fallback does not fit.
             refine: Returns a tighter worst case (input counted exactly by a
                 tokenizer), or None. Called only when the cheap bound would
                 refuse the call: exact counting costs time only where it can
@@ -385,7 +388,7 @@ class Guard:
         self,
         estimate: Estimate,
         adapters: tuple[str, ...],
-        reestimate: Callable[[str], Estimate] | None,
+        reestimate: Callable[[str], Estimate | None] | None,
         refine: Callable[[], Estimate | None] | None,
         *,
         hold_only: bool = False,
@@ -579,7 +582,7 @@ class Guard:
         estimate: Estimate,
         *,
         adapters: tuple[str, ...] = (),
-        reestimate: Callable[[str], Estimate] | None = None,
+        reestimate: Callable[[str], Estimate | None] | None = None,
         refine: Callable[[], Estimate | None] | None = None,
     ) -> Ticket:
         """Async twin of ``begin``; never blocks the event loop on the ledger."""
@@ -602,7 +605,7 @@ class Guard:
         self,
         estimate: Estimate,
         adapters: tuple[str, ...],
-        reestimate: Callable[[str], Estimate] | None,
+        reestimate: Callable[[str], Estimate | None] | None,
         refine: Callable[[], Estimate | None] | None = None,
     ) -> Generator[Op, Any, Ticket]:
         if self._pending:
@@ -650,7 +653,7 @@ class Guard:
 
         if not lines:
             return ticket()
-        candidates = self._candidates(estimate, worst_micros, layout, reestimate)
+        candidates, gated = self._candidates(estimate, worst_micros, layout, reestimate)
         plans = [
             [
                 ReserveItem(
@@ -658,8 +661,8 @@ class Guard:
                     est.total_tokens if line.unit == "tokens" else (micros or 0),
                     line.limit,
                     # The requested model is gated below a degrade threshold
-                    # only when there is a fallback to go to.
-                    line.gate if index == 0 and len(candidates) > 1 else None,
+                    # only when there is a fallback (or one it cannot reach).
+                    line.gate if index == 0 and gated else None,
                 )
                 for line in lines
             ]
@@ -688,6 +691,7 @@ class Guard:
                     adapters,
                     call_id,
                     fallback=(candidates[-1], plans[-1]) if len(plans) > 1 else None,
+                    stuck=gated and len(plans) == 1,
                 )
             )
         model, chosen, micros = candidates[result.plan]
@@ -734,6 +738,7 @@ class Guard:
         *,
         fallback: tuple[tuple[str, Estimate, int | None], list[ReserveItem]]
         | None = None,
+        stuck: bool = False,
     ) -> Generator[Op, Any, Ticket]:
         """Log the refused call, then raise, or stop, or let it through (warn).
 
@@ -741,13 +746,31 @@ class Guard:
         and refused too. When a degrade gate it found crossed barred the model
         asked for, the violations are the fallback's (the model asked for may
         fit), and a call let through (``on_limit="warn"``) goes to the fallback.
+        ``stuck``: the call has a fallback it cannot be sent to; a gate it found
+        crossed is then its limit, and the violations say so.
         """
         before = result.before
-        if fallback is not None and not crossed_gates(lines, before):
+        gated = crossed_gates(lines, before) if fallback is not None or stuck else []
+        if not gated:
             fallback = None  # the model asked for was refused by a limit
-        violations = _violations(
-            lines, plan if fallback is None else fallback[1], before
-        )
+        if stuck and gated:
+            logger.warning(
+                "allowance: call to %r is past a degrade threshold but cannot"
+                " degrade: its request's URL names the model",
+                estimate.model,
+            )
+            violations = tuple(
+                dataclasses.replace(
+                    _violation(line, item, before.get(line.key, _ZERO)),
+                    limit=line.gate + 1,  # the threshold's point
+                )
+                for line, item in zip(lines, plan, strict=True)
+                if line in gated and line.gate is not None
+            )
+        else:
+            violations = _violations(
+                lines, plan if fallback is None else fallback[1], before
+            )
         yield from self._refuse_plan(
             estimate=estimate,
             scope=scope,
@@ -790,19 +813,25 @@ class Guard:
         estimate: Estimate,
         worst_micros: int | None,
         layout: Layout,
-        reestimate: Callable[[str], Estimate] | None,
-    ) -> list[tuple[str, Estimate, int | None]]:
-        """The models a call may go to, in order: the one asked for, the fallback."""
+        reestimate: Callable[[str], Estimate | None] | None,
+    ) -> tuple[list[tuple[str, Estimate, int | None]], bool]:
+        """The models a call may go to, in order: the one asked for, the fallback.
+
+        And whether the one asked for is gated by degrade thresholds: it has a
+        fallback, or one it cannot be sent to (``reestimate`` returns None).
+        """
         candidates = [(estimate.model, estimate, worst_micros)]
         if reestimate is None:
-            return candidates
+            return candidates, False
         target = self._fallback(layout, estimate.model, estimate.provider)
-        if target is not None:
-            fallback = reestimate(target)
+        if target is None:
+            return candidates, False
+        fallback = reestimate(target)
+        if fallback is not None:
             candidates.append(
                 (target, fallback, self._worst(fallback, required=layout.needs_usd))
             )
-        return candidates
+        return candidates, True
 
     def _fallback(self, layout: Layout, model: str, provider: str) -> str | None:
         """The model a call in ``layout`` may be degraded to, or None."""

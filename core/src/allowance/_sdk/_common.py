@@ -162,6 +162,9 @@ class SdkBinding:
     async_lazy_types: tuple[type[Any], ...]
     provider_of: Callable[[Any], str]
     wants_stream_usage: Callable[[str], bool]
+    # True when the client's URL for a path names the model (Azure's
+    # ``azure_deployment=``): the request cannot be sent to another model.
+    fixed_model: Callable[[Any, str], bool] = lambda _client, _path: False
     # ``(model, input bound, output cap)`` of the commonest body of a path, as
     # ``codec.estimate`` has it, or None: the express lane's estimate.
     plain: Callable[[str, Mapping[str, Any]], tuple[str, int, int] | None] | None = None
@@ -241,8 +244,14 @@ class _Call:
     estimate: Estimate
     hide_usage_only: bool = False
 
-    def reestimate(self, model: str) -> Estimate:
-        """The worst case of the same request on another model (to degrade)."""
+    def reestimate(self, model: str) -> Estimate | None:
+        """The worst case of the same request on another model (to degrade).
+
+        None when the client's URL names the model: the model answering is
+        the URL's, whatever the body says, so the call cannot degrade.
+        """
+        if self.binding.fixed_model(self.client, self.path):
+            return None
         codec = self.binding.codec
         est = codec.estimate(self.path, codec.with_model(self.body, model))
         return replace(est, provider=self.estimate.provider)

@@ -675,6 +675,14 @@ def _binding() -> SdkBinding:
     def provider_of(client: Any) -> str:
         return "azure" if isinstance(client, azure) else "openai"
 
+    def fixed_model(client: Any, path: str) -> bool:
+        # Azure routes by the deployment in the URL. Without one in the base URL
+        # the SDK builds it from the body's model (``_build_request``); with
+        # ``azure_deployment=`` the URL names it, whatever the body says.
+        if not isinstance(client, azure):
+            return False
+        return "/deployments/" in str(client._prepare_url(path).path)  # noqa: SLF001
+
     return SdkBinding(
         name="openai",
         codec=CODEC,
@@ -684,6 +692,7 @@ def _binding() -> SdkBinding:
         lazy_types=(_response.APIResponse,),
         async_lazy_types=(_response.AsyncAPIResponse,),
         provider_of=provider_of,
+        fixed_model=fixed_model,
         wants_stream_usage=lambda path: _api(path) in _STREAM_USAGE,
         plain=CODEC.plain,
     )
