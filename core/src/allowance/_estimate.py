@@ -197,6 +197,9 @@ _NOT_PROMPT: Final = frozenset(
         "extra_headers", "extra_query", "extra_body", "timeout",
     }
 )  # fmt: skip
+# The parameters of the commonest body: not ``service_tier``, whose priority
+# tier is billed at more than the listed price (the codec's estimate says).
+_PLAIN_PARAMS: Final = _NOT_PROMPT - {"service_tier"}
 # Keys inside messages and blocks whose values are not read by the model.
 _NOT_TEXT: Final = frozenset({"type", "role", "cache_control", "signature", "detail"})
 # What a request body can hold. Anything else is an SDK placeholder for an
@@ -255,7 +258,14 @@ _new: Final = object.__new__
 # Estimate checks a caller's counts (``__post_init__``); make_estimate's are ours.
 _ESTIMATE_DRAFT: Final = _draft(
     Estimate,
-    ("provider", "model", "input_tokens", "output_tokens", "exact_input"),
+    (
+        "provider",
+        "model",
+        "input_tokens",
+        "output_tokens",
+        "exact_input",
+        "price_factor",
+    ),
     skip_post_init=True,
 )
 _USAGE_DRAFT: Final = _draft(
@@ -304,6 +314,7 @@ def make_estimate(
     draft.input_tokens = input_tokens
     draft.output_tokens = output_tokens
     draft.exact_input = False
+    draft.price_factor = 1
     draft.__class__ = Estimate
     estimate: Estimate = draft
     return estimate
@@ -729,7 +740,7 @@ def plain_bound(  # noqa: C901, PLR0911, PLR0912 - one function, on purpose
     """
     total = REQUEST_TOKENS
     cap = None
-    not_prompt = _NOT_PROMPT
+    not_prompt = _PLAIN_PARAMS
     for key, value in body.items():
         if key == "messages":
             if type(value) is not list:

@@ -841,11 +841,14 @@ class Guard:
 
     def _worst(self, estimate: Estimate, *, required: bool) -> int | None:
         try:
-            return prices.worst_case_micros(
-                estimate.provider,
-                estimate.model,
-                estimate.input_tokens,
-                estimate.output_tokens,
+            return (
+                prices.worst_case_micros(
+                    estimate.provider,
+                    estimate.model,
+                    estimate.input_tokens,
+                    estimate.output_tokens,
+                )
+                * estimate.price_factor
             )
         except PricingError:
             if required:

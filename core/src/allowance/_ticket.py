@@ -150,6 +150,7 @@ class Ticket:
         "estimate",
         "estimate_micros",
         "model",
+        "price_factor",
         "requested_model",
         "scope",
         "settled",
@@ -183,6 +184,9 @@ class Ticket:
         self.estimate = estimate
         self.requested_model = requested_model or estimate.model
         self.model = estimate.model
+        # An adapter lowers it when the provider served the call at a cheaper
+        # tier than the estimate's bound (a priority request served at default).
+        self.price_factor = estimate.price_factor
         self._lines = lines
         self._reserved = reserved
         self.estimate_micros = estimate_micros
@@ -349,6 +353,8 @@ class Ticket:
         guard = self._guard
         provider = self.estimate.provider
         cost = guard._cost(provider, response_model, self.model, usage)
+        if cost is not None and self.price_factor != 1:
+            cost *= self.price_factor
         amounts: dict[str, int] = {}
         total = usage.total_tokens
         for line in self._lines:

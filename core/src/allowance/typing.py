@@ -88,6 +88,8 @@ class Estimate:
         output_tokens: The output cap (the request's max tokens, or a default).
         exact_input: True when ``input_tokens`` was counted by a tokenizer
             rather than bounded.
+        price_factor: The multiple of the model's listed price the call may be
+            billed at (OpenAI's priority tier: 2, a bound); 1 for most calls.
     """
 
     provider: str
@@ -95,6 +97,7 @@ class Estimate:
     input_tokens: int
     output_tokens: int
     exact_input: bool = False
+    price_factor: int = 1
 
     __module__ = "allowance.typing"
 
@@ -106,6 +109,11 @@ class Estimate:
                 raise ConfigurationError(
                     f"estimate {name}", value, "a token count: an int >= 0"
                 )
+        factor: object = self.price_factor
+        if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
+            raise ConfigurationError(
+                "estimate price_factor", factor, "a price multiple: an int >= 1"
+            )
 
     @property
     def total_tokens(self) -> int:

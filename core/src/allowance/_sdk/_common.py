@@ -165,6 +165,9 @@ class SdkBinding:
     # True when the client's URL for a path names the model (Azure's
     # ``azure_deployment=``): the request cannot be sent to another model.
     fixed_model: Callable[[Any, str], bool] = lambda _client, _path: False
+    # The price factor of a call reserved at a dearer tier's (the ticket's), by
+    # the tier its response (or stream accumulator) says served it.
+    served_factor: Callable[[Any, int], int] = lambda _served, asked: asked
     # ``(model, input bound, output cap)`` of the commonest body of a path, as
     # ``codec.estimate`` has it, or None: the express lane's estimate.
     plain: Callable[[str, Mapping[str, Any]], tuple[str, int, int] | None] | None = None
@@ -615,7 +618,14 @@ def make_async_interceptor(  # noqa: C901 - one way out per case, on purpose
 # -- results -------------------------------------------------------------------------
 
 
+def _served(call: _Call, ticket: Ticket, served: Any) -> None:
+    """Price a call reserved at a dearer tier as the tier that served it."""
+    ticket.price_factor = call.binding.served_factor(served, ticket.price_factor)
+
+
 def _commit_sync(call: _Call, ticket: Ticket, parsed: Any) -> None:
+    if ticket.price_factor != 1:
+        _served(call, ticket, parsed)
     codec = call.binding.codec
     usage = codec.usage(call.path, parsed)
     if usage is None:
@@ -625,6 +635,8 @@ def _commit_sync(call: _Call, ticket: Ticket, parsed: Any) -> None:
 
 
 async def _commit_async(call: _Call, ticket: Ticket, parsed: Any) -> None:
+    if ticket.price_factor != 1:
+        _served(call, ticket, parsed)
     codec = call.binding.codec
     usage = codec.usage(call.path, parsed)
     if usage is None:
@@ -650,6 +662,8 @@ def _track_sync(call: _Call, ticket: Ticket, result: Any) -> Any:
             return result
         return _LazyResponse(result, call, ticket)
     # The parsed response: _commit_sync inline.
+    if ticket.price_factor != 1:
+        _served(call, ticket, result)
     codec = binding.codec
     usage = codec.usage(call.path, result)
     if usage is None:
@@ -752,9 +766,13 @@ class _StreamTracker:
             self.acc.enough = ticket.estimate.output_tokens
 
     def _final(self) -> tuple[Usage | None, str | None]:
+        if self.ticket.price_factor != 1:
+            _served(self.call, self.ticket, self.acc)
         return self.acc.usage(), self.acc.response_model()
 
     def _partial(self) -> Usage:
+        if self.ticket.price_factor != 1:
+            _served(self.call, self.ticket, self.acc)
         est = self.ticket.estimate
         known = self.acc.usage()
         try:

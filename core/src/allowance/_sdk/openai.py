@@ -57,6 +57,10 @@ _COMPLETIONS = "completions"  # the legacy Completions API
 _COMPACT = "compact"  # /responses/compact: a Responses body, usage, no stream
 # Chat's usage fields, and its stream usage asked for and hidden.
 _STREAM_USAGE: Final = frozenset({_CHAT, _COMPLETIONS})
+# service_tier="priority" (Chat, Responses) is billed at about 1.7-2x the
+# listed (standard) price, which genai-prices does not hold: 2x bounds it.
+_PRIORITY: Final = "priority"
+_PRIORITY_FACTOR: Final = 2
 
 
 @lru_cache(maxsize=64)
@@ -96,6 +100,24 @@ def _embedding_count(body: Mapping[str, Any]) -> int:
     return 1
 
 
+def _at_tier(estimate: Estimate, body: Mapping[str, Any]) -> Estimate:
+    """``estimate`` at the priority tier's price when the request asks for it."""
+    if body.get("service_tier") == _PRIORITY:
+        return replace(estimate, price_factor=_PRIORITY_FACTOR)
+    return estimate
+
+
+def served_factor(served: Any, asked: int) -> int:
+    """The price factor of a call reserved at ``asked``, by the tier that served it.
+
+    ``served``: the response, or a stream's accumulator. A response naming
+    another tier than priority (``"default"``: the provider fell back) is
+    billed at the listed price; one naming none keeps the bound.
+    """
+    tier = getattr(served, "service_tier", None)
+    return asked if tier is None or tier == _PRIORITY else 1
+
+
 def _completion_choices(body: Mapping[str, Any]) -> int:
     """The choices of a completion: ``n`` per prompt (for a synthetic answer)."""
     n = body.get("n")
@@ -129,18 +151,24 @@ class OpenAICodec:
             plain = plain_estimate("openai", model, body)
             if plain is not None:  # the commonest body, in one small function
                 return plain
-            return make_estimate(
-                "openai",
-                model,
-                chat_input_bound(body, model),
-                output_cap("openai", model, body),
+            return _at_tier(
+                make_estimate(
+                    "openai",
+                    model,
+                    chat_input_bound(body, model),
+                    output_cap("openai", model, body),
+                ),
+                body,
             )
         if api == _RESPONSES:
-            return make_estimate(
-                "openai",
-                model,
-                responses_input_bound(body, model),
-                output_cap("openai", model, body),
+            return _at_tier(
+                make_estimate(
+                    "openai",
+                    model,
+                    responses_input_bound(body, model),
+                    output_cap("openai", model, body),
+                ),
+                body,
             )
         if api == _COMPLETIONS:
             return make_estimate(
@@ -455,13 +483,14 @@ def _chat_bytes(event: Any) -> int:
 class _TextAccumulator(CappedAccumulator):
     """What every OpenAI stream's accumulator keeps: text bytes, model, usage."""
 
-    __slots__ = ("_bytes", "_model", "_usage")
+    __slots__ = ("_bytes", "_model", "_usage", "service_tier")
 
     def __init__(self) -> None:
         self.enough = NO_CAP
         self._usage: Any = None  # the provider's usage object, read at the end
         self._model: str | None = None
         self._bytes = 0
+        self.service_tier: object = None  # the tier the usage was reported with
 
     def produced_text_bytes(self) -> int:
         return self._bytes
@@ -516,6 +545,7 @@ class _ChatAccumulator(_ChunksAccumulator):
         usage = getattr(event, "usage", None)
         if usage is not None:
             self._usage = usage
+            self.service_tier = getattr(event, "service_tier", None)
             if self._hide and not getattr(event, "choices", None):
                 return False  # the usage-only chunk we asked for
         return True
@@ -553,6 +583,7 @@ class _ChatAccumulator(_ChunksAccumulator):
                 usage = getattr(event, "usage", None)
                 if usage is not None:
                     self._usage = usage
+                    self.service_tier = getattr(event, "service_tier", None)
                     if hide and not getattr(event, "choices", None):
                         continue  # the usage-only chunk we asked for
                 yield event
@@ -593,6 +624,7 @@ class _ChatAccumulator(_ChunksAccumulator):
                 usage = getattr(event, "usage", None)
                 if usage is not None:
                     self._usage = usage
+                    self.service_tier = getattr(event, "service_tier", None)
                     if hide and not getattr(event, "choices", None):
                         continue  # the usage-only chunk we asked for
                 yield event
@@ -624,6 +656,7 @@ class _ResponsesAccumulator(_TextAccumulator):
             usage = getattr(response, "usage", None)
             if usage is not None:
                 self._usage = usage
+                self.service_tier = getattr(response, "service_tier", None)
         return True
 
     def usage(self) -> Usage | None:
@@ -693,6 +726,7 @@ def _binding() -> SdkBinding:
         async_lazy_types=(_response.AsyncAPIResponse,),
         provider_of=provider_of,
         fixed_model=fixed_model,
+        served_factor=served_factor,
         wants_stream_usage=lambda path: _api(path) in _STREAM_USAGE,
         plain=CODEC.plain,
     )

@@ -269,6 +269,8 @@ class Generation:
     tool_calls: tuple[tuple[str, str], ...]
     usage: FakeUsage | None
     """``None`` when the usage is to be omitted."""
+    service_tier: str = "default"
+    """OpenAI's tier that served it: the request's, or ``"default"`` (``auto``)."""
 
     @classmethod
     def resolve(
@@ -317,6 +319,7 @@ class Generation:
             )
             resolved = FakeUsage(request.input_tokens, len(pieces) + tool_tokens)
         model = (reply.model if reply is not None else None) or request.model
+        tier = request._field("service_tier")  # noqa: SLF001 - its own module
         return cls(
             ident=ident,
             created=created,
@@ -325,6 +328,7 @@ class Generation:
             cut=cut,
             tool_calls=tool_calls,
             usage=resolved,
+            service_tier=tier if tier in {"priority", "flex"} else "default",
         )
 
     @property

@@ -118,7 +118,7 @@ def _chat_envelope(gen: Generation, obj: str) -> dict[str, Any]:
         "created": gen.created,
         "model": gen.model,
         "system_fingerprint": None,
-        "service_tier": "default",
+        "service_tier": gen.service_tier,
     }
 
 
@@ -340,6 +340,7 @@ def response(
         "instructions": body.get("instructions"),
         "max_output_tokens": body.get("max_output_tokens"),
         "model": gen.model,
+        "service_tier": gen.service_tier,
         "output": _response_output(gen) if final else [],
         "parallel_tool_calls": body.get("parallel_tool_calls", True),
         "previous_response_id": body.get("previous_response_id"),
