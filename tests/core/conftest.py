@@ -16,6 +16,7 @@ import pytest
 class Received:
     body: bytes
     headers: dict[str, str]
+    path: str = ""
 
 
 @dataclass
@@ -46,7 +47,7 @@ def receiver() -> Iterator[Receiver]:
         def do_POST(self) -> None:
             length = int(self.headers["content-length"])
             state.received.append(
-                Received(self.rfile.read(length), dict(self.headers.items()))
+                Received(self.rfile.read(length), dict(self.headers.items()), self.path)
             )
             if state.hold is not None:
                 state.hold.wait(10)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -194,6 +195,67 @@ def test_a_threshold_signs_with_its_secret(receiver: Receiver) -> None:
     payload = receiver.json()
     assert payload["kind"] == "threshold"
     assert payload["data"]["used"] == 60
+
+
+def test_thresholds_at_one_ratio_each_fire_once(
+    receiver: Receiver, tmp_path: Any
+) -> None:
+    """Two webhooks and two warns at one ratio of a budget, two guards on a ledger.
+
+    If this fails with one POST or one warn: the once-only marker named the
+    counter, action and ratio only, so the first threshold's claim took the
+    second's.
+    """
+    warned: list[list[int]] = [[], []]
+    policy = Policy(
+        [
+            Budget(
+                100,
+                per="tenant",
+                thresholds=[
+                    Threshold(0.8, "webhook", to=receiver.url + "?to=ops"),
+                    Threshold(0.8, "webhook", to=receiver.url + "?to=billing"),
+                    Threshold(0.5, "warn", callback=lambda e: warned[0].append(1)),
+                    Threshold(0.5, "warn", callback=lambda e: warned[1].append(1)),
+                ],
+            )
+        ]
+    )
+    ledger = f"sqlite:///{tmp_path / 'spend.db'}"
+    guards = [Guard(policy, ledger=ledger), Guard(policy, ledger=ledger)]
+    with allowance.scope(tenant="acme"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", allowance.BudgetThresholdWarning)
+        for guard, n in zip((*guards, *guards), (45, 45, 5, 5), strict=True):
+            guard.begin(Estimate("openai", "gpt-4o", n, 0)).commit(Usage(n, 0))
+    assert allowance._events.webhooks.flush()
+    for guard in guards:
+        guard.close()
+    assert warned == [[1], [1]]
+    assert sorted(r.path for r in receiver.received) == [
+        "/hook?to=billing",
+        "/hook?to=ops",
+    ]
+
+
+def test_budgets_sharing_a_counter_each_fire_their_threshold() -> None:
+    """README: unnamed budgets on one dimension share one counter.
+
+    If this fails with the second budget's list empty: its 50% warn had the
+    same marker as the first budget's, claimed already.
+    """
+    fired: list[str | None] = []
+    policy = Policy(
+        [
+            Budget(1000, per="user", thresholds=[Threshold(0.5, "warn", callback=lambda e: fired.append(e.budget))]),
+            Budget(1100, per="user", thresholds=[Threshold(0.5, "warn", callback=lambda e: fired.append(e.budget))]),
+        ]
+    )  # fmt: skip
+    guard = Guard(policy, ledger="memory://", scope={"user": "u1"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", allowance.BudgetThresholdWarning)
+        for n in (600, 10, 10):
+            guard.begin(Estimate("openai", "gpt-4o", n, 0)).commit(Usage(n, 0))
+    assert fired == ["1,000 tokens per user", "1,100 tokens per user"]
 
 
 BAD_URLS: dict[str, Callable[[], object]] = {

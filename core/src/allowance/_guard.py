@@ -313,13 +313,7 @@ class Guard:
                 if gate is not None:
                     line.gate = gate if line.gate is None else min(line.gate, gate)
         for line in lines.values():
-            # A threshold fires on a call made when ``used >= at * limit``.
-            line.alerts = tuple(
-                Alert(f"{line.key}#{t.action}@{t.at}", t.ceil_of(b.limit) - 1, b, t)
-                for b in line.budgets
-                for t in b.thresholds
-                if t.action in {"warn", "webhook"}
-            )
+            line.alerts = _alerts(line)
         degrade_to = next(
             (
                 t.to
@@ -1264,6 +1258,31 @@ class Guard:
                 f"({', '.join(sorted({b.per for b in self.policy.budgets})) or '-'})",
             )
         return statuses[0]
+
+
+def _alerts(line: Line) -> tuple[Alert, ...]:
+    """Return the warn and webhook thresholds of a line's budgets, each marked.
+
+    A threshold fires on a call made when ``used >= at * limit``, once: the
+    ledger claims its marker. Budgets share a line (unnamed ones on one
+    dimension), and a budget may hold several thresholds at one ratio, so the
+    marker names the budget's label and, past the first, the threshold's rank
+    among those with the same label, action and ratio: the same in every
+    process with the same policy (a callback's ``id()`` is not).
+    """
+    alerts: list[Alert] = []
+    seen: dict[tuple[str, str, float], int] = {}
+    for b in line.budgets:
+        for t in b.thresholds:
+            if t.action not in {"warn", "webhook"}:
+                continue
+            ident = (b.label, t.action, t.at)
+            rank = seen[ident] = seen.get(ident, -1) + 1
+            marker = f"{line.key}#{b.label}#{t.action}@{t.at}"
+            if rank:
+                marker += f"#{rank}"
+            alerts.append(Alert(marker, t.ceil_of(b.limit) - 1, b, t))
+    return tuple(alerts)
 
 
 def _amount(amount: int, unit: Unit) -> Decimal | int:

@@ -60,7 +60,7 @@ class Layout:
 class Alert(NamedTuple):
     """A warn or webhook threshold of one line's budget."""
 
-    marker: str  # once-only, across processes: ``{key}#{action}@{at}``
+    marker: str  # once-only, across processes: ``{key}#{label}#{action}@{at}``
     quiet: int  # the most the key may hold before a call for it not to fire
     budget: Budget
     threshold: Threshold
