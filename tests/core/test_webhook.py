@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import warnings
 from collections.abc import Callable
@@ -256,6 +258,72 @@ def test_budgets_sharing_a_counter_each_fire_their_threshold() -> None:
         for n in (600, 10, 10):
             guard.begin(Estimate("openai", "gpt-4o", n, 0)).commit(Usage(n, 0))
     assert fired == ["1,000 tokens per user", "1,100 tokens per user"]
+
+
+SENDER_PROCESS = """
+import multiprocessing, os, sys
+from allowance._events import webhooks
+from allowance.typing import Event
+
+url, mode = sys.argv[1:]
+
+def send(who):
+    webhooks.send(f"{url}?from={who}", Event("threshold", "b", {}, {}))
+
+if mode == "unsent":
+    import allowance._events
+    allowance._events._EXIT_FLUSH = 0.1
+    send("held")
+    sys.exit(0)
+if mode != "mp-child":  # the sender's thread starts in the parent
+    send("parent")
+    assert webhooks.flush(5)
+if mode == "fork":  # a child that ends normally: atexit runs
+    if os.fork() == 0:
+        send("child")
+        sys.exit(0)
+    os.wait()
+else:  # a multiprocessing child ends with os._exit, past atexit
+    child = multiprocessing.get_context("fork").Process(target=send, args=("child",))
+    child.start()
+    child.join()
+"""
+
+
+def run_sender(receiver: Receiver, mode: str) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(
+        [sys.executable, "-c", SENDER_PROCESS, receiver.url, mode],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+@pytest.mark.parametrize("mode", ["fork", "mp-child", "mp-child-of-a-sender"])
+def test_a_forked_child_sends_its_webhooks(receiver: Receiver, mode: str) -> None:
+    """If this fails with only the parent's POST: the child inherited the
+    parent's sender thread (it does not run there) and never started one, or
+    ended by ``os._exit`` without the exit flush."""
+    done = run_sender(receiver, mode)
+    paths = (
+        ["/hook?from=child"]
+        if mode == "mp-child"
+        else [
+            "/hook?from=child",
+            "/hook?from=parent",
+        ]
+    )
+    assert sorted(r.path for r in receiver.received) == paths
+    assert "not sent" not in done.stderr
+
+
+def test_events_left_unsent_at_exit_are_logged(receiver: Receiver) -> None:
+    receiver.hold = threading.Event()  # the receiver answers only at teardown
+    done = run_sender(receiver, "unsent")
+    assert "1 webhook events not sent before exit; they are lost" in done.stderr
 
 
 BAD_URLS: dict[str, Callable[[], object]] = {

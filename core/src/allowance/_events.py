@@ -11,16 +11,17 @@ the HMAC-SHA256 of ``"<timestamp>.<body>"``: check it with ``verify_signature``.
 
 from __future__ import annotations
 
-import atexit
 import json
 import logging
 import os
 import queue
 import threading
 import time
+import weakref
 from typing import TYPE_CHECKING, Any
 
 from allowance._errors import ConfigurationError
+from allowance._exit import at_exit
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
@@ -46,6 +47,7 @@ EVENT_ID_HEADER = "X-Allowance-Event-Id"
 _LOOPBACK = {"localhost", "127.0.0.1", "::1"}
 _RETRY_STATUS = {408, 425, 429}
 _SERVER_ERROR = 500
+_EXIT_FLUSH = 2.0  # seconds the process's exit waits for queued events
 
 
 def call_safely(func: Callable[[Event], object], event: Event, *, what: str) -> None:
@@ -186,6 +188,7 @@ class WebhookSender:
         self.failed = 0
         self.dropped = 0
         self.retried = 0
+        _senders.add(self)
 
     def send(
         self,
@@ -225,7 +228,6 @@ class WebhookSender:
                 )
                 thread.start()
                 self._thread = thread
-                atexit.register(self.flush, 2.0)
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every queued event is sent or given up; True if done in time."""
@@ -235,6 +237,13 @@ class WebhookSender:
                 return False
             time.sleep(0.01)
         return True
+
+    def _start_fresh(self) -> None:
+        # A forked child has the parent's queue (the parent sends those) and
+        # lock, but not its thread: it starts its own on its first event.
+        self._queue = queue.Queue(self._queue.maxsize)
+        self._lock = threading.Lock()
+        self._thread = None
 
     def _run(self) -> None:
         while True:
@@ -306,4 +315,26 @@ class WebhookSender:
         return False, ""
 
 
+_senders: weakref.WeakSet[WebhookSender] = weakref.WeakSet()
+
+
+def _flush_at_exit() -> None:
+    """Send the queued events before the process ends; say what is lost."""
+    for sender in list(_senders):
+        if sender._thread is not None and not sender.flush(_EXIT_FLUSH):  # noqa: SLF001 - this module's own
+            logger.error(
+                "allowance: %d webhook events not sent before exit; they are lost",
+                sender._queue.unfinished_tasks,  # noqa: SLF001 - idem
+            )
+
+
+def _forget_in_child() -> None:
+    for sender in list(_senders):
+        sender._start_fresh()  # noqa: SLF001 - the class's own fork hook
+
+
+# Last in a forked multiprocessing child (as atexit, which runs it after the
+# guards' and ledgers' exit hooks, registered later): those send no events.
+at_exit(_flush_at_exit, priority=-1)
+os.register_at_fork(after_in_child=_forget_in_child)
 webhooks = WebhookSender()
