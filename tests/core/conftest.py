@@ -53,6 +53,8 @@ def receiver() -> Iterator[Receiver]:
                 state.hold.wait(10)
             status = state.statuses.pop(0) if state.statuses else 204
             self.send_response(status)
+            if 300 <= status < 400:
+                self.send_header("location", "/elsewhere")
             self.send_header("content-length", "0")
             self.end_headers()
 

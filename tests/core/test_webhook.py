@@ -65,6 +65,22 @@ def test_a_4xx_is_not_retried(receiver: Receiver) -> None:
     assert hooks.failed == 1
 
 
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_a_redirect_is_a_failed_delivery(
+    receiver: Receiver, status: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """If this fails with ``sent == 1``: urllib followed a 301, 302 or 303 as
+    a GET without the body (the event lost), signature headers and all, to a
+    URL never checked."""
+    receiver.statuses = [status]
+    hooks = sender()
+    hooks.send(receiver.url, event(), secret="s3cret")  # noqa: S106
+    assert hooks.flush()
+    assert len(receiver.received) == 1
+    assert (hooks.sent, hooks.failed, hooks.retried) == (0, 1, 0)
+    assert f"HTTP {status} (redirect to /elsewhere, not followed)" in caplog.text
+
+
 def test_a_429_is_retried(receiver: Receiver) -> None:
     receiver.statuses = [429]
     hooks = sender()

@@ -3,14 +3,16 @@
 Webhooks are POSTed as JSON from one daemon thread through a bounded queue:
 ``send`` returns at once, a full queue drops the event (logged), each POST has a
 timeout, and a failed POST (connection error, 408, 425, 429 or 5xx) is retried
-with exponential backoff and jitter. Each POST carries ``X-Allowance-Event-Id``
-(the same on every retry, so a receiver can drop duplicates) and, with a
-secret, ``X-Allowance-Timestamp`` and ``X-Allowance-Signature: sha256=<hex>``,
-the HMAC-SHA256 of ``"<timestamp>.<body>"``: check it with ``verify_signature``.
+with exponential backoff and jitter; a redirect is not followed (a failed
+POST). Each POST carries ``X-Allowance-Event-Id`` (the same on every retry, so
+a receiver can drop duplicates) and, with a secret, ``X-Allowance-Timestamp``
+and ``X-Allowance-Signature: sha256=<hex>``, the HMAC-SHA256 of
+``"<timestamp>.<body>"``: check it with ``verify_signature``.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -24,6 +26,7 @@ from allowance._errors import ConfigurationError
 from allowance._exit import at_exit
 
 if TYPE_CHECKING:
+    import urllib.request
     from collections.abc import Callable, Mapping
 
     from allowance.typing import Event
@@ -47,6 +50,7 @@ EVENT_ID_HEADER = "X-Allowance-Event-Id"
 _LOOPBACK = {"localhost", "127.0.0.1", "::1"}
 _RETRY_STATUS = {408, 425, 429}
 _SERVER_ERROR = 500
+_REDIRECT = range(300, 400)
 _EXIT_FLUSH = 2.0  # seconds the process's exit waits for queued events
 
 
@@ -298,21 +302,41 @@ class WebhookSender:
             item.url, data=item.body, headers=dict(headers), method="POST"
         )
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:  # noqa: S310 - idem
+            with _no_redirects().open(request, timeout=self.timeout) as response:
                 response.read()
         except urllib.error.HTTPError as err:
             err.close()
             retry = err.code in _RETRY_STATUS or err.code >= _SERVER_ERROR
             if not retry:
                 self.failed += 1
+                moved = err.headers.get("location") if err.code in _REDIRECT else None
                 logger.warning(
-                    "allowance: webhook POST to %s refused: HTTP %d", item.url, err.code
+                    "allowance: webhook POST to %s refused: HTTP %d%s",
+                    item.url,
+                    err.code,
+                    f" (redirect to {moved}, not followed)" if moved else "",
                 )
             return retry, f"HTTP {err.code}"
         except (OSError, ValueError) as err:
             return True, str(err)
         self.sent += 1
         return False, ""
+
+
+@functools.cache
+def _no_redirects() -> urllib.request.OpenerDirector:
+    """Return an opener that raises a redirect as an ``HTTPError``.
+
+    urllib follows a 301, 302 or 303 as a GET without the body (the event is
+    lost), sending the signature to a URL ``check_webhook_url`` never saw.
+    """
+    import urllib.request  # noqa: PLC0415 - loaded only when used
+
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *_: object) -> None:
+            return None
+
+    return urllib.request.build_opener(NoRedirect)
 
 
 _senders: weakref.WeakSet[WebhookSender] = weakref.WeakSet()
