@@ -214,8 +214,51 @@ def test_reservations_held_are_counted_afresh_for_a_new_provider(
     try:
         guard.begin(Estimate("openai", "gpt-4o", 10, 10)).commit(Usage(10, 10))
         assert held(reader2) == {"": 0}
-        ticket.release()
+        ticket.release()  # counted by the first provider: not by this one
+        assert held(reader2) == {"": 0}
     finally:
+        provider.shutdown()
+
+
+@pytest.mark.parametrize("lane", ["ticket", "sdk"])
+def test_a_call_in_flight_when_metrics_start_is_not_taken_off(
+    lane: str, openai_client: openai.OpenAI
+) -> None:
+    """A call admitted with metrics off, settled with them on.
+
+    ``sdk``: real calls; on the express lane's first, the SDK's httpx client's
+    response hook (run before the call is settled) turns metrics on. If this
+    fails with -1: the count was taken off for a call whose admission it never
+    counted.
+    """
+    _telemetry.configure()
+    assert not _telemetry.active()
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+
+    def metrics_on(*_: object) -> None:
+        if not _telemetry.active():
+            _telemetry.configure(meter_provider=provider)
+
+    try:
+        if lane == "ticket":
+            guard = Guard(budget="$1", ledger="memory://")
+            ticket = guard.begin(Estimate("openai", "gpt-4o", 10, 10))
+            metrics_on()
+            ticket.commit(Usage(10, 10))
+            guard.begin(Estimate("openai", "gpt-4o", 10, 10)).commit(Usage(10, 10))
+        else:
+            allowance.wrap(openai_client, budget="$1", ledger="memory://")
+            for call in range(3):  # the first call is not on the express lane
+                if call == 1:
+                    openai_client._client.event_hooks["response"].append(metrics_on)
+                openai_client.chat.completions.create(
+                    model="gpt-4o", messages=USER, max_tokens=50
+                )
+        assert held(reader) == {"": 0}
+        assert sum(p.count for p in points(reader)["gen_ai.client.token.usage"]) > 0
+    finally:
+        _telemetry.configure()
         provider.shutdown()
 
 

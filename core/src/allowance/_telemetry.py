@@ -17,8 +17,9 @@ Metrics (GenAI semantic conventions first, then ``allowance.*``):
   spend over the limit, per budget (``allowance.budget.name``), at admission.
 - ``allowance.reservations.held`` (observable up-down counter,
   ``{reservation}``): read when metrics are collected, from a count the
-  guard keeps; recording it on each admission and settlement was a quarter
-  of the OpenTelemetry SDK's work per call.
+  guard keeps (a call admitted before metrics were on, or before
+  ``configure``, is not in it); recording it on each admission and
+  settlement was a quarter of the OpenTelemetry SDK's work per call.
 - ``allowance.threshold.actions`` (counter, ``{action}``): by
   ``allowance.threshold.action`` (``warn``, ``webhook``, ``degrade``).
 - ``allowance.calls.blocked`` (counter, ``{call}``): by ``allowance.outcome``.
@@ -128,6 +129,9 @@ class _State:
         # Reservations held, by their attributes' items (zeros kept: the series
         # stay); counted afresh for each meter provider, as an instrument's are.
         self.held: dict[tuple[tuple[str, str], ...], int] = {}
+        # The calls counted in ``held``, with their key: a call admitted before
+        # metrics were on, or before ``configure``, is not taken off at its end.
+        self.held_calls: dict[str, tuple[tuple[str, str], ...]] = {}
         self.global_set = False  # a real global meter provider was seen
 
 
@@ -156,6 +160,7 @@ def configure(
         _state.provider = meter_provider
         _state.instruments = None
         _state.held = {}
+        _state.held_calls = {}
         _state.scope_attributes = (
             None if scope_attributes is None else tuple(scope_attributes)
         )
@@ -173,11 +178,19 @@ def _instruments() -> _Instruments | None:
         return _state.instruments
 
 
-def _count_held(delta: int, attributes: dict[str, str]) -> None:
+def _count_held(call_id: str, attributes: dict[str, str]) -> None:
     key = tuple(attributes.items())
     with _state.lock:
         held = _state.held
-        held[key] = held.get(key, 0) + delta
+        held[key] = held.get(key, 0) + 1
+        _state.held_calls[call_id] = key
+
+
+def _uncount_held(call_id: str) -> None:
+    with _state.lock:
+        key = _state.held_calls.pop(call_id, None)
+        if key is not None:
+            _state.held[key] -= 1
 
 
 def _observe_held(_options: CallbackOptions) -> Iterator[Observation]:
@@ -263,9 +276,9 @@ def _record(  # noqa: C901 - one branch per kind of event
     data: Mapping[str, Any],
 ) -> None:
     if kind in {"committed", "released"}:
-        if data.get("held"):
-            _count_held(-1, _scope_attributes(scope))
         record: CallRecord | None = data.get("record")
+        if record is not None and data.get("held"):
+            _uncount_held(record.call_id)
         if kind == "released" or record is None:
             return
         attrs = _call_attributes(record)
@@ -280,7 +293,7 @@ def _record(  # noqa: C901 - one branch per kind of event
     elif kind == "admitted":
         scoped = _scope_attributes(scope)
         if data.get("held"):
-            _count_held(1, scoped)
+            _count_held(str(data.get("call_id")), scoped)
         for name, ratio in data.get("ratios", ()):
             inst.ratio.set(ratio, {"allowance.budget.name": name, **scoped})
     elif kind == "threshold":
