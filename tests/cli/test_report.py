@@ -382,3 +382,27 @@ def test_a_narrow_terminal_cuts_no_cell_of_any_table(
     assert columns[:5] == [model, "openai", "4", "370,370,367", "37,037,034"]
     assert rows[0][5].strip() == "$3703.70367"  # the amount on one line
     ledger.close()
+
+
+BRACKETED = ("acme[/]", "team[eu]", "[admin]", "x:fire:")
+"""Legal scope values that rich would read as markup or an emoji code."""
+
+
+@pytest.mark.parametrize("by", [(), ("tenant",), ("tenant", "user")])
+def test_scope_values_and_models_are_shown_as_written(
+    tmp_path: Path, by: tuple[str, ...]
+) -> None:
+    # 'acme[/]' ended the report with a MarkupError (exit 1), 'team[eu]' showed
+    # as 'team' and '[admin]' as nothing.
+    url = f"sqlite:///{tmp_path / 'odd.db'}"
+    ledger = open_ledger(url)
+    for n, tenant in enumerate(BRACKETED):
+        ledger.record(record(n, DAY1 + n, tenant, model="m[/]"))
+    ledger.record(record(8, DAY1 + 8, "[b]x", outcome="blocked"))
+    ledger.record(record(9, DAY1 + 9, "[i]y", model="a[/]", requested="b[/]"))
+    ledger.close()
+    args = [a for d in by for a in ("--by", d)]
+    result = run_cli("report", "--ledger", url, *args, cwd=tmp_path, columns=200)
+    assert result.returncode == 0, result.stderr
+    for text in (*BRACKETED, "m[/]", "tenant=[b]x", "tenant=[i]y", "b[/] -> a[/]"):
+        assert text in result.stdout

@@ -179,3 +179,52 @@ def test_reset_asks_on_a_terminal(url: str, tmp_path: Path) -> None:
         assert ledger.keys() == {}
     finally:
         ledger.close()
+
+
+ODD = ("acme[/]", "team[eu]", "[admin]", "x:fire:")
+"""Legal scope values that rich would read as markup or an emoji code."""
+
+
+def test_status_and_reset_show_counters_as_written(tmp_path: Path) -> None:
+    # 'acme[/]' ended status with a MarkupError (exit 1), 'team[eu]' showed
+    # as 'team' and '[admin]' as nothing.
+    url = f"sqlite:///{tmp_path / 'odd[/b].db'}"
+    guard = Guard(Policy([Budget("$1", per="tenant")]), ledger=url)
+    for tenant in ODD:
+        with scope(tenant=tenant):
+            guard.begin(Estimate("openai", "gpt-4o", 10, 10)).commit(Usage(10, 10))
+    guard.close()
+    status = run_cli("status", "--ledger", url, "--budget", "$1", cwd=tmp_path)
+    assert status.returncode == 0, status.stderr
+    for text in ODD:
+        assert text in status.stdout
+    assert "odd[/b].db" in "".join(status.stdout.split())  # the title, folded
+    none = run_cli("status", "--ledger", url, "--prefix", "[/]", cwd=tmp_path)
+    assert "No budget counters under '[/]'." in none.stdout
+    refused = run_cli("reset", "--ledger", url, cwd=tmp_path)
+    assert refused.returncode == 2
+    assert "usd:tenant=[admin], usd:tenant=acme[%2F]" in refused.stderr
+    done = run_cli("reset", "--ledger", url, "--yes", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "usd:tenant=[admin]" in done.stdout
+    assert "odd[/b].db" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "shown"),
+    [
+        (["report", "--since", "[/]"], "time='[/]'"),  # was a MarkupError
+        (["report", "--since", "[b]oops"], "time='[b]oops'"),  # was 'oops'
+        (["status", "--ledger", "sqlite:///[/x].db"], "no file '[/x].db'"),
+    ],
+)
+def test_an_error_quotes_the_value_as_typed(
+    url: str, tmp_path: Path, args: list[str], shown: str
+) -> None:
+    result = run_cli(
+        *args, *([] if "--ledger" in args else ["--ledger", url]), cwd=tmp_path
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("error: ")
+    assert shown in result.stderr
+    assert "Traceback" not in result.stderr

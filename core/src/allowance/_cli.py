@@ -199,6 +199,7 @@ _LISTED = 10  # counters named in reset's confirmation
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit code."""
     from rich.console import Console  # noqa: PLC0415 - keep `import allowance` light
+    from rich.text import Text  # noqa: PLC0415
 
     args = _parser().parse_args(argv)
     console = Console()
@@ -245,7 +246,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             status=errors,
         )
     except AllowanceError as err:  # on stderr: stdout may be a report in a file
-        errors.print(f"[red]error:[/] {err}", highlight=False, soft_wrap=True)
+        # The message quotes what was typed: text, never markup.
+        errors.print(Text.assemble(("error:", "red"), f" {err}"), soft_wrap=True)
         return 2
     return 0
 
@@ -292,6 +294,7 @@ def split_key(key: str) -> dict[str, str]:
 
 def _status(console: Console, args: argparse.Namespace) -> None:  # noqa: C901
     from rich.table import Table  # noqa: PLC0415
+    from rich.text import Text  # noqa: PLC0415
 
     from allowance._budget import format_amount, parse_limit  # noqa: PLC0415
     from allowance._ledger import open_ledger  # noqa: PLC0415
@@ -327,10 +330,15 @@ def _status(console: Console, args: argparse.Namespace) -> None:  # noqa: C901
         return
     if not rows:
         console.print(
-            "No budget counters" + (f" under {args.prefix!r}." if args.prefix else ".")
+            "No budget counters" + (f" under {args.prefix!r}." if args.prefix else "."),
+            markup=False,
+            emoji=False,
         )
         return
-    table = Table(title=f"Budgets in {ledger.url}", title_justify="left")
+    table = Table(
+        title=Text(f"Budgets in {ledger.url}", style="table.title"),
+        title_justify="left",
+    )
     for column in ("budget", "dimension", "value", "window"):
         table.add_column(column, overflow="fold")
     for column in ("spent", "reserved", "limit", "used"):
@@ -344,11 +352,11 @@ def _status(console: Console, args: argparse.Namespace) -> None:  # noqa: C901
             ratio = row["used"] / row["limit"] if row["limit"] else 1.0
             colour = "red" if ratio >= 1 else "yellow" if ratio >= 0.8 else "green"  # noqa: PLR2004
             used = f"[{colour}]{ratio:.0%}[/]"
-        table.add_row(
-            row["name"] or "-",
-            row["dimension"],
-            row["value"],
-            row["window"] or "-",
+        table.add_row(  # what the ledger holds is text, never markup
+            Text(row["name"] or "-"),
+            Text(row["dimension"]),
+            Text(row["value"]),
+            Text(row["window"] or "-"),
             format_amount(row["spent"], shown_unit),
             format_amount(row["reserved"], shown_unit),
             shown_limit,
@@ -364,6 +372,8 @@ def _status(console: Console, args: argparse.Namespace) -> None:  # noqa: C901
 
 
 def _reset(console: Console, errors: Console, args: argparse.Namespace) -> int:
+    from rich.text import Text  # noqa: PLC0415
+
     from allowance._ledger import open_ledger  # noqa: PLC0415
 
     ledger = open_ledger(args.ledger)
@@ -373,7 +383,9 @@ def _reset(console: Console, errors: Console, args: argparse.Namespace) -> int:
             f" under {args.prefix!r}" if args.prefix else ""
         )
         if not keys:
-            console.print(f"Nothing to reset in {ledger.url}.")
+            console.print(
+                f"Nothing to reset in {ledger.url}.", markup=False, emoji=False
+            )
             return 0
         # The prefix matches text ('tenant=acme' matches 'tenant=acme-corp'
         # too): name what goes before anything goes.
@@ -392,14 +404,18 @@ def _reset(console: Console, errors: Console, args: argparse.Namespace) -> int:
             from rich.prompt import Confirm  # noqa: PLC0415
 
             if not Confirm.ask(
-                f"Delete {what} in {ledger.url}?", console=errors, default=False
+                Text(f"Delete {what} in {ledger.url}?"), console=errors, default=False
             ):
                 console.print("Nothing deleted.")
                 return 1
         ledger.reset(args.prefix)
     finally:
         ledger.close()
-    console.print(f"Reset {what} in {ledger.url}. The call log is kept.")
+    console.print(
+        f"Reset {what} in {ledger.url}. The call log is kept.",
+        markup=False,
+        emoji=False,
+    )
     return 0
 
 

@@ -370,7 +370,7 @@ def print_report(
                 "--html", html_path, f"a file that can be written ({err.strerror})"
             ) from err
         if status is not None:
-            status.print(f"wrote {html_path}")
+            status.print(f"wrote {html_path}", markup=False, emoji=False)
     if fmt == "json":
         console.out(render_json(report, top=top), highlight=False)
     elif fmt == "csv":
@@ -426,6 +426,7 @@ def _print_tables(  # noqa: C901 - tables of each kind
     console: Console, report: Report, *, top: int
 ) -> None:
     from rich.table import Table  # noqa: PLC0415 - loaded only when used
+    from rich.text import Text  # noqa: PLC0415 - ids and models, never markup
 
     if not report.records:
         console.print("No calls recorded.")
@@ -459,7 +460,7 @@ def _print_tables(  # noqa: C901 - tables of each kind
         add_numbers(table)
         groups = report.sorted_groups()
         for key_values, row in groups[:_MAX_TABLE_ROWS]:
-            table.add_row(*key_values, *numbers(row))
+            table.add_row(*map(Text, key_values), *numbers(row))
         console.print(table)
         _print_more(console, len(groups))
     else:
@@ -469,7 +470,7 @@ def _print_tables(  # noqa: C901 - tables of each kind
             add_numbers(table)
             ranked = sorted(rows.values(), key=lambda r: (-r.cost_micros, r.name))
             for row in ranked[:_MAX_TABLE_ROWS]:
-                table.add_row(row.name, *numbers(row))
+                table.add_row(Text(row.name), *numbers(row))
             console.print(table)
             _print_more(console, len(ranked))
     table = Table(title="Spend by model", title_justify="left")
@@ -477,7 +478,7 @@ def _print_tables(  # noqa: C901 - tables of each kind
     table.add_column("provider", overflow="fold")
     add_numbers(table)
     for (provider, model), row in report.top_models(top):
-        table.add_row(model, provider, *numbers(row))
+        table.add_row(Text(model), Text(provider), *numbers(row))
     console.print(table)
     _print_calls(console, report)
     console.print(
@@ -500,6 +501,7 @@ def _print_more(console: Console, rows: int) -> None:
 
 def _print_calls(console: Console, report: Report) -> None:
     from rich.table import Table  # noqa: PLC0415 - loaded only when used
+    from rich.text import Text  # noqa: PLC0415
 
     for title, records, count in (
         ("Blocked calls", report.blocked, report.blocked_count),
@@ -519,7 +521,12 @@ def _print_calls(console: Console, report: Report) -> None:
                 if record.model != record.requested_model
                 else record.model
             )
-            table.add_row(_iso(record.ts), _scope_text(record), model, record.outcome)
+            table.add_row(
+                _iso(record.ts),
+                Text(_scope_text(record)),
+                Text(model),
+                Text(record.outcome),
+            )
         console.print(table)
 
 
