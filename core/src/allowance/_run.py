@@ -253,18 +253,80 @@ def run_command(command: Sequence[str], options: Mapping[str, str | None]) -> in
         )
     env = child_env(options)
     guard_from_env(env)  # a malformed option fails here, not in the program
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # the child gets it
+    if os.name != "posix":  # pragma: no cover - the console interrupts both
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            code = _start(argv, env).wait()
+        finally:
+            signal.signal(signal.SIGINT, previous)
+    else:
+        code = _wait_forwarding(argv, env)
+    return 128 - code if code < 0 else code
+
+
+def _start(argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
     try:
-        process = subprocess.Popen(argv, env=env)  # noqa: S603 - the user's command
+        return subprocess.Popen(argv, env=env)  # noqa: S603 - the user's command
     except OSError as err:
-        signal.signal(signal.SIGINT, previous)
         raise UsageError(
             f"cannot start {argv[0]!r}: {err.strerror or err}",
             value=argv[0],
             expected="a command on PATH",
         ) from err
+
+
+def _wait_forwarding(argv: list[str], env: dict[str, str]) -> int:
+    """Start ``argv`` and wait for it, passing SIGTERM, SIGHUP and SIGINT on.
+
+    Sent to this process alone (a service manager, ``timeout``, ``kill``),
+    they would end it and leave the program running, spending. A signal
+    ignored when we started stays ignored and the program inherits that, as
+    ``nohup`` and a script's ``&`` mean it to. A Ctrl-C at the terminal
+    reaches the program itself (its process group): it is not sent again, so
+    a second KeyboardInterrupt cannot cut short the program's cleanup.
+    """
+    process: subprocess.Popen[bytes] | None = None
+    pending: list[int] = []
+
+    def forward(signum: int, _frame: object) -> None:
+        if process is None:
+            pending.append(signum)
+        elif signum != signal.SIGINT or not _from_terminal(process.pid):
+            process.send_signal(signum)
+
+    previous: dict[signal.Signals, Any] = {}
+    for forwarded in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(forwarded) is not signal.SIG_IGN:
+            previous[forwarded] = signal.signal(forwarded, forward)
     try:
-        code = process.wait()
+        process = _start(argv, env)
+        for signum in pending:
+            forward(signum, None)
+        return process.wait()
     finally:
-        signal.signal(signal.SIGINT, previous)
-    return 128 - code if code < 0 else code
+        for forwarded, handler in previous.items():
+            # None: a handler set outside Python, which cannot be put back.
+            signal.signal(forwarded, signal.SIG_DFL if handler is None else handler)
+
+
+def _from_terminal(pid: int) -> bool:
+    """Whether a SIGINT came from our terminal's Ctrl-C, which ``pid`` got too.
+
+    It did if we are the terminal's foreground process group and ``pid`` is in
+    it (it may have left it, or there may be no terminal: then it was sent to
+    us alone). A ``kill -INT`` of this process alone while it is in the
+    foreground is taken for a Ctrl-C: only a signal's sender could tell.
+    """
+    group = os.getpgrp()
+    try:
+        if os.getpgid(pid) != group:
+            return False
+        tty = os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY)
+    except OSError:
+        return False
+    try:
+        return os.tcgetpgrp(tty) == group
+    except OSError:
+        return False
+    finally:
+        os.close(tty)
