@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -140,3 +141,27 @@ def test_errors_go_to_stderr_so_a_redirected_report_stays_clean(
     assert result.returncode == 2
     assert result.stdout == ""
     assert "none.db" in result.stderr
+
+
+@pytest.mark.parametrize("command", ["report", "status", "reset"])
+@pytest.mark.parametrize("kind", ["another program's database", "an empty file"])
+def test_a_file_that_is_not_a_ledger_is_an_error_and_left_as_it_was(
+    tmp_path: Path, command: str, kind: str
+) -> None:
+    # They wrote a ledger's tables into the file (and set WAL mode), then
+    # reported nothing.
+    path = tmp_path / "app.db"
+    path.touch()
+    if kind != "an empty file":
+        conn = sqlite3.connect(path)
+        conn.execute("CREATE TABLE users (id INTEGER)")
+        conn.commit()
+        conn.close()
+    before = path.read_bytes()
+    yes = ["--yes"] if command == "reset" else []
+    result = run_cli(command, *yes, "--ledger", "sqlite:///app.db", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "--ledger='sqlite:///app.db': expected an allowance ledger" in result.stderr
+    assert "'app.db' is not one" in result.stderr
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["app.db"]

@@ -119,23 +119,35 @@ def _dimension(option: str, value: str) -> str:
 
 
 def _existing(url: str) -> None:
-    """Refuse a SQLite ledger file that does not exist.
+    """Refuse a SQLite ledger file that does not exist, or is not a ledger.
 
     ``status``, ``report`` and ``reset`` read what a guarded program wrote:
     opening a mistyped path would create an empty ledger there (and its
-    directory) and report nothing.
+    directory) and report nothing; opening another program's database (or
+    an empty file) would write a ledger's tables into it.
     """
     from pathlib import Path  # noqa: PLC0415
 
     from allowance._ledger import sqlite_file  # noqa: PLC0415
+    from allowance._ledger._sqlite import is_foreign_database  # noqa: PLC0415
 
     path = sqlite_file(url)
-    if path is not None and not Path(path).exists():
+    if path is None:
+        return
+    if not Path(path).exists():
         raise ConfigurationError(
             "--ledger",
             url,
             f"an existing ledger: there is no file {path!r} "
             "(status, report and reset read a ledger, and create none)",
+        )
+    if is_foreign_database(path):
+        raise ConfigurationError(
+            "--ledger",
+            url,
+            f"an allowance ledger: {path!r} is not one (a SQLite file without "
+            "a ledger's tables; status, report and reset read a ledger, and "
+            "create none)",
         )
 
 

@@ -50,7 +50,7 @@ if TYPE_CHECKING:
 
     from allowance.typing import CallRecord, ReserveItem
 
-__all__ = ["SQLiteLedger"]
+__all__ = ["SQLiteLedger", "is_foreign_database"]
 
 _T = TypeVar("_T")
 
@@ -854,6 +854,27 @@ class SQLiteLedger:
             return
         conn.execute(sql.PURGE, (after, end, now - PURGE_AFTER_SECONDS))
         self._sweep_after = end
+
+
+def is_foreign_database(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a SQLite database without a ledger's tables.
+
+    An empty file is such a database. Read only: the file is not written
+    (``SQLiteLedger`` would create the tables, and set WAL mode). False for a
+    ledger, and for a file SQLite cannot read (opening it says why).
+    """
+    uri = Path(path).absolute().as_uri() + "?mode=ro"
+    try:
+        conn = sqlite3.connect(uri, uri=True)
+    except sqlite3.Error:
+        return False
+    try:
+        tables = conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+        return not {"counters", "calls"} <= {name for (name,) in tables}
+    except sqlite3.Error:
+        return False
+    finally:
+        conn.close()
 
 
 def _plain(item: ReserveItem) -> bool:
