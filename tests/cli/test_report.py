@@ -16,7 +16,13 @@ import pytest
 from rich.console import Console
 
 from allowance import CallRecord, Usage, open_ledger
-from allowance._report import build_report, print_report, render_html
+from allowance._report import (
+    Window,
+    build_report,
+    print_report,
+    render_csv,
+    render_html,
+)
 
 DAY1 = datetime(2026, 11, 20, 9, tzinfo=UTC).timestamp()
 DAY2 = datetime(2026, 11, 21, 15, tzinfo=UTC).timestamp()
@@ -406,3 +412,25 @@ def test_scope_values_and_models_are_shown_as_written(
     assert result.returncode == 0, result.stderr
     for text in (*BRACKETED, "m[/]", "tenant=[b]x", "tenant=[i]y", "b[/] -> a[/]"):
         assert text in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("by", "window", "columns"),
+    [
+        (("tenant",), "day", ["window", "tenant"]),
+        (("tenant", "user"), None, ["tenant", "user"]),
+        ((), "month", ["window"]),
+        ((), None, ["dimension", "value"]),
+    ],
+)
+def test_csv_keeps_its_columns_when_no_call_is_in_range(
+    by: tuple[str, ...], window: Window | None, columns: list[str]
+) -> None:
+    # With --by or --window and no call, the header was dimension,value,...
+    calls = [record(1, DAY1, "acme")]
+    for records in (calls, []):
+        header = render_csv(build_report(records, by=by, window=window))
+        assert header.splitlines()[0].split(",")[: len(columns) + 1] == [
+            *columns,
+            "calls",
+        ]

@@ -583,7 +583,7 @@ def render_csv(report: Report) -> str:
     out = io.StringIO()
     numbers = list(Row("").as_dict())
     writer = csv.writer(out, lineterminator="\n")
-    if report.groups:
+    if report.by or report.window:  # the columns asked for, even with no call
         writer.writerow([*report.group_columns(), *numbers])
         for key, row in report.sorted_groups():
             writer.writerow([*key, *row.as_dict().values()])
