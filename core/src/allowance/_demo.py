@@ -9,7 +9,6 @@ printing what happens as it goes, then the report.
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 import warnings
 from pathlib import Path
@@ -278,18 +277,21 @@ def scene_stop(console: Console, fake: FakeProvider, ledger: str) -> None:
 
 def run_demo(console: Console, *, ledger_path: Path | None = None) -> int:
     """Run every scene and print the report; return the exit code."""
+    from rich.markup import escape  # noqa: PLC0415
+
+    from allowance._ledger import sqlite_url  # noqa: PLC0415
     from allowance._report import print_report  # noqa: PLC0415
     from allowance.testing import FakeProvider  # noqa: PLC0415
 
     path = ledger_path or Path.cwd() / "allowance-demo.db"
     for suffix in ("", "-wal", "-shm"):
         Path(f"{path}{suffix}").unlink(missing_ok=True)
-    ledger = f"sqlite:///{os.fspath(path)}"
+    ledger = sqlite_url(path)
     started = time.perf_counter()
     console.print(
         "[bold]allowance demo[/]: the real openai and anthropic SDKs "
         "against a fake provider "
-        f"on 127.0.0.1, one ledger at {path}"
+        f"on 127.0.0.1, one ledger at {escape(str(path))}"
     )
     with (
         FakeProvider(text=ANSWER, latency=(0.002, 0.01), seed=7) as fake,

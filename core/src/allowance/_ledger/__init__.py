@@ -45,6 +45,7 @@ from allowance._ledger._write_behind import MAX_WRITE_BEHIND, WriteBehindLedger
 from allowance.typing import Ledger
 
 if TYPE_CHECKING:
+    import os
     from collections.abc import Callable
 
 __all__ = [
@@ -54,6 +55,7 @@ __all__ = [
     "WriteBehindLedger",
     "open_ledger",
     "sqlite_file",
+    "sqlite_url",
 ]
 
 DEFAULT_LEDGER_URL: Final = "sqlite:///allowance.db"
@@ -153,8 +155,12 @@ def absolute_url(url: str) -> str:
     if path is None or Path(path).is_absolute():
         return url
     query = url.strip().partition("://")[2].partition("?")[2]
-    absolute = quote(str(Path(path).absolute()), safe="/")
-    return f"sqlite:///{absolute}" + (f"?{query}" if query else "")
+    return sqlite_url(path) + (f"?{query}" if query else "")
+
+
+def sqlite_url(path: str | os.PathLike[str]) -> str:
+    """The ``sqlite://`` URL of a file: its absolute path, ``#?%`` escaped."""
+    return "sqlite:///" + quote(str(Path(path).absolute()), safe="/")
 
 
 def _open_sqlite(url: str, options: dict[str, Any]) -> Ledger:
