@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from allowance import Budget, Estimate, Guard, Policy, Usage, open_ledger, scope
-from allowance._cli import split_key
+from allowance._cli import main, split_key
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -228,3 +228,34 @@ def test_an_error_quotes_the_value_as_typed(
     assert result.stderr.startswith("error: ")
     assert shown in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("width", [44, 60, 80, 120])
+@pytest.mark.parametrize("tokens", [False, True])
+def test_a_narrow_terminal_cuts_no_amount(
+    tmp_path: Path, width: int, tokens: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # At 60 columns amounts were cut to '$0.…' and '1,5… tok…'. They fold,
+    # and stay on one line while the ids keep room.
+    url = f"sqlite:///{tmp_path / 'narrow.db'}"
+    budgets = [Budget("$1", per="tenant", window="day")]
+    if tokens:
+        budgets.append(Budget(100_000, per="user", name="seats"))
+    guard = Guard(Policy(budgets), ledger=url)
+    with scope(tenant="acme", user="u-1"):
+        guard.begin(Estimate("openai", "gpt-4o", 1000, 500)).commit(Usage(1000, 500))
+    guard.close()
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("COLUMNS", str(width))
+        assert main(["status", "--ledger", url, "--budget", "$1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert max(len(line) for line in lines) <= width
+    rows = [line.split("│")[1:-1] for line in lines if line.startswith("│")]
+    assert not [row for row in rows if "…" in "".join(row)]
+    columns = ["".join(column).replace(" ", "") for column in zip(*rows, strict=True)]
+    assert "$0.0075" in columns[4]
+    assert "$1.00" in columns[6]
+    if tokens:
+        assert "1,500tokens" in columns[4]
+    if width >= 80 or (width >= 60 and not tokens):
+        assert "$0.0075" in [cell.strip() for row in rows for cell in row]

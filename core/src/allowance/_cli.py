@@ -304,7 +304,7 @@ def split_key(key: str) -> dict[str, str]:
     }
 
 
-def _status(console: Console, args: argparse.Namespace) -> None:  # noqa: C901
+def _status(console: Console, args: argparse.Namespace) -> None:  # noqa: C901, PLR0912
     from rich.table import Table  # noqa: PLC0415
     from rich.text import Text  # noqa: PLC0415
 
@@ -351,10 +351,7 @@ def _status(console: Console, args: argparse.Namespace) -> None:  # noqa: C901
         title=Text(f"Budgets in {ledger.url}", style="table.title"),
         title_justify="left",
     )
-    for column in ("budget", "dimension", "value", "window"):
-        table.add_column(column, overflow="fold")
-    for column in ("spent", "reserved", "limit", "used"):
-        table.add_column(column, justify="right")
+    cells: list[tuple[Text, Text, Text, Text, str, str, str, str]] = []
     for row in rows:
         shown_unit: Unit = "usd" if row["unit"] == "usd" else "tokens"
         shown_limit = "-"
@@ -364,16 +361,33 @@ def _status(console: Console, args: argparse.Namespace) -> None:  # noqa: C901
             ratio = row["used"] / row["limit"] if row["limit"] else 1.0
             colour = "red" if ratio >= 1 else "yellow" if ratio >= 0.8 else "green"  # noqa: PLR2004
             used = f"[{colour}]{ratio:.0%}[/]"
-        table.add_row(  # what the ledger holds is text, never markup
-            Text(row["name"] or "-"),
-            Text(row["dimension"]),
-            Text(row["value"]),
-            Text(row["window"] or "-"),
-            format_amount(row["spent"], shown_unit),
-            format_amount(row["reserved"], shown_unit),
-            shown_limit,
-            used,
+        cells.append(
+            (  # what the ledger holds is text, never markup
+                Text(row["name"] or "-"),
+                Text(row["dimension"]),
+                Text(row["value"]),
+                Text(row["window"] or "-"),
+                format_amount(row["spent"], shown_unit),
+                format_amount(row["reserved"], shown_unit),
+                shown_limit,
+                used,
+            )
         )
+    amounts = ("spent", "reserved", "limit")
+    widths = [
+        max(len(name), *(len(cell[4 + i]) for cell in cells))
+        for i, name in enumerate(amounts)
+    ]
+    # No cell is cut ('$0.…'): everything folds, and the amounts stay on one
+    # line while the 8 columns' frame (25) leaves the ids and "used" 3 each.
+    whole = console.width >= 25 + 5 * 3 + sum(widths)
+    for column in ("budget", "dimension", "value", "window"):
+        table.add_column(column, overflow="fold")
+    for column in (*amounts, "used"):
+        no_wrap = whole and column != "used"
+        table.add_column(column, justify="right", no_wrap=no_wrap, overflow="fold")
+    for cell in cells:
+        table.add_row(*cell)
     console.print(table)
     if limit is None:
         console.print(
