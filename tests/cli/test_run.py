@@ -422,3 +422,34 @@ def test_fail_open_comes_from_the_environment(
     assert opened.returncode == 0, opened.stderr
     assert "done" in opened.stdout
     assert fake_provider.generation_count == 1
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "named"),
+    [
+        ("ALLOWANCE_WINDOW", "year", "'year'"),
+        ("ALLOWANCE_PER", "x y", "'x y'"),
+        ("ALLOWANCE_ON_LIMIT", "explode", "'explode'"),
+        ("ALLOWANCE_FAIL", "maybe", "'maybe'"),
+        ("ALLOWANCE_SCOPE", "a b=c", "'a b'"),
+        ("ALLOWANCE_ADAPTERS", "openai,nonexistent", "'nonexistent'"),
+    ],
+)
+@pytest.mark.parametrize("budget", [None, "$1"])
+def test_every_malformed_variable_is_refused_before_the_program_starts(
+    tmp_path: Path, variable: str, value: str, named: str, budget: str | None
+) -> None:
+    # Without a budget nothing read them and the program ran (exit 0); with
+    # one, the message said window='year', not ALLOWANCE_WINDOW.
+    env = {**os.environ, variable: value}
+    if budget is not None:
+        env["ALLOWANCE_BUDGET"] = budget
+    result = subprocess.run(
+        [sys.executable, "-m", "allowance._cli", "run", "--ledger", "memory://",
+         "--", "sh", "-c", "echo the program ran"],
+        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=60,
+        check=False,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stdout
+    assert "the program ran" not in result.stdout
+    assert f"{variable}={named}: expected" in result.stderr

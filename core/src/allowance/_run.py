@@ -77,6 +77,12 @@ OPTIONS = (
     "adapters",
 )
 
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "window": ("hour", "day", "week", "month"),
+    "on_limit": ("raise", "stop", "warn"),
+    "fail": ("closed", "open"),
+}
+
 
 def _env_name(option: str) -> str:
     return _PREFIX + option.upper()
@@ -118,6 +124,8 @@ def child_env(
 
 
 def _parse_scope(text: str) -> dict[str, str]:
+    from allowance._scope import check_name  # noqa: PLC0415
+
     scope: dict[str, str] = {}
     for item in text.split(","):
         if not item.strip():
@@ -127,6 +135,7 @@ def _parse_scope(text: str) -> dict[str, str]:
             raise ConfigurationError(
                 _env_name("scope"), text, "dimension=value pairs, comma-separated"
             )
+        check_name(_env_name("scope"), name.strip())
         scope[name.strip()] = value.strip()
     return scope
 
@@ -137,7 +146,9 @@ def guard_from_env(env: Mapping[str, str] | None = None) -> Guard:
     Raises:
         ConfigurationError: A variable is malformed.
     """
+    from allowance._budget import parse_limit  # noqa: PLC0415
     from allowance._guard import Guard  # noqa: PLC0415
+    from allowance._scope import check_name  # noqa: PLC0415
 
     env = os.environ if env is None else env
 
@@ -148,6 +159,15 @@ def guard_from_env(env: Mapping[str, str] | None = None) -> Guard:
     budget: int | str | None = get("budget")
     if isinstance(budget, str) and budget.isdigit():
         budget = int(budget)
+    if budget is not None:
+        parse_limit(budget, what=_env_name("budget"))
+    # Checked here, named, with or without a budget (none reads them then).
+    check_name(_env_name("per"), get("per") or "run")
+    for option, choices in _CHOICES.items():
+        value = get(option)
+        if value is not None and value not in choices:
+            expected = ", ".join(choices[:-1]) + f" or {choices[-1]}"
+            raise ConfigurationError(_env_name(option), value, expected)
     threshold_text = get("threshold")
     try:
         threshold = float(threshold_text) if threshold_text is not None else None
@@ -170,6 +190,27 @@ def guard_from_env(env: Mapping[str, str] | None = None) -> Guard:
         "fail": get("fail") or "closed",
     }
     return Guard(ledger=get("ledger"), defaults=defaults, **kwargs)
+
+
+def _adapters(env: Mapping[str, str]) -> list[str] | None:
+    """The adapters ``ALLOWANCE_ADAPTERS`` names (None: every available one)."""
+    names = env.get(_env_name("adapters"), "").strip()
+    return [n.strip() for n in names.split(",") if n.strip()] if names else None
+
+
+def _check_adapters(env: Mapping[str, str]) -> None:
+    """Refuse an adapter name that no installed plugin gives.
+
+    Before the program starts: it may not be Python, and a Python one would
+    end at its first line.
+    """
+    from allowance import plugins  # noqa: PLC0415
+
+    known = plugins.adapters()
+    for name in _adapters(env) or ():
+        if name not in known:
+            expected = f"adapter names, comma-separated: {', '.join(sorted(known))}"
+            raise ConfigurationError(_env_name("adapters"), name, expected)
 
 
 def _new_id() -> str:
@@ -215,15 +256,9 @@ def bootstrap() -> None:
     """
     from allowance._wrap import patch  # noqa: PLC0415
 
-    names = os.environ.get(_env_name("adapters"), "").strip()
     try:
         guard = guard_from_env()
-        patch(
-            guard=guard,
-            adapters=[n.strip() for n in names.split(",") if n.strip()]
-            if names
-            else None,
-        )
+        patch(guard=guard, adapters=_adapters(os.environ))
     except Exception as err:  # noqa: BLE001 - reported, then the process ends
         sys.stderr.write(f"allowance run: {err}\n")
         sys.stderr.flush()
@@ -253,6 +288,7 @@ def run_command(command: Sequence[str], options: Mapping[str, str | None]) -> in
         )
     env = child_env(options)
     guard_from_env(env)  # a malformed option fails here, not in the program
+    _check_adapters(env)
     if os.name != "posix":  # pragma: no cover - the console interrupts both
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
