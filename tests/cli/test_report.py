@@ -434,3 +434,18 @@ def test_csv_keeps_its_columns_when_no_call_is_in_range(
             *columns,
             "calls",
         ]
+
+
+def test_csv_gives_usd_as_exact_decimals() -> None:
+    # Through a float: 5e-05, and 123456789012.34567 for ...012.345678.
+    calls = [
+        record(1, DAY1, "tiny", cost=50),
+        record(2, DAY1, "huge", cost=123_456_789_012_345_678),
+        record(3, DAY1, "round", cost=10_000),
+    ]
+    rows = csv.DictReader(io.StringIO(render_csv(build_report(calls, by=("tenant",)))))
+    assert {r["tenant"]: r["cost_usd"] for r in rows} == {
+        "tiny": "0.00005",
+        "huge": "123456789012.345678",
+        "round": "0.01",
+    }

@@ -37,6 +37,24 @@ def test_amounts_format_for_people() -> None:
     assert format_amount(12_345, "tokens") == "12,345 tokens"
 
 
+@pytest.mark.parametrize(
+    ("micros", "shown"),
+    [
+        (0, "$0.00"),
+        (50, "$0.00005"),
+        (7_500, "$0.0075"),
+        (1_000_000, "$1.00"),
+        (3_703_703_670, "$3703.70367"),
+        (-500_000, "$-0.50"),
+        # Through a float these were $123456789012.345673 and $100000000000.00
+        (123_456_789_012_345_678, "$123456789012.345678"),
+        (99_999_999_999_999_999, "$99999999999.999999"),
+    ],
+)
+def test_usd_amounts_format_exactly(micros: int, shown: str) -> None:
+    assert format_amount(micros, "usd") == shown
+
+
 def ts(text: str) -> float:
     return datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp()
 

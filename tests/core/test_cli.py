@@ -165,3 +165,15 @@ def test_a_file_that_is_not_a_ledger_is_an_error_and_left_as_it_was(
     assert "'app.db' is not one" in result.stderr
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["app.db"]
+
+
+def test_an_empty_relative_range_is_refused(tmp_path: Path) -> None:
+    # Each relative time was taken from its own clock reading: '--since 1d
+    # --until 1d' was a range of a few microseconds, reported as empty.
+    empty_ledger(tmp_path / "live.db")
+    result = run_cli(
+        "report", "--ledger", "sqlite:///live.db", "--since", "1d", "--until", "1d",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "--until='1d': expected a time later than --since=1d" in result.stderr

@@ -130,10 +130,10 @@ def _scaled(number: str, scale: int) -> int | None:
 
 def format_amount(amount: int, unit: Unit) -> str:
     """Format an integer amount for people: ``$1.234567`` or ``12,345 tokens``."""
-    if unit == "usd":
-        text = f"{amount / MICROS_PER_USD:.6f}".rstrip("0")
-        dollars, _, cents = text.partition(".")
-        return f"${dollars}.{cents.ljust(2, '0')}"
+    if unit == "usd":  # in integers: a float loses micro-dollars past ~$9e9
+        dollars, micros = divmod(abs(amount), MICROS_PER_USD)
+        cents = f"{micros:06d}".rstrip("0").ljust(2, "0")
+        return f"${'-' if amount < 0 else ''}{dollars}.{cents}"
     return f"{amount:,} tokens"
 
 

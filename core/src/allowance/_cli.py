@@ -240,7 +240,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             for d in item.split(",")
             if d.strip()
         )
-        since, until = parse_time(args.since), parse_time(args.until)
+        now = time.time()  # one 'now': --since 1d --until 1d is empty
+        since = parse_time(args.since, now=now)
+        until = parse_time(args.until, now=now)
         if since is not None and until is not None and until <= since:
             raise ConfigurationError(
                 "--until", args.until, f"a time later than --since={args.since}"

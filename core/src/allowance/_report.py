@@ -586,13 +586,20 @@ def render_csv(report: Report) -> str:
     if report.by or report.window:  # the columns asked for, even with no call
         writer.writerow([*report.group_columns(), *numbers])
         for key, row in report.sorted_groups():
-            writer.writerow([*key, *row.as_dict().values()])
+            writer.writerow([*key, *_csv_numbers(row)])
     else:
         writer.writerow(["dimension", "value", *numbers])
         for dim, rows in report.per_dimension.items():
             for row in sorted(rows.values(), key=lambda r: (-r.cost_micros, r.name)):
-                writer.writerow([dim, row.name, *row.as_dict().values()])
+                writer.writerow([dim, row.name, *_csv_numbers(row)])
     return out.getvalue()
+
+
+def _csv_numbers(row: Row) -> list[object]:
+    """``row.as_dict()``'s values, USD as exact decimal text (no 5e-05)."""
+    numbers = row.as_dict()
+    numbers["cost_usd"] = format_amount(row.cost_micros, "usd").replace("$", "")
+    return list(numbers.values())
 
 
 # -- HTML ---------------------------------------------------------------------------
