@@ -22,6 +22,7 @@ import logging
 import os
 import sys
 import weakref
+from collections import deque
 from collections.abc import (
     AsyncIterable,
     AsyncIterator,
@@ -32,6 +33,7 @@ from collections.abc import (
     Mapping,
 )
 from dataclasses import dataclass, field, replace
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import wrapt
@@ -650,6 +652,11 @@ def _body_read(response: Any) -> bool:
     return bool(getattr(http, "is_closed", False))
 
 
+def _body(response: Any) -> Any:
+    """The body httpx keeps once it was read whole (``read()``, ``text()``), or None."""
+    return getattr(getattr(response, "http_response", None), "_content", None)
+
+
 def _track_sync(call: _Call, ticket: Ticket, result: Any) -> Any:
     binding = call.binding
     if isinstance(result, binding.stream_types):
@@ -752,13 +759,14 @@ class _StreamTracker:
     the parent, which reads on and settles it once.
     """
 
-    __slots__ = ("__weakref__", "acc", "call", "process", "read", "ticket")
+    __slots__ = ("__weakref__", "acc", "call", "process", "read", "tail", "ticket")
 
     def __init__(self, call: _Call, ticket: Ticket) -> None:
         self.call = call
         self.ticket = ticket
         self.process = _process
         self.read = False  # a raw response's stream was handed out
+        self.tail: _Tail | None = None  # a raw response's lines, read by the caller
         self.acc: StreamAccumulator = call.binding.codec.stream_accumulator(
             call.path, hide_usage_only=call.hide_usage_only
         )
@@ -821,18 +829,123 @@ class _StreamTracker:
                 self._partial(), response_model=self.acc.response_model()
             )
 
+    def _observe_tail(self) -> bool:
+        """Observe the events a raw read kept: True if it read a whole stream."""
+        tail = self.tail
+        if tail is None or not tail.ended:
+            return False
+        observe = self.acc.observe
+        try:
+            for event in tail.events():
+                if (
+                    getattr(event, "error", None)
+                    or getattr(event, "type", "") == "error"
+                ):
+                    return False  # the stream failed (its SDK raises there)
+                observe(event)
+        except Exception:  # noqa: BLE001 - events we cannot read: charged in full
+            _unreadable(self.ticket)
+            return False
+        return True
+
     def close_raw(self) -> None:
-        """Settle when a raw response closes: a stream read is partial, else in full."""
+        """Settle when a raw response closes: a stream parsed is partial.
+
+        Unparsed, it is charged the usage in its last events if the caller
+        read it whole (lines, bytes, text, the body), else in full.
+        """
         if self.read:
             self.abandon()
         elif not self._done():
-            self.ticket.keep()
+            if self._observe_tail():
+                self.finish()
+            else:
+                self.ticket.keep()
 
     async def aclose_raw(self) -> None:
         if self.read:
             await self.aabandon()
         elif not self._done():
-            await self.ticket.akeep()
+            if self._observe_tail():
+                await self.afinish()
+            else:
+                await self.ticket.akeep()
+
+
+_DATA: Final = ("data:", b"data:")
+_TAIL_LINES: Final = 3  # chat: usage, [DONE]; messages: delta, stop, a ping
+
+
+class _Tail:
+    """The ``data:`` lines of a raw stream the caller reads: its first, its last few.
+
+    Enough for its usage (OpenAI's last chunks or ``response.completed``,
+    Anthropic's ``message_start`` and ``message_delta``) without keeping the
+    stream; read only if the stream was read to its end (``ended``).
+    """
+
+    __slots__ = ("ended", "first", "last", "parts")
+
+    def __init__(self) -> None:
+        self.first: Any = None
+        self.last: deque[Any] = deque(maxlen=_TAIL_LINES)
+        self.parts: list[Any] = []  # the line being read, in pieces
+        self.ended = False
+
+    def line(self, line: Any) -> None:
+        if line.startswith(_DATA[type(line) is bytes]):
+            if self.first is None:
+                self.first = line
+            else:
+                self.last.append(line)
+
+    def chunk(self, chunk: Any) -> None:
+        newline = b"\n" if type(chunk) is bytes else "\n"
+        if newline not in chunk:
+            self.parts.append(chunk)
+            return
+        lines = chunk.split(newline)
+        self.parts.append(lines[0])
+        lines[0] = chunk[:0].join(self.parts)
+        self.parts = [lines.pop()]
+        for line in lines:
+            self.line(line)
+
+    def end(self) -> None:
+        if self.parts:
+            self.line(self.parts[0][:0].join(self.parts))
+        self.ended = True
+
+    def events(self) -> Iterator[Any]:
+        """The events of the lines kept, as objects."""
+        for line in (self.first, *self.last):
+            if line is not None:
+                try:
+                    yield json.loads(line[5:], object_hook=_attributes)
+                except ValueError:  # [DONE], or not JSON
+                    continue
+
+
+def _attributes(fields: dict[str, Any]) -> SimpleNamespace:
+    return SimpleNamespace(**fields)
+
+
+def _recorded(chunks: Iterable[Any], tail: _Tail, feed: Callable[[Any], None]) -> Any:
+    """A raw stream's lines or chunks as the caller reads them, kept in ``tail``."""
+    for chunk in chunks:
+        feed(chunk)
+        yield chunk
+    tail.end()
+
+
+async def _arecorded(
+    chunks: AsyncIterable[Any], tail: _Tail, feed: Callable[[Any], None]
+) -> Any:
+    """Async twin of ``_recorded``."""
+    async for chunk in chunks:
+        feed(chunk)
+        yield chunk
+    tail.end()
 
 
 def _observed(events: Iterable[Any], tracker: _StreamTracker) -> Iterator[Any]:
@@ -1054,6 +1167,8 @@ class _RawStreamResponse(wrapt.ObjectProxy[Any]):
 
     Closed (``with_streaming_response`` closes it on exit) or collected before
     its stream was read, it is charged in full; after, as an abandoned stream.
+    Read raw to its end instead (``iter_lines()``, ``iter_bytes()``,
+    ``iter_text()``, ``read()``), it is charged the usage in its last events.
     """
 
     def __init__(self, raw: Any, tracker: _StreamTracker) -> None:
@@ -1064,6 +1179,11 @@ class _RawStreamResponse(wrapt.ObjectProxy[Any]):
 
     def close(self) -> Any:
         close = self.__wrapped__.close  # LegacyAPIResponse has none: AttributeError
+        body = _body(self.__wrapped__)
+        if body is not None and self._self_tracker.tail is None:  # read(), text()
+            tail = self._self_tracker.tail = _Tail()
+            tail.chunk(body)
+            tail.end()
         try:
             closed = close()
         except BaseException:
@@ -1079,6 +1199,26 @@ class _RawStreamResponse(wrapt.ObjectProxy[Any]):
             await closed
         finally:
             await self._self_tracker.aclose_raw()
+
+    def iter_lines(self) -> Any:
+        tail = self._self_tracker.tail = _Tail()
+        return self._self_record(self.__wrapped__.iter_lines(), tail, tail.line)
+
+    def iter_bytes(self, *args: Any, **kwargs: Any) -> Any:
+        tail = self._self_tracker.tail = _Tail()
+        chunks = self.__wrapped__.iter_bytes(*args, **kwargs)
+        return self._self_record(chunks, tail, tail.chunk)
+
+    def iter_text(self, *args: Any, **kwargs: Any) -> Any:
+        tail = self._self_tracker.tail = _Tail()
+        chunks = self.__wrapped__.iter_text(*args, **kwargs)
+        return self._self_record(chunks, tail, tail.chunk)
+
+    @staticmethod
+    def _self_record(chunks: Any, tail: _Tail, feed: Callable[[Any], None]) -> Any:
+        if hasattr(chunks, "__aiter__"):
+            return _arecorded(chunks, tail, feed)
+        return _recorded(chunks, tail, feed)
 
     def parse(self, *args: Any, **kwargs: Any) -> Any:
         parsed = self.__wrapped__.parse(*args, **kwargs)
@@ -1106,7 +1246,11 @@ class _RawStreamResponse(wrapt.ObjectProxy[Any]):
 
 
 class _LazyResponse(wrapt.ObjectProxy[Any]):
-    """``with_streaming_response``: usage read on ``parse()``, in full if unparsed."""
+    """``with_streaming_response``: usage read on ``parse()``, or on close if read.
+
+    Closed with its body read whole (``json()``, ``text()``, ``read()``), the
+    body is parsed for its usage; unread, or read in chunks, charged in full.
+    """
 
     def __init__(self, response: Any, call: _Call, ticket: Ticket) -> None:
         super().__init__(response)
@@ -1126,8 +1270,13 @@ class _LazyResponse(wrapt.ObjectProxy[Any]):
         try:
             self.__wrapped__.close()
         finally:
-            if not self._self_ticket.settled:
-                self._self_ticket.keep()
+            ticket = self._self_ticket
+            if not ticket.settled:
+                if _body(self.__wrapped__) is None:  # unread, or read in chunks
+                    ticket.keep()
+                else:  # read whole: json(), text(), read()
+                    parsed = _parse_quietly(self.__wrapped__, ticket)
+                    _commit_sync(self._self_call, ticket, parsed)
 
 
 class _AsyncLazyResponse(wrapt.ObjectProxy[Any]):
@@ -1151,5 +1300,10 @@ class _AsyncLazyResponse(wrapt.ObjectProxy[Any]):
         try:
             await self.__wrapped__.close()
         finally:
-            if not self._self_ticket.settled:
-                await self._self_ticket.akeep()
+            ticket = self._self_ticket
+            if not ticket.settled:
+                if _body(self.__wrapped__) is None:  # unread, or read in chunks
+                    await ticket.akeep()
+                else:  # read whole: json(), text(), read()
+                    parsed = await _aparse_quietly(self.__wrapped__, ticket)
+                    await _commit_async(self._self_call, ticket, parsed)
