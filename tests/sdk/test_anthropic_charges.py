@@ -8,6 +8,7 @@ async, wrapped and patched, on a USD and a token budget.
 from __future__ import annotations
 
 import contextlib
+import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -222,3 +223,76 @@ async def test_with_options_copies_share_the_wrapped_budget(
     one = expected_charge("usd", "anthropic", CLAUDE, as_usage(USAGE))
     assert guard.status()[0].spent == 2 * one
     assert len(guard.ledger.calls()) == 2
+
+
+def _cut_stream(text: str) -> bytes:
+    """A Messages stream closed cleanly after its text: no ``message_delta``.
+
+    ``message_start`` holds the input usage and ``output_tokens: 1``; the
+    output count comes in ``message_delta``, which never does here.
+    """
+    message = {
+        "id": "msg_1",
+        "type": "message",
+        "role": "assistant",
+        "model": "claude-haiku-4-5",
+        "content": [],
+        "stop_reason": None,
+        "usage": {"input_tokens": 30, "output_tokens": 1},
+    }
+    block = {"type": "text", "text": ""}
+    events = [
+        ("message_start", {"type": "message_start", "message": message}),
+        (
+            "content_block_start",
+            {"type": "content_block_start", "index": 0, "content_block": block},
+        ),
+        *(
+            (
+                "content_block_delta",
+                {
+                    "type": "content_block_delta",
+                    "index": 0,
+                    "delta": {"type": "text_delta", "text": f"{w} "},
+                },
+            )
+            for w in text.split()
+        ),
+    ]
+    return "".join(f"event: {e}\ndata: {json.dumps(d)}\n\n" for e, d in events).encode()
+
+
+async def test_a_stream_closed_before_its_final_usage_is_charged_what_it_produced(
+    kind, guarded
+):
+    """The server closes the stream cleanly after 100 words, before the
+    ``message_delta`` that carries the output count.
+
+    If this fails with 1 output token charged: the output count of
+    ``message_start`` (1) was taken for the stream's.
+    """
+    from tests.sdk.conftest import Loopback
+
+    text = " ".join(["word"] * 100)  # 500 bytes, each at least a token's
+    loopback = Loopback(lambda _path, _body: (200, _cut_stream(text)))
+    try:
+        client, guard = guarded(
+            "anthropic",
+            kind,
+            "wrap",
+            1_000_000,
+            client_options={"base_url": loopback.url, "max_retries": 0},
+        )
+        stream = await aw(
+            client.messages.create(
+                model=CLAUDE, messages=USER, max_tokens=MAX, stream=True
+            )
+        )
+        events = await drain(stream)
+    finally:
+        loopback.stop()
+    assert events[-1].type == "content_block_delta"  # ended there, no error
+    record = only_record(guard)
+    assert record.usage.input_tokens == 30
+    assert record.usage.output_tokens == MAX  # 500 bytes, capped at max_tokens
+    assert record.outcome == "partial"  # cut short, as an abandoned stream

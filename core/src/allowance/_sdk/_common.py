@@ -805,8 +805,10 @@ class _StreamTracker:
         usage, model = self._final()
         if usage is None:
             self.ticket.keep()
-        else:
+        elif getattr(self.acc, "ended", True):
             self.ticket.commit(usage, response_model=model)
+        else:  # closed before its final usage: what it produced so far
+            self.abandon()
 
     async def afinish(self) -> None:
         if self._done():
@@ -814,8 +816,10 @@ class _StreamTracker:
         usage, model = self._final()
         if usage is None:
             await self.ticket.akeep()
-        else:
+        elif getattr(self.acc, "ended", True):
             await self.ticket.acommit(usage, response_model=model)
+        else:  # closed before its final usage: what it produced so far
+            await self.aabandon()
 
     def abandon(self) -> None:
         if not self._done():

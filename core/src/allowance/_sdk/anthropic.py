@@ -200,13 +200,17 @@ def _take(fields: dict[str, int], usage: Any) -> None:
 class _MessagesAccumulator(CappedAccumulator):
     """``message_start`` carries input usage, ``message_delta`` the cumulative usage."""
 
-    __slots__ = ("_bytes", "_fields", "_model")
+    __slots__ = ("_bytes", "_fields", "_model", "ended")
 
     def __init__(self) -> None:
         self.enough = NO_CAP
         self._fields: dict[str, int] = {}
         self._model: str | None = None
         self._bytes = 0
+        # The output count is final once ``message_delta`` carried it; until
+        # then it is ``message_start``'s 1: a stream the server closed before
+        # is charged what it produced (``_StreamTracker.finish``).
+        self.ended = False
 
     def observe(self, event: Any) -> bool:  # noqa: C901 - one call per event, inline
         kind = getattr(event, "type", "")
@@ -237,6 +241,7 @@ class _MessagesAccumulator(CappedAccumulator):
             usage = getattr(event, "usage", None)
             if usage is not None:
                 _take(self._fields, usage)
+                self.ended = True
         return True
 
     def usage(self) -> Usage | None:
