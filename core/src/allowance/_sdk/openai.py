@@ -151,25 +151,12 @@ class OpenAICodec:
             plain = plain_estimate("openai", model, body)
             if plain is not None:  # the commonest body, in one small function
                 return plain
-            return _at_tier(
-                make_estimate(
-                    "openai",
-                    model,
-                    chat_input_bound(body, model),
-                    output_cap("openai", model, body),
-                ),
-                body,
+        if api in {_CHAT, _RESPONSES}:  # a service tier prices these
+            bound = chat_input_bound if api == _CHAT else responses_input_bound
+            estimate = make_estimate(
+                "openai", model, bound(body, model), output_cap("openai", model, body)
             )
-        if api == _RESPONSES:
-            return _at_tier(
-                make_estimate(
-                    "openai",
-                    model,
-                    responses_input_bound(body, model),
-                    output_cap("openai", model, body),
-                ),
-                body,
-            )
+            return _at_tier(estimate, body)
         if api == _COMPLETIONS:
             return make_estimate(
                 "openai",
