@@ -115,21 +115,22 @@ Exit = Callable[[], None]
 class _Span:
     """What one span set, and whether it is still in force (in any context)."""
 
-    __slots__ = ("binds", "ends", "exits", "live", "model_call")
+    __slots__ = ("exits", "live", "model_call", "routes")
 
     def __init__(self) -> None:
         self.live = True
         self.model_call = False
         self.exits: list[Exit] = []  # context resets, run in reverse
-        self.ends: list[Exit] = []  # what ends it in every context (routes)
-        self.binds: list[Callable[[Any], None]] = []  # its routes to a stream
+        # Its routes: ended in every context when it closes, bound to the
+        # stream a model stream's span returns (``seen_by.end``, ``.bind``).
+        self.routes: list[allowance.seen_by | _Charged] = []
 
     def close(self) -> None:
         """Undo what the span set: reset here if possible, end it everywhere."""
         _run(self.exits)
         self.live = False
-        for end in self.ends:
-            end()
+        for route in self.routes:
+            route.end()
 
 
 _query: contextvars.ContextVar[tuple[str, bool, _Span] | None] = contextvars.ContextVar(
@@ -325,8 +326,7 @@ class _Runtime:
         if context is not None:
             exits.append(_entered(context))
             if isinstance(context, allowance.seen_by | _Charged):
-                span.ends.append(context.end)
-                span.binds.append(context.bind)
+                span.routes.append(context)
         if exits:
             with self.lock:
                 self.open[id_] = span
@@ -379,8 +379,9 @@ class _Runtime:
             # or the stream is dropped unread; its route is in force only
             # while the stream runs, so the caller's own calls meanwhile are
             # its own.
-            for bind in span.binds:
-                bind(result)
+            stream = cast("Iterator[Any] | AsyncIterator[Any]", result)
+            for route in span.routes:
+                route.bind(stream)
             with self.lock:
                 self.streams[id_] = span
             with contextlib.suppress(TypeError):
@@ -507,9 +508,9 @@ class _Charged(contextlib.AbstractContextManager[Any]):
         self._call.live = False
         self._seen.end()
 
-    def bind(self, stream: object) -> None:
+    def bind(self, stream: Iterator[Any] | AsyncIterator[Any]) -> None:
         """Route only while ``stream`` runs (``seen_by.bind``)."""
-        self._seen.bind(cast("Iterator[Any]", stream))
+        self._seen.bind(stream)
 
 
 def _in_context(
