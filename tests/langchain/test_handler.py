@@ -434,6 +434,31 @@ def test_a_budget_per_chain_invocation(
 
 
 @pytest.mark.parametrize("provider", ["openai", "acme"])
+def test_a_handler_given_to_the_model_alone_counts_each_step_as_a_run(
+    provider: str, fake_provider: FakeProvider
+) -> None:
+    """The README's limit: ``model.with_config(callbacks=[h])`` never sees the
+    chain around the model start, so ``run`` is each model call's parent: a
+    per-run budget counts each step of a sequence. Given to the invocation,
+    one run."""
+    model = MODELS[provider](fake_provider, max_tokens=16)
+
+    def steps(m: Any) -> Any:
+        return (
+            m
+            | RunnableLambda(lambda _: m.invoke("again"))
+            | RunnableLambda(lambda _: m.invoke("third"))
+        )
+
+    alone = handler(budget=10**6, per="run")
+    steps(model.with_config(callbacks=[alone])).invoke(PROMPT)
+    assert len({r.scope["run"] for r in records(alone)}) == 3
+    given = handler(budget=10**6, per="run")
+    steps(model).invoke(PROMPT, config={"callbacks": [given]})
+    assert len({r.scope["run"] for r in records(given)}) == 1
+
+
+@pytest.mark.parametrize("provider", ["openai", "acme"])
 def test_an_agent_loop_stops_before_the_call_that_would_cross(
     provider: str, fake_provider: FakeProvider
 ) -> None:
