@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import openai
 import pytest
-from langchain_core.runnables import RunnableLambda
+from langchain_core.callbacks import BaseCallbackHandler
+from langchain_core.runnables import RunnableLambda, RunnableParallel
 from tests.langchain.conftest import (
     ACME,
     AcmeChatModel,
@@ -201,6 +202,64 @@ async def test_an_async_stream_cancelled_is_charged_what_it_produced(
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(task, timeout=30)
     _assert_partial(h)
+
+
+class _Started(BaseCallbackHandler):
+    """Tell when a model call has started (after the handler before it)."""
+
+    run_inline = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.event = asyncio.Event()
+
+    def on_chat_model_start(self, *args: Any, **kwargs: Any) -> None:
+        self.event.set()
+
+
+async def test_an_async_call_cancelled_keeps_its_worst_case_not_its_hold(
+    fake_provider: FakeProvider,
+) -> None:
+    """``agenerate`` cancelled: no end nor error callback; settled as the task ends.
+
+    Whether the request went out, the handler cannot tell: the worst case
+    is charged (``error``), and nothing stays reserved for the lease.
+    """
+    h = handler(budget=1_000_000)
+    started = _Started()
+    task = asyncio.ensure_future(
+        acme(fake_provider).ainvoke(PROMPT, config={"callbacks": [h, started]})
+    )
+    await asyncio.wait_for(started.event.wait(), timeout=30)
+    assert spent_reserved(guard_of(h)) == (0, WORST.total_tokens)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, timeout=30)
+    await asyncio.sleep(0)  # the task's done callbacks
+    (record,) = guard_of(h).ledger.calls()
+    assert record.outcome == "error"
+    assert spent_reserved(guard_of(h)) == (WORST.total_tokens, 0)
+
+
+def test_parallel_branches_cancelled_by_asyncio_run_hold_nothing(
+    fake_provider: FakeProvider,
+) -> None:
+    """A branch of an async RunnableParallel refused: the others hold nothing.
+
+    ``asyncio.run`` cancels the admitted branches as the refusal leaves it;
+    LangChain calls none of their callbacks. Each is settled as its task ends.
+    """
+    h = handler(budget=WORST.total_tokens * 5 + 1)
+    model = acme(fake_provider)
+    parallel = RunnableParallel({f"b{i}": model for i in range(20)})
+    with pytest.raises(allowance.BudgetExceeded):
+        asyncio.run(parallel.ainvoke(PROMPT, config={"callbacks": [h]}))
+    outcomes = [c.outcome for c in guard_of(h).ledger.calls()]
+    assert outcomes.count("blocked") == 15
+    assert set(outcomes) <= {"blocked", "error", "ok"}
+    (status,) = guard_of(h).status()
+    assert status.reserved == 0
+    assert status.spent <= WORST.total_tokens * 5
 
 
 # -- a handler bound to a model inside a chain, under patch() -------------------------

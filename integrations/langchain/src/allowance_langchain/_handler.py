@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import json
 import threading
 import weakref
@@ -112,6 +113,10 @@ class _Call:
     """The ``usage_metadata`` of the chunks seen (LangChain adds them up)."""
     model: str | None = None
     """The model the chunks named, if any."""
+    task: asyncio.Task[Any] | None = None
+    """The asyncio task the start ran in, watched while the handler holds the call."""
+    watch: Callable[[asyncio.Task[Any]], None] | None = None
+    """The done callback on ``task`` (see ``_task_done``)."""
 
 
 @dataclass(slots=True)
@@ -522,6 +527,14 @@ class AllowanceCallbackHandler(BaseCallbackHandler):
             runs.calls[run_id] = call
         with _contexts.lock:
             _contexts.stacks.setdefault(call.key, []).append(call)
+        if call.ticket is not None and call.key[1]:
+            # A cancelled agenerate gets no end nor error callback: settled
+            # when its task is done (see _task_done).
+            task = asyncio.current_task()
+            if task is not None:
+                call.task = task
+                call.watch = functools.partial(self._task_done, run_id)
+                task.add_done_callback(call.watch)
 
     def _admit(
         self,
@@ -663,7 +676,46 @@ class AllowanceCallbackHandler(BaseCallbackHandler):
             _claimed.discard(run_id)
         runs = self._runs
         with runs.lock:
-            return runs.calls.pop(run_id, None)
+            call = runs.calls.pop(run_id, None)
+        if (
+            call is not None
+            and call.task is not None
+            and call.watch is not None
+            and call.key[0] == threading.get_ident()
+        ):
+            # Settled by its callback: the task no longer holds it (a task
+            # that makes many calls would otherwise keep each one).
+            call.task.remove_done_callback(call.watch)
+        return call
+
+    def _task_done(self, run_id: UUID, task: asyncio.Task[Any]) -> None:
+        """Settle a call still held when the task it started in is done.
+
+        ``agenerate`` runs its message lists in ``asyncio.gather``: when its
+        task is cancelled (``task.cancel()``, a timeout, ``asyncio.run``
+        cancelling what is left once a parallel branch raised), the gather
+        raises at once and no run gets an end or error callback. Whether the
+        request was sent, a callback cannot tell: the call is settled as one
+        cancelled (``_settle_error``): charged what its chunks showed, else
+        its worst case kept. Released, it could let the budget overspend on
+        requests the provider answered; kept, it no longer holds the budget
+        for the rest of its lease.
+        """
+        call = self._pop(run_id)
+        if call is None:
+            return
+        try:
+            if call.ticket is not None:
+                error = (
+                    asyncio.CancelledError()
+                    if task.cancelled()
+                    else RuntimeError("the task ended before the model's callbacks")
+                )
+                # Should the ledger fail here, the reservation's lease ends it.
+                with contextlib.suppress(Exception):
+                    _settle_error(call, call.ticket, error)
+        finally:
+            self._close(call)
 
     def _unroute(self, call: _Call) -> None:
         """End the route of a call whose answer has started to come back.
