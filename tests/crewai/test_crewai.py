@@ -16,6 +16,7 @@ from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 import httpx
+import openai
 import pytest
 import wrapt
 from crewai.hooks.dispatch import HookAborted
@@ -483,6 +484,109 @@ def test_a_provider_error_releases_and_leaks_nothing(
     (status,) = guard.status()
     assert (status.spent, status.reserved) == (0, 0)
     assert no_leak()
+
+
+def _charged_to_its_own_guard(fake: FakeProvider, crew_guard: allowance.Guard) -> None:
+    """Nothing is routed here any more: an unrelated client under a guard of its
+    own is charged to that guard, not to the crew's."""
+    assert no_leak()
+    own = allowance.Guard(
+        allowance.Policy([allowance.Budget(100_000)]), ledger="memory://"
+    )
+    already = len(crew_guard.ledger.calls())
+    with openai.OpenAI(
+        base_url=fake.openai_base_url, api_key="test", max_retries=0
+    ) as client:
+        allowance.wrap(client, guard=own).chat.completions.create(
+            model="gpt-4o-mini",
+            messages=[{"role": "user", "content": "unrelated"}],
+            max_tokens=8,
+        )
+    assert len(crew_guard.ledger.calls()) == already
+    (record,) = own.ledger.calls()
+    assert "crewai" not in record.adapters
+
+
+@pytest.mark.parametrize(
+    ("provider", "how"),
+    [("openai", "call"), ("openai", "acall"), ("anthropic", "call")],
+)
+def test_a_direct_call_that_raises_leaves_no_routing_behind(
+    fake_provider: FakeProvider, provider: str, how: str
+) -> None:
+    """CrewAI skips the after hook of a direct ``LLM.call`` that raises: the
+    call's own end closes what the before hook opened in it."""
+    guard = allowance.Guard(
+        allowance.Policy([allowance.Budget(100_000)]), ledger="memory://"
+    )
+    allowance_crewai.install(guard)
+    make = openai_llm if provider == "openai" else anthropic_llm
+    llm = make(fake_provider, max_retries=0)
+    fake_provider.enqueue(FakeReply(status=500))
+    messages = [{"role": "user", "content": "hi"}]
+
+    async def in_one_task() -> None:  # the caller's context is the task's
+        with pytest.raises(Exception):  # noqa: B017, PT011 - CrewAI's own error
+            await llm.acall(messages)
+        _charged_to_its_own_guard(fake_provider, guard)
+
+    if how == "acall":
+        asyncio.run(in_one_task())
+    else:
+        with pytest.raises(Exception):  # noqa: B017, PT011 - CrewAI's own error
+            llm.call(messages)
+        _charged_to_its_own_guard(fake_provider, guard)
+    (status,) = guard.status()
+    assert (status.spent, status.reserved) == (0, 0)  # the failed call: released
+
+
+_LOOKUP_SCHEMA = {
+    "type": "function",
+    "function": {
+        "name": "lookup",
+        "description": "Look a fact up.",
+        "parameters": {
+            "type": "object",
+            "properties": {"query": {"type": "string"}},
+            "required": ["query"],
+        },
+    },
+}
+
+
+def test_a_direct_call_answering_tool_calls_leaves_no_routing_behind(
+    fake_provider: FakeProvider,
+) -> None:
+    """A tool-call answer is not text: CrewAI skips the after hook; the call is
+    charged once and its routing ends with it."""
+    guard = allowance.Guard(
+        allowance.Policy([allowance.Budget(100_000)]), ledger="memory://"
+    )
+    allowance_crewai.install(guard)
+    fake_provider.enqueue(FakeReply(tool_calls=[("lookup", '{"query": "life"}')]))
+    answer = openai_llm(fake_provider).call(
+        [{"role": "user", "content": "Look it up."}], tools=[_LOOKUP_SCHEMA]
+    )
+    assert not isinstance(answer, str)
+    (record,) = guard.ledger.calls()
+    assert "crewai" in record.adapters
+    _charged_to_its_own_guard(fake_provider, guard)
+
+
+def test_uninstall_ends_the_routing_open_in_its_context(
+    fake_provider: FakeProvider,
+) -> None:
+    """A before hook ran (CrewAI's own dispatch, as a native LLM runs it) and
+    nothing closed what it opened: ``uninstall`` does."""
+    guard = allowance.Guard(
+        allowance.Policy([allowance.Budget(100_000)]), ledger="memory://"
+    )
+    allowance_crewai.install(guard)
+    llm = openai_llm(fake_provider)
+    llm._invoke_before_llm_call_hooks([{"role": "user", "content": "hi"}])
+    assert current_route() is not None
+    allowance_crewai.uninstall()
+    _charged_to_its_own_guard(fake_provider, guard)
 
 
 # -- a model no SDK layer sees: charged by the adapter itself --------------------

@@ -12,7 +12,13 @@ import importlib.util
 import re
 from typing import Any
 
-__all__ = ["REQUIRES", "crewai_supported", "scope_value", "sdk_provider"]
+__all__ = [
+    "REQUIRES",
+    "crewai_supported",
+    "native_classes",
+    "scope_value",
+    "sdk_provider",
+]
 
 REQUIRES = ("crewai>=1.15,<2",)
 """The CrewAI versions this adapter is tested with."""
@@ -46,18 +52,27 @@ def sdk_provider(llm: object) -> str | None:
     ``BaseLLM``) is charged by this adapter itself. Decided by class, never by
     ``llm.provider``: a custom ``BaseLLM`` defaults that field to ``"openai"``.
     """
-    for module, name, provider in (
-        ("crewai.llms.providers.openai.completion", "OpenAICompletion", "openai"),
-        (
-            "crewai.llms.providers.anthropic.completion",
-            "AnthropicCompletion",
-            "anthropic",
-        ),
-    ):
+    for module, name, provider in _NATIVE:
         cls = _class(module, name)
         if cls is not None and isinstance(llm, cls):
             return provider
     return None
+
+
+def native_classes() -> tuple[type, ...]:
+    """Return CrewAI's native LLM classes ``sdk_provider`` names (those importable)."""
+    found = (_class(module, name) for module, name, _ in _NATIVE)
+    return tuple(cls for cls in found if isinstance(cls, type))
+
+
+_NATIVE = (
+    ("crewai.llms.providers.openai.completion", "OpenAICompletion", "openai"),
+    (
+        "crewai.llms.providers.anthropic.completion",
+        "AnthropicCompletion",
+        "anthropic",
+    ),
+)
 
 
 _classes: dict[tuple[str, str], Any] = {}

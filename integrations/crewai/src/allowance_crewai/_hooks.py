@@ -26,6 +26,11 @@ The first time it admits a call on an LLM class, the adapter wraps that class's
 ``uninstall``): the usage a call reports to CrewAI is counted to that call's
 reservation, and when the call returns or raises the reservation is settled
 there (an error: released only when ``provider_did_no_work``, else kept whole).
+``install`` wraps ``call``/``acall`` of CrewAI's native ``OpenAICompletion``
+and ``AnthropicCompletion`` the same way: a direct ``LLM.call`` on them runs
+the before hook inside the call, and the routing it enters there ends when the
+call returns or raises (CrewAI skips the after hook for an error or a
+tool-call answer).
 """
 
 from __future__ import annotations
@@ -56,7 +61,7 @@ from allowance.integration import (
     sdk_layer,
     whole_count,
 )
-from allowance_crewai._compat import scope_value, sdk_provider
+from allowance_crewai._compat import native_classes, scope_value, sdk_provider
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
@@ -269,15 +274,23 @@ def install(guard: allowance.Guard) -> None:
                 "allowance: adapter 'crewai' already installed; guard replaced"
             )
         _guard = guard
+    # A direct ``LLM.call`` on a native LLM runs the before hook inside the
+    # call, and CrewAI skips the after hook when it raises or answers tool
+    # calls: their ``call``/``acall`` end what the before hook opened in them.
+    for cls in native_classes():
+        _wrap_methods(cls, ("call", "acall"))
 
 
 def uninstall() -> None:
     """Unregister the hooks; a no-op when not installed.
 
     Executors built while installed keep a copy of the hook list: the hooks
-    they hold do nothing from now on.
+    they hold do nothing from now on. A call the before hook routed in this
+    context and nothing has closed yet is closed: its routing does not outlive
+    the adapter.
     """
     global _guard  # noqa: PLW0603
+    _settle()
     with _lock:
         if _guard is None:
             return
@@ -506,7 +519,13 @@ def _instrument(cls: type) -> None:
     """Wrap ``cls``'s call methods and usage tracker (once; ``uninstall`` undoes)."""
     if cls in _instrumented:
         return
-    for name in ("call", "acall", "_track_token_usage_internal"):
+    _wrap_methods(cls, ("call", "acall", "_track_token_usage_internal"))
+    _instrumented.add(cls)
+
+
+def _wrap_methods(cls: type, names: tuple[str, ...]) -> None:
+    """Wrap ``cls``'s methods ``names`` where defined, unless wrapped already."""
+    for name in names:
         owner = next((k for k in cls.__mro__ if name in vars(k)), None)
         if owner is None or owner is object:
             continue
@@ -526,7 +545,6 @@ def _instrument(cls: type) -> None:
                 logger.debug("allowance: cannot wrap %s.%s", owner.__name__, name)
                 continue
             _wrapped[owner, name] = wrapped
-    _instrumented.add(cls)
 
 
 def _unwrap_all() -> None:
@@ -538,12 +556,22 @@ def _unwrap_all() -> None:
             setattr(owner, name, wrapped.__wrapped__)
 
 
-def _ended(error: BaseException | None) -> None:
-    """The outermost model call of this context returned (or raised ``error``)."""
+def _ended(outer: _Open | None, error: BaseException | None) -> None:
+    """The outermost model call of this context returned (or raised ``error``).
+
+    ``outer`` is what was open when the call began: a call routed to the SDK
+    layer by a before hook run inside the call (a direct ``LLM.call`` on a
+    native LLM) is closed here, not left to an after hook CrewAI may skip; one
+    an agent's executor opened before the call is left to its after hook.
+    """
     entry = _open.get()
-    if entry is None or entry.ticket is None or entry.settled:
+    if entry is None or entry.settled:
         return
-    _close(entry, outcome="error" if error else "unmetered", error=error)
+    if entry.ticket is not None:
+        _close(entry, outcome="error" if error else "unmetered", error=error)
+    elif entry is not outer:
+        _open.set(None)
+        _close(entry, outcome="unmetered")
 
 
 def _call(
@@ -553,13 +581,14 @@ def _call(
     kwargs: dict[str, Any],
 ) -> Any:
     """``call`` that settles its call when the outermost one ends."""
+    outer = _open.get()
     token = _depth.set(_depth.get() + 1)
     try:
         result = wrapped(*args, **kwargs)
     except BaseException as err:
-        _left(token, err)
+        _left(token, outer, err)
         raise
-    _left(token, None)
+    _left(token, outer, None)
     return result
 
 
@@ -570,21 +599,22 @@ async def _acall(
     kwargs: dict[str, Any],
 ) -> Any:
     """``acall`` (or an async ``call``) that settles like ``_call``."""
+    outer = _open.get()
     token = _depth.set(_depth.get() + 1)
     try:
         result = await wrapped(*args, **kwargs)
     except BaseException as err:
-        _left(token, err)
+        _left(token, outer, err)
         raise
-    _left(token, None)
+    _left(token, outer, None)
     return result
 
 
-def _left(token: Token[int], error: BaseException | None) -> None:
+def _left(token: Token[int], outer: _Open | None, error: BaseException | None) -> None:
     """A model call returned (or raised ``error``): settle it if outermost."""
     _depth.reset(token)
     if _depth.get() == 0:
-        _ended(error)
+        _ended(outer, error)
 
 
 def _track(
