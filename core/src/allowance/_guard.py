@@ -1061,15 +1061,13 @@ class Guard:
         if result is FAILED and op.name != "record":
             self._keep_for_later(op)
 
-    def _buffer(
-        self, call_id: str, amounts: Mapping[str, int], record: CallRecord
-    ) -> None:
-        self._keep_for_later(Op("commit", (call_id, amounts), {"record": record}))
-
     def _keep_for_later(self, op: Op) -> None:
-        # Always kept: the provider already did the work. The buffer stays
-        # bounded because ``begin`` refuses new calls once it is full (calls
-        # in flight at that moment may add one each).
+        """Keep a commit or release the ledger failed, for the next call to write.
+
+        Always kept (a commit: the provider already did the work). The buffer
+        stays bounded because ``begin`` refuses new calls once it is full
+        (calls in flight at that moment may add one each).
+        """
         self._pending.append(op)
         _buffered.add(self)  # written at exit, if nothing writes them before
         if len(self._pending) == _BUFFER_LIMIT:
@@ -1088,8 +1086,7 @@ class Guard:
         released once the ledger answers (an unknown id: a no-op), rather than
         held until its lease ends.
         """
-        self._pending.append(Op("release", (call_id,)))
-        _buffered.add(self)
+        self._keep_for_later(Op("release", (call_id,)))
 
     def _flush_plan(self) -> Generator[Op, Any, None]:
         # Take before writing, put back on failure: concurrent flushers (threads,

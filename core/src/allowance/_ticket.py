@@ -383,7 +383,7 @@ class Ticket:
         guard = self._guard
         record: CallRecord = op.kwargs["record"] if op.kwargs else op.args[0]
         if result is FAILED and op.name == "commit":
-            guard._buffer(self.call_id, op.args[1], record)
+            guard._keep_for_later(op)
         if guard._observed():
             guard._emit(
                 "committed",
