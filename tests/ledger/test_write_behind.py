@@ -545,15 +545,25 @@ def test_bad_write_behind_is_refused(tmp_path: Path) -> None:
 # -- a write that fails --------------------------------------------------------------
 
 
+KEY1 = "tokens:session=a"
+
+
+def _holding_on_a_slice(path: Path, write_behind: float) -> WriteBehindLedger:
+    """A ledger whose call ``r1`` holds on its slice of ``KEY1``; writes give up
+    after 0.05 s of a lock held elsewhere."""
+    ledger = WriteBehindLedger(path, write_behind=write_behind, busy_timeout=0.05)
+    ledger.hold([(KEY1, 10, 1000)], "r0", LEASE)
+    ledger.flush()
+    assert ledger.hold([(KEY1, 10, 1000)], "r1", LEASE)
+    return ledger
+
+
 def test_a_failed_write_loses_nothing(tmp_path: Path) -> None:
     """Another connection holds the write lock: the write fails after
     busy_timeout, the charges stay in memory, and the next write has them."""
     path = tmp_path / "wb.db"
-    ledger = WriteBehindLedger(path, write_behind=1.0, busy_timeout=0.05)
-    key = "tokens:session=a"
-    ledger.hold([(key, 10, 1000)], "r0", LEASE)
-    ledger.flush()
-    assert ledger.hold([(key, 10, 1000)], "r1", LEASE)
+    ledger = _holding_on_a_slice(path, write_behind=1.0)
+    key = KEY1
     # Locked before the charge: the writer thread's own write (every second)
     # cannot take it to the file first, so the flush below has it to write.
     blocker = sqlite3.connect(path, isolation_level=None)
@@ -583,11 +593,8 @@ def test_close_does_not_wait_out_the_writer_s_back_off(
     close() woke it, but it slept through: close(), and the exit's flush,
     waited out the back-off though the file was writable again."""
     path = tmp_path / "wb.db"
-    ledger = WriteBehindLedger(path, write_behind=0.01, busy_timeout=0.05)
-    key = "tokens:session=a"
-    ledger.hold([(key, 10, 1000)], "r0", LEASE)
-    ledger.flush()
-    assert ledger.hold([(key, 10, 1000)], "r1", LEASE)
+    ledger = _holding_on_a_slice(path, write_behind=0.01)
+    key = KEY1
     blocker = sqlite3.connect(path, isolation_level=None)
     blocker.execute("BEGIN IMMEDIATE")
     with caplog.at_level("WARNING", logger="allowance"):
